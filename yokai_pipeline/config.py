@@ -1,0 +1,181 @@
+"""Pydantic configuration: one ``XxxConfig`` per stage, nested in :class:`PipelineConfig`.
+
+These models are the single source of truth: flow parameters (Prefect renders them as
+forms), CLI options and prefect.yaml all map onto them. Invalid values are rejected by
+validation before any work starts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Stage(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class FramesConfig(_Stage):
+    """Frame extraction: streaming decode, shot detection, sharp-frame picking, dedup."""
+
+    analysis_width: int = Field(160, ge=32, le=1024, description="Width frames are downscaled to for shot detection and hashing.")
+    shot_threshold: float = Field(0.35, gt=0, le=2, description="Histogram distance between consecutive frames that counts as a hard cut.")
+    min_shot_frames: int = Field(6, ge=1, description="Shots shorter than this (in frames) are merged into the previous shot.")
+    frames_per_shot: int = Field(3, ge=1, le=50, description="Sharp frames kept per shot (spread over the shot).")
+    dedup_hamming: int = Field(6, ge=0, le=64, description="Perceptual-hash Hamming distance at or below which two frames are near-duplicates.")
+    max_side: int = Field(0, ge=0, description="Downscale frames whose longer side exceeds this before saving (0 = keep source size).")
+
+
+class LayeringConfig(_Stage):
+    """Character/background layering (segmentation)."""
+
+    backend: Literal["offline", "u2net", "u2netp"] = Field("offline", description="offline: line-art segmenter, no weights. u2net/u2netp: neural saliency model.")
+    weights: Path | None = Field(None, description="Local U2Net weight file (.pth state dict or .safetensors); required for u2net/u2netp.")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
+    batch_size: int = Field(16, ge=1, le=1024, description="Images per forward pass on the GPU.")
+    chunk_size: int = Field(32, ge=1, description="Frames per layering task (the unit of retry and resume).")
+    mask_threshold: float = Field(0.5, gt=0, lt=1, description="Probability above which a pixel is character.")
+    min_area_frac: float = Field(0.002, ge=0, lt=1, description="Connected blobs smaller than this fraction of the frame are dropped.")
+    crop_margin: float = Field(0.06, ge=0, le=1, description="Margin around each character crop, as a fraction of its box size.")
+
+
+class EmbeddingConfig(_Stage):
+    """Image embeddings for identity clustering."""
+
+    backend: Literal["offline", "clip"] = Field("offline", description="offline: colour+shape descriptor, no weights. clip: open_clip model.")
+    model: str = Field("ViT-B-32", description="open_clip model name (clip backend).")
+    pretrained: str | None = Field("laion2b_s34b_b79k", description="open_clip pretrained tag or a local checkpoint path (clip backend).")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
+    batch_size: int = Field(64, ge=1, le=4096, description="Images per forward pass.")
+    num_workers: int = Field(2, ge=0, le=64, description="Decoding threads feeding the model.")
+
+
+class ClusteringConfig(_Stage):
+    """UMAP + HDBSCAN identity clustering."""
+
+    n_neighbors: int = Field(15, ge=2, description="UMAP n_neighbors.")
+    n_components: int = Field(10, ge=2, description="UMAP output dimensions.")
+    min_dist: float = Field(0.0, ge=0, le=1, description="UMAP min_dist.")
+    min_cluster_size: int = Field(5, ge=2, description="HDBSCAN min_cluster_size.")
+    min_samples: int | None = Field(3, ge=1, description="HDBSCAN min_samples.")
+    reassign_noise: bool = Field(False, description="Re-assign noise points to the nearest cluster when close enough.")
+    reassign_max_distance: float = Field(0.25, gt=0, description="Cosine distance to a cluster centroid below which noise / new layers join it.")
+    seed: int = Field(0, description="Random seed (UMAP and ties).")
+    link_mode: Literal["hardlink", "copy"] = Field("hardlink", description="How layers are placed in cluster folders.")
+
+
+class AnalysisConfig(_Stage):
+    """Cluster quality analysis and tiers."""
+
+    samples_per_cluster: int = Field(12, ge=1, le=100, description="Thumbnails per cluster in the HTML report.")
+    thumbnail_size: int = Field(128, ge=32, le=512, description="Thumbnail longer side in pixels.")
+
+
+class SelectionConfig(_Stage):
+    """Which clusters become characters to train."""
+
+    tiers: list[Literal["S", "A", "B", "C", "D"]] = Field(default_factory=lambda: ["S", "A", "B"], description="Tiers to select.")
+    min_images: int = Field(0, ge=0, description="Minimum images in a selected cluster.")
+    types: list[Literal["human", "yokai", "unknown"]] = Field(default_factory=lambda: ["human", "yokai", "unknown"], description="Character types to select.")
+    clusters: list[int] | None = Field(None, description="Explicit cluster ids (overrides the filters when given).")
+    names: dict[str, str] = Field(default_factory=dict, description="Cluster id -> character name (also the trigger word).")
+
+
+class AugmentConfig(_Stage):
+    """Augmentation of small clusters."""
+
+    max_original: int = Field(30, ge=1, description="Only clusters with at most this many images are augmented.")
+    min_original: int = Field(5, ge=1, description="Clusters with fewer images are left as they are.")
+    intensity: Literal["light", "medium", "heavy"] = Field("medium", description="Strength of the transforms.")
+    allow_flip: bool = Field(False, description="Allow horizontal flips for every cluster (otherwise only clusters marked symmetric).")
+    seed: int = Field(0, description="Random seed.")
+
+
+class CaptionConfig(_Stage):
+    """Captioning."""
+
+    backend: Literal["offline", "blip2"] = Field("offline", description="offline: template from analysis, no weights. blip2: BLIP-2 model.")
+    model: str = Field("Salesforce/blip2-opt-6.7b", description="BLIP-2 hub id or local folder.")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
+    batch_size: int = Field(8, ge=1, le=512, description="Images per generate() call.")
+    max_new_tokens: int = Field(40, ge=4, le=200, description="Caption length limit.")
+
+
+class PackagingConfig(_Stage):
+    """kohya dataset packaging."""
+
+    validation_split: float = Field(0.1, ge=0, lt=1, description="Fraction of images held out for validation.")
+    auto_params: bool = Field(True, description="Pick repeats/epochs/LRs from the guide's table by image count.")
+    resolution: int = Field(512, ge=64, le=2048, description="Training resolution.")
+    alpha_mode: Literal["alpha_mask", "composite"] = Field("alpha_mask", description="Keep RGBA with alpha_mask+masked_loss, or composite layers on a flat background.")
+    composite_color: tuple[int, int, int] = Field((255, 255, 255), description="Background colour for composite mode.")
+    base_model: str = Field("runwayml/stable-diffusion-v1-5", description="pretrained_model_name_or_path written into training configs.")
+    multi_concept: bool = Field(False, description="Also write one config that trains all selected characters in one LoRA.")
+    save_every_n_epochs: int = Field(2, ge=1, description="Checkpoint interval.")
+
+
+class BackgroundConfig(_Stage):
+    """Background LoRA data."""
+
+    enabled: bool = Field(True, description="Prepare background LoRA data.")
+    repeat_count: int = Field(10, ge=1, description="kohya repeats for the background folder.")
+    max_backgrounds: int = Field(500, ge=1, description="Keep at most this many most-diverse backgrounds.")
+    similarity_threshold: float = Field(0.95, gt=0, le=1, description="Cosine similarity above which two backgrounds are duplicates.")
+
+
+class TrainingConfig(_Stage):
+    """LoRA training launch."""
+
+    backend: Literal["builtin", "kohya"] = Field("builtin", description="builtin: diffusers+peft trainer. kohya: sd-scripts train_network.py.")
+    sd_scripts: Path | None = Field(None, description="Path to a kohya-ss/sd-scripts checkout (env YOKAI_SD_SCRIPTS).")
+    python: Path | None = Field(None, description="Python of the sd-scripts environment (env YOKAI_SD_PYTHON).")
+    enabled: bool = Field(False, description="Launch training at the end of the pipeline.")
+
+
+class StorageConfig(_Stage):
+    """Where the workspace and the episode inbox live."""
+
+    kind: Literal["local", "s3"] = Field("local", description="local folder or S3-compatible object store.")
+    endpoint_url: str | None = Field(None, description="S3 endpoint (None = AWS).")
+    bucket: str | None = Field(None, description="S3 bucket.")
+    prefix: str = Field("", description="Key prefix inside the bucket.")
+    region: str | None = Field(None, description="S3 region.")
+
+
+class PipelineConfig(_Stage):
+    """The whole pipeline's configuration."""
+
+    seed: int = Field(0, description="Global seed.")
+    frames: FramesConfig = Field(default_factory=FramesConfig)
+    layering: LayeringConfig = Field(default_factory=LayeringConfig)
+    embedding: EmbeddingConfig = Field(default_factory=EmbeddingConfig)
+    clustering: ClusteringConfig = Field(default_factory=ClusteringConfig)
+    analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)
+    selection: SelectionConfig = Field(default_factory=SelectionConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    caption: CaptionConfig = Field(default_factory=CaptionConfig)
+    packaging: PackagingConfig = Field(default_factory=PackagingConfig)
+    backgrounds: BackgroundConfig = Field(default_factory=BackgroundConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+
+    @model_validator(mode="after")
+    def _check_weights(self) -> PipelineConfig:
+        if self.layering.backend in ("u2net", "u2netp") and self.layering.weights is None:
+            raise ValueError(f"layering.backend={self.layering.backend} needs layering.weights (a local .pth or .safetensors file)")
+        return self
+
+
+def load_config(path: str | Path | None) -> PipelineConfig:
+    """Load a PipelineConfig from a TOML or JSON file (None = defaults)."""
+    if path is None:
+        return PipelineConfig()
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        return PipelineConfig.model_validate_json(text)
+    import tomllib
+
+    return PipelineConfig.model_validate(tomllib.loads(text))

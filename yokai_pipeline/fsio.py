@@ -1,0 +1,175 @@
+"""Atomic file writes, JSON/JSONL manifests, content hashes and safe names.
+
+Every output of the pipeline goes through these helpers: it is written to a temporary
+name in the destination folder and renamed into place, so a reader never sees a
+partial file and a crash leaves only a ``.tmp-*`` file that the next run removes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import re
+import tempfile
+import threading
+import unicodedata
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+TMP_PREFIX = ".tmp-"
+
+
+@contextlib.contextmanager
+def atomic_path(dest: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``dest``; rename it onto ``dest`` if the block succeeds."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=dest.suffix, dir=dest.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp_path, dest)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def atomic_write_bytes(dest: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``dest`` atomically."""
+    with atomic_path(dest) as tmp:
+        tmp.write_bytes(data)
+    return Path(dest)
+
+
+def atomic_write_text(dest: str | Path, text: str) -> Path:
+    """Write UTF-8 ``text`` to ``dest`` atomically."""
+    return atomic_write_bytes(dest, text.encode("utf-8"))
+
+
+def atomic_write_json(dest: str | Path, obj: Any) -> Path:
+    """Write ``obj`` as indented, key-sorted JSON atomically."""
+    return atomic_write_text(dest, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def write_jsonl(dest: str | Path, rows: Iterable[dict[str, Any]]) -> Path:
+    """Write manifest rows as JSON lines atomically."""
+    buf = io.StringIO()
+    for row in rows:
+        buf.write(json.dumps(row, sort_keys=True, default=_json_default))
+        buf.write("\n")
+    return atomic_write_text(dest, buf.getvalue())
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Read a JSON-lines manifest; an unparsable line raises an error naming the file and line."""
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                from yokai_pipeline.errors import BadInputError
+
+                raise BadInputError(path, f"line {lineno} is not valid JSON: {exc.msg}") from exc
+    return rows
+
+
+def read_json(path: str | Path) -> Any:
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def save_image(dest: str | Path, image: Any, **save_kwargs: Any) -> Path:
+    """Save a PIL image or an RGB/RGBA uint8 numpy array atomically (format from the suffix)."""
+    from PIL import Image
+
+    if not isinstance(image, Image.Image):
+        image = Image.fromarray(image)
+    dest = Path(dest)
+    fmt = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}.get(dest.suffix.lower(), "PNG")
+    buf = io.BytesIO()
+    if fmt == "PNG":
+        save_kwargs.setdefault("compress_level", 1)
+    image.save(buf, format=fmt, **save_kwargs)
+    return atomic_write_bytes(dest, buf.getvalue())
+
+
+def remove_stale_temps(folder: str | Path) -> int:
+    """Delete ``.tmp-*`` files a crashed run left under ``folder``; returns how many."""
+    n = 0
+    folder = Path(folder)
+    if not folder.exists():
+        return 0
+    for p in folder.rglob(f"{TMP_PREFIX}*"):
+        if p.is_file():
+            p.unlink(missing_ok=True)
+            n += 1
+    return n
+
+
+_hash_cache: dict[tuple[str, int, int], str] = {}
+_hash_lock = threading.Lock()
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's content, memoised on (path, size, mtime)."""
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    with _hash_lock:
+        if key in _hash_cache:
+            return _hash_cache[key]
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    digest = h.hexdigest()
+    with _hash_lock:
+        _hash_cache[key] = digest
+    return digest
+
+
+def stable_hash(obj: Any) -> str:
+    """SHA-256 of the canonical JSON of ``obj`` (config dicts, path lists)."""
+    data = json.dumps(obj, sort_keys=True, default=_json_default).encode("utf-8")
+    return hashlib.sha256(data).hexdigest()
+
+
+_UNSAFE = re.compile(r"[^\w.-]+", re.UNICODE)
+
+
+def safe_name(name: str, fallback: str = "unnamed", max_len: int = 80) -> str:
+    """Turn a user-given name (character, cluster, episode) into a safe single path component.
+
+    Path separators, ``..``, NUL and control characters cannot survive; unicode letters can.
+    """
+    name = unicodedata.normalize("NFKC", str(name)).replace("\x00", "")
+    name = _UNSAFE.sub("_", name).strip("._-")
+    name = re.sub(r"_+", "_", name)[:max_len].strip("._-")
+    return name or fallback
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, Path):
+        return str(obj)
+    try:
+        import numpy as np
+
+        if isinstance(obj, np.generic):
+            return obj.item()
+        if isinstance(obj, np.ndarray):
+            return obj.tolist()
+    except ImportError:  # pragma: no cover
+        pass
+    if hasattr(obj, "model_dump"):
+        return obj.model_dump(mode="json")
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
