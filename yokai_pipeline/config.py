@@ -71,6 +71,12 @@ class AnalysisConfig(_Stage):
 
     samples_per_cluster: int = Field(12, ge=1, le=100, description="Thumbnails per cluster in the HTML report.")
     thumbnail_size: int = Field(128, ge=32, le=512, description="Thumbnail longer side in pixels.")
+    min_sharpness: float = Field(15.0, ge=0, description="Median Laplacian variance (alpha-masked grey) below which a cluster's quality is poor.")
+    min_resolution: int = Field(48, ge=0, description="Median shorter image side (px) below which a cluster's quality is poor.")
+    max_duplicate_ratio: float = Field(0.6, ge=0, le=1, description="Near-duplicate ratio above which a cluster's quality is poor.")
+    duplicate_hamming: int = Field(4, ge=0, le=64, description="Perceptual-hash Hamming distance at or below which two images are near-duplicates.")
+    min_type_confidence: float = Field(0.6, ge=0.5, le=1, description="Type confidence below which a cluster's type is 'unknown'.")
+    max_images_per_cluster: int = Field(400, ge=10, description="Images measured per cluster (an even sample of larger clusters; counts use all members).")
 
 
 class SelectionConfig(_Stage):
@@ -114,6 +120,9 @@ class PackagingConfig(_Stage):
     base_model: str = Field("runwayml/stable-diffusion-v1-5", description="pretrained_model_name_or_path written into training configs.")
     multi_concept: bool = Field(False, description="Also write one config that trains all selected characters in one LoRA.")
     save_every_n_epochs: int = Field(2, ge=1, description="Checkpoint interval.")
+    upscale_to: int | None = Field(None, ge=0, description="Lanczos-upscale images whose shorter side is below this to this size (None = resolution, 0 = never); kohya's bucket_no_upscale would otherwise train tiny layers at their own size.")
+    batch_size: int = Field(1, ge=1, le=64, description="kohya batch size (dataset config) and train_batch_size.")
+    seed: int = Field(0, description="Seed of the validation split (also kohya's validation_seed and training seed).")
 
 
 class BackgroundConfig(_Stage):
@@ -123,6 +132,7 @@ class BackgroundConfig(_Stage):
     repeat_count: int = Field(10, ge=1, description="kohya repeats for the background folder.")
     max_backgrounds: int = Field(500, ge=1, description="Keep at most this many most-diverse backgrounds.")
     similarity_threshold: float = Field(0.95, gt=0, le=1, description="Cosine similarity above which two backgrounds are duplicates.")
+    trigger: str = Field("bg_style", description="Trigger word that starts every background caption.")
 
 
 class TrainingConfig(_Stage):

@@ -1,0 +1,75 @@
+"""The full pipeline over a folder of episodes: episode flows, then the dataset flow."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+
+from flows.episode import episode_flow
+from tasks.report import evaluate_task, write_summary_task
+from yokai_pipeline.config import PipelineConfig
+from yokai_pipeline.errors import YokaiError
+from yokai_pipeline.fsio import atomic_write_json
+from yokai_pipeline.workspace import Workspace
+
+VIDEO_SUFFIXES = {".mp4", ".mkv", ".webm", ".mov", ".avi", ".m4v", ".ts"}
+
+
+class EpisodesFailed(YokaiError):
+    """Some episodes failed; the others finished and the summary lists both."""
+
+
+def list_episodes(episodes_dir: str | Path) -> list[Path]:
+    """Video files directly inside ``episodes_dir``, sorted by name."""
+    folder = Path(episodes_dir)
+    if not folder.is_dir():
+        raise YokaiError(f"{folder}: episodes folder does not exist")
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES)
+
+
+@flow(name="yokai-pipeline", persist_result=True)
+def pipeline_flow(
+    episodes_dir: str,
+    workspace: str,
+    config: PipelineConfig = PipelineConfig(),  # noqa: B008
+    ground_truth_dir: str | None = None,
+) -> dict:
+    """Run every episode in ``episodes_dir`` through the pipeline into ``workspace``.
+
+    A bad episode fails alone: the others finish, then the run reports the failures.
+    """
+    log = get_run_logger()
+    ws = Workspace(workspace)
+    ws.root.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(ws.root / "config.json", config.model_dump(mode="json"))
+    videos = list_episodes(episodes_dir)
+    log.info(f"{len(videos)} episodes in {episodes_dir}")
+    t0 = time.perf_counter()
+
+    done: list[dict] = []
+    failed: list[dict] = []
+    for video in videos:
+        state = episode_flow(
+            str(video), workspace, config, reference_episodes=[d["episode_id"] for d in done], return_state=True
+        )
+        if state.is_completed():
+            done.append(state.result())
+        else:
+            try:
+                state.result()
+                message = state.message or "failed"
+            except Exception as exc:  # the episode's own error, naming the file
+                message = str(exc)
+            log.error(f"episode {video.name} failed: {message}")
+            failed.append({"episode": video.name, "error": message})
+
+    quality = evaluate_task(workspace, [d["episode_id"] for d in done], ground_truth_dir) if ground_truth_dir else {}
+    summary = write_summary_task(workspace, done, failed, quality, round(time.perf_counter() - t0, 3))
+    if failed:
+        raise EpisodesFailed(
+            f"{len(failed)} of {len(videos)} episodes failed: "
+            + "; ".join(f"{f['episode']}: {f['error']}" for f in failed)
+        )
+    return summary

@@ -1,0 +1,1 @@
+"""Typer commands, one module per group; each exposes ``register(app)``."""

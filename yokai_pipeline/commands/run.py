@@ -1,0 +1,133 @@
+"""`yokai run` (any folder of videos) and `yokai demo` (the built-in sample series)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from yokai_pipeline.config import PipelineConfig, load_config
+
+console = Console(stderr=True)
+
+
+def _prepare_prefect_env(workspace: Path) -> None:
+    # Results live in the workspace so a re-run finds them (Cached) and deleting the workspace resets it.
+    os.environ.setdefault("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(workspace / ".prefect" / "results"))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+def build_config(config_file: Path | None, backend: str | None, weights: Path | None, embedder: str | None) -> PipelineConfig:
+    """Config file first, then the command-line overrides; validated before any work starts."""
+    cfg = load_config(config_file)
+    data = cfg.model_dump()
+    if backend:
+        data["layering"]["backend"] = backend
+    if weights:
+        data["layering"]["weights"] = weights
+    if embedder:
+        data["embedding"]["backend"] = embedder
+    return PipelineConfig.model_validate(data)
+
+
+def run_pipeline(episodes_dir: Path, workspace: Path, cfg: PipelineConfig, ground_truth_dir: Path | None) -> dict[str, Any]:
+    """Run the pipeline flow with a progress bar; returns the summary."""
+    workspace = workspace.resolve()
+    _prepare_prefect_env(workspace)
+    from flows.pipeline import pipeline_flow
+    from yokai_pipeline import progress as progress_mod
+
+    bars: dict[str, Any] = {}
+    with Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=console, transient=False,
+    ) as prog:
+
+        def sink(label: str, done: int, total: int) -> None:
+            if label not in bars:
+                bars[label] = prog.add_task(label, total=total)
+            prog.update(bars[label], completed=done, total=total)
+
+        progress_mod.set_sink(sink)
+        try:
+            state = pipeline_flow(
+                str(episodes_dir.resolve()), str(workspace), cfg,
+                ground_truth_dir=str(ground_truth_dir.resolve()) if ground_truth_dir else None,
+                return_state=True,
+            )
+        finally:
+            progress_mod.set_sink(None)
+    summary_path = workspace / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    if summary:
+        print_summary(summary, workspace)
+    if not state.is_completed():
+        try:
+            state.result()
+        except Exception as exc:
+            console.print(f"[red]pipeline failed:[/red] {exc}")
+        raise typer.Exit(1)
+    return summary
+
+
+def print_summary(summary: dict, workspace: Path) -> None:
+    table = Table(title="Yokai pipeline summary")
+    table.add_column("stage")
+    table.add_column("figures")
+    for stage, figs in summary.get("stages", {}).items():
+        table.add_row(stage, ", ".join(f"{k}={v}" for k, v in figs.items() if not isinstance(v, dict | list)))
+    for key, figs in (summary.get("quality") or {}).items():
+        table.add_row(f"quality: {key}", ", ".join(f"{k}={v}" for k, v in figs.items() if not isinstance(v, dict | list)))
+    Console().print(table)
+    eps = summary.get("episodes", {})
+    console.print(f"episodes: {len(eps.get('completed', []))} completed, {len(eps.get('failed', []))} failed")
+    for f in eps.get("failed", []):
+        console.print(f"  [red]failed[/red] {f['episode']}: {f['error']}")
+    console.print(f"outputs: {workspace}  (summary: {workspace / 'summary.json'})")
+    for name, rel in summary.get("outputs", {}).items():
+        console.print(f"  {name}: {workspace / rel}")
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def run(
+        episodes_dir: Annotated[Path, typer.Argument(help="Folder of episode videos (any container ffmpeg reads).")],
+        workspace: Annotated[Path, typer.Option(help="Run workspace (outputs, caches).")] = Path("runs/default"),
+        config: Annotated[Path | None, typer.Option(help="PipelineConfig as TOML or JSON.")] = None,
+        backend: Annotated[str | None, typer.Option(help="Layering backend: offline, u2net or u2netp.")] = None,
+        weights: Annotated[Path | None, typer.Option(help="U2Net weight file (.pth / .safetensors).")] = None,
+        embedder: Annotated[str | None, typer.Option(help="Embedding backend: offline or clip.")] = None,
+        ground_truth: Annotated[Path | None, typer.Option(help="Ground-truth folder (sample series) for quality figures.")] = None,
+    ) -> None:
+        """Run the pipeline on a folder of episodes."""
+        try:
+            cfg = build_config(config, backend, weights, embedder)
+        except Exception as exc:
+            console.print(f"[red]invalid configuration:[/red] {exc}")
+            raise typer.Exit(2) from exc
+        run_pipeline(episodes_dir, workspace, cfg, ground_truth)
+
+    @app.command()
+    def demo(
+        workspace: Annotated[Path, typer.Option(help="Run workspace.")] = Path("runs/demo"),
+        seed: Annotated[int, typer.Option(help="Seed of the sample series.")] = 0,
+        episodes: Annotated[int, typer.Option(help="Episodes in the sample series.")] = 3,
+        seconds: Annotated[float, typer.Option(help="Length of each sample episode.")] = 40.0,
+        config: Annotated[Path | None, typer.Option(help="PipelineConfig as TOML or JSON.")] = None,
+    ) -> None:
+        """Generate the built-in sample series (no downloads, no GPU) and run the whole pipeline on it."""
+        from yokai_pipeline import synthetic
+
+        cfg = build_config(config, None, None, None)
+        series_dir = workspace.resolve() / "sample_series"
+        console.print(f"generating the sample series in {series_dir} ...")
+        synthetic.generate_series(series_dir, seed=seed, episodes=episodes, seconds=seconds)
+        run_pipeline(series_dir / "episodes", workspace, cfg, series_dir / "ground_truth")
+        console.print("[green]demo finished[/green] (offline backends: no model weights, CPU only)")
+

@@ -1,0 +1,86 @@
+"""The run summary (summary.json): per stage counts and seconds, plus quality figures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from yokai_pipeline.fsio import atomic_write_json
+from yokai_pipeline.workspace import Workspace
+
+
+def build_summary(
+    episodes: list[dict], failed: list[dict], quality: dict, seconds: float, stages: dict | None = None
+) -> dict[str, Any]:
+    """Aggregate per-episode results (from the episode flow) and later stages into one summary."""
+    fr = [e["frames"] for e in episodes]
+    ly = [e["layers"] for e in episodes]
+    out: dict[str, Any] = {
+        "episodes": {
+            "total": len(episodes) + len(failed),
+            "completed": [e["episode"] for e in episodes],
+            "failed": failed,
+        },
+        "stages": {
+            "frames": {
+                "decoded": sum(f.get("decoded", 0) for f in fr),
+                "shots": sum(f.get("shots", 0) for f in fr),
+                "kept": sum(f.get("kept", 0) for f in fr),
+                "dropped_within": sum(f.get("dropped_within", 0) for f in fr),
+                "dropped_cross": sum(f.get("dropped_cross", 0) for f in fr),
+                "seconds": round(sum(f.get("flow_seconds", f.get("seconds", 0.0)) for f in fr), 3),
+            },
+            "layers": {
+                "character": sum(x["character_layers"] for x in ly),
+                "background": sum(x["background_layers"] for x in ly),
+                "seconds": round(sum(x.get("seconds", 0.0) for x in ly), 3),
+            },
+        },
+        "quality": quality,
+        "per_episode": episodes,
+        "seconds": seconds,
+    }
+    out["stages"].update(stages or {})
+    return out
+
+
+def write_summary(ws: Workspace, summary: dict) -> Path:
+    return atomic_write_json(ws.summary_file, summary)
+
+
+def evaluate_quality(ws: Workspace, episode_ids: list[str], ground_truth_dir: Path) -> dict[str, Any]:
+    """Quality figures of the stages so far against the sample series' ground truth."""
+    from yokai_pipeline import layering, synthetic
+
+    ious = {}
+    for ep in episode_ids:
+        gt_path = ground_truth_dir / f"{ep}.json"
+        if gt_path.exists():
+            ious[ep] = layering.mask_iou(ws, ep, synthetic.load_ground_truth(gt_path))
+    quality: dict[str, Any] = {}
+    if ious:
+        means = [v["mean_iou"] for v in ious.values()]
+        quality["segmentation"] = {
+            "mean_iou": round(sum(means) / len(means), 4),
+            "per_episode": ious,
+        }
+    return quality
+
+
+def summary_markdown(summary: dict) -> str:
+    """Markdown version of the summary for a Prefect artifact."""
+    lines = ["# Yokai pipeline run", "", "| stage | figures |", "|---|---|"]
+    for stage, figs in summary["stages"].items():
+        text = ", ".join(f"{k}={v}" for k, v in figs.items() if not isinstance(v, dict | list))
+        lines.append(f"| {stage} | {text} |")
+    ep = summary["episodes"]
+    lines += ["", f"Episodes: {len(ep['completed'])} completed, {len(ep['failed'])} failed of {ep['total']}."]
+    for f in ep["failed"]:
+        lines.append(f"- failed: `{f['episode']}`: {f['error']}")
+    q = summary.get("quality") or {}
+    if q:
+        lines += ["", "## Quality against ground truth"]
+        for k, v in q.items():
+            figs = ", ".join(f"{a}={b}" for a, b in v.items() if not isinstance(b, dict | list))
+            lines.append(f"- {k}: {figs}")
+    return "\n".join(lines) + "\n"
