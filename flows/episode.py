@@ -5,10 +5,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from prefect import flow, get_run_logger, unmapped
+from prefect import flow, get_run_logger
 
+from flows.gpu import layering_flow
+from flows.heavy import run_heavy
 from tasks.frames import extract_frames_task
-from tasks.layering import read_frame_rows, segment_chunk_task, write_layer_manifest_task
 from yokai_pipeline.config import PipelineConfig
 from yokai_pipeline.frames import episode_id_for
 from yokai_pipeline.fsio import remove_stale_temps
@@ -40,7 +41,9 @@ def episode_flow(
     log = get_run_logger()
     ws = Workspace(workspace)
     episode_id = episode_id_for(Path(video))
-    removed = remove_stale_temps(ws.episode_dir(episode_id)) + remove_stale_temps(ws.layered_frames / "character" / episode_id)
+    removed = remove_stale_temps(ws.episode_dir(episode_id)) + sum(
+        remove_stale_temps(ws.layered_frames / kind / episode_id) for kind in ("character", "background", "masks")
+    )
     if removed:
         log.info(f"removed {removed} temporary files left by an interrupted run")
     refs = [str(ws.frames_manifest(e)) for e in (reference_episodes or []) if ws.frames_manifest(e).exists()]
@@ -49,19 +52,10 @@ def episode_flow(
     extract = extract_frames_task(video, workspace, config.frames, refs, episode_id)
     t_frames = time.perf_counter() - t0
 
-    rows = read_frame_rows(workspace, episode_id)
-    n = config.layering.chunk_size
-    chunks = [rows[i : i + n] for i in range(0, len(rows), n)]
-    t0 = time.perf_counter()
-    futures = segment_chunk_task.map(
-        chunks, unmapped(workspace), unmapped(config.layering), unmapped(episode_id), list(range(len(chunks)))
-    )
-    layers = write_layer_manifest_task(workspace, episode_id, [f.result() for f in futures])
-    t_layers = time.perf_counter() - t0
-    log.info(f"{episode_id}: {layers['character_layers']} character layers, {layers['background_layers']} backgrounds")
+    layers = run_heavy(layering_flow, "layering", {"workspace": workspace, "episode_id": episode_id, "config": config}, config)
     return {
         "episode": Path(video).name,
         "episode_id": episode_id,
         "frames": {**extract, "flow_seconds": round(t_frames, 3)},
-        "layers": {**layers, "chunks": len(chunks), "seconds": round(t_layers, 3)},
+        "layers": layers,
     }

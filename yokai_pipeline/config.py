@@ -39,6 +39,8 @@ class LayeringConfig(_Stage):
     mask_threshold: float = Field(0.5, gt=0, lt=1, description="Probability above which a pixel is character.")
     min_area_frac: float = Field(0.002, ge=0, lt=1, description="Connected blobs smaller than this fraction of the frame are dropped.")
     crop_margin: float = Field(0.06, ge=0, le=1, description="Margin around each character crop, as a fraction of its box size.")
+    num_workers: int = Field(4, ge=1, le=128, description="CPU threads decoding frames and writing layers (overlap the model).")
+    compile: bool = Field(False, description="torch.compile the U2Net model (CUDA; slow first batch, faster afterwards).")
 
 
 class EmbeddingConfig(_Stage):
@@ -64,6 +66,9 @@ class ClusteringConfig(_Stage):
     reassign_max_distance: float = Field(0.25, gt=0, description="Cosine distance to a cluster centroid below which noise / new layers join it.")
     seed: int = Field(0, description="Random seed (UMAP and ties).")
     link_mode: Literal["hardlink", "copy"] = Field("hardlink", description="How layers are placed in cluster folders.")
+    pca_dim: int = Field(64, ge=0, description="Project wider embeddings onto this many principal components before UMAP (0 = off); keeps UMAP fast at 100k layers.")
+    merge_distance: float = Field(0.05, ge=0, lt=1, description="Merge clusters whose centroids are within this cosine distance (UMAP can split one character into fragments); 0 = off.")
+    n_epochs: int | None = Field(None, ge=10, description="UMAP optimisation epochs (None = UMAP's default: 500 below 10k points, 200 above).")
 
 
 class AnalysisConfig(_Stage):
@@ -71,10 +76,10 @@ class AnalysisConfig(_Stage):
 
     samples_per_cluster: int = Field(12, ge=1, le=100, description="Thumbnails per cluster in the HTML report.")
     thumbnail_size: int = Field(128, ge=32, le=512, description="Thumbnail longer side in pixels.")
-    min_sharpness: float = Field(15.0, ge=0, description="Median Laplacian variance (alpha-masked grey) below which a cluster's quality is poor.")
-    min_resolution: int = Field(48, ge=0, description="Median shorter image side (px) below which a cluster's quality is poor.")
+    min_sharpness: float = Field(50.0, ge=0, description="Median Laplacian variance (alpha-masked grey) below which a cluster's quality is poor.")
+    min_resolution: int = Field(64, ge=0, description="Median longer image side (px) below which a cluster's quality is poor.")
     max_duplicate_ratio: float = Field(0.6, ge=0, le=1, description="Near-duplicate ratio above which a cluster's quality is poor.")
-    duplicate_hamming: int = Field(4, ge=0, le=64, description="Perceptual-hash Hamming distance at or below which two images are near-duplicates.")
+    duplicate_hamming: int = Field(10, ge=0, le=256, description="Hamming distance between 256-bit perceptual hashes at or below which two images are near-duplicates.")
     min_type_confidence: float = Field(0.6, ge=0.5, le=1, description="Type confidence below which a cluster's type is 'unknown'.")
     max_images_per_cluster: int = Field(400, ge=10, description="Images measured per cluster (an even sample of larger clusters; counts use all members).")
 
@@ -96,6 +101,7 @@ class AugmentConfig(_Stage):
     min_original: int = Field(5, ge=1, description="Clusters with fewer images are left as they are.")
     intensity: Literal["light", "medium", "heavy"] = Field("medium", description="Strength of the transforms.")
     allow_flip: bool = Field(False, description="Allow horizontal flips for every cluster (otherwise only clusters marked symmetric).")
+    blur: bool = Field(True, description="Allow the occasional slight Gaussian blur (guide: optional).")
     seed: int = Field(0, description="Random seed.")
 
 
@@ -152,6 +158,19 @@ class StorageConfig(_Stage):
     bucket: str | None = Field(None, description="S3 bucket.")
     prefix: str = Field("", description="Key prefix inside the bucket.")
     region: str | None = Field(None, description="S3 region.")
+    credentials_block: str | None = Field(None, description="Name of a Prefect AwsCredentials block with the S3 keys (None = AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY from the environment).")
+    max_attempts: int = Field(4, ge=1, le=20, description="Attempts per S3 operation before it fails (exponential backoff between them).")
+    retry_base_seconds: float = Field(1.0, ge=0, le=60, description="First backoff delay between S3 attempts, doubled each time.")
+    multipart_chunksize_mb: int = Field(16, ge=5, le=5120, description="S3 multipart part size and threshold in MiB.")
+    ingest_stable_seconds: float = Field(60.0, ge=0, description="An inbox video must keep the same size (and mtime/ETag) across scans this far apart before it is ingested.")
+
+
+class OrchestrationConfig(_Stage):
+    """How heavy steps run: in this process, or as deployments on the GPU work pool."""
+
+    distributed: bool = Field(False, description="Run layering/embedding/captioning/training as deployments on the GPU pool (run_deployment) instead of in-process.")
+    deployment_prefix: str = Field("yokai", description="Deployment names are <flow>/<prefix>-<stage>.")
+    timeout_seconds: int | None = Field(None, ge=1, description="Give up waiting for a GPU deployment run after this long (None = wait).")
 
 
 class PipelineConfig(_Stage):
@@ -170,6 +189,7 @@ class PipelineConfig(_Stage):
     backgrounds: BackgroundConfig = Field(default_factory=BackgroundConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
+    orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
 
     @model_validator(mode="after")
     def _check_weights(self) -> PipelineConfig:

@@ -28,7 +28,7 @@ def atomic_path(dest: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``dest``; rename it onto ``dest`` if the block succeeds."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=dest.suffix, dir=dest.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{os.getpid()}-", suffix=dest.suffix, dir=dest.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -105,16 +105,35 @@ def save_image(dest: str | Path, image: Any, **save_kwargs: Any) -> Path:
 
 
 def remove_stale_temps(folder: str | Path) -> int:
-    """Delete ``.tmp-*`` files a crashed run left under ``folder``; returns how many."""
+    """Delete ``.tmp-<pid>-*`` files under ``folder`` whose writing process is gone; returns how many.
+
+    Temporary files of live processes (a concurrent run on the same workspace) are left alone.
+    """
     n = 0
     folder = Path(folder)
     if not folder.exists():
         return 0
     for p in folder.rglob(f"{TMP_PREFIX}*"):
-        if p.is_file():
+        if p.is_file() and not _writer_alive(p.name):
             p.unlink(missing_ok=True)
             n += 1
     return n
+
+
+def _writer_alive(name: str) -> bool:
+    try:
+        pid = int(name[len(TMP_PREFIX) :].split("-", 1)[0])
+    except ValueError:
+        return False
+    if pid == os.getpid():
+        return True  # another thread of this process may be writing it
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 _hash_cache: dict[tuple[str, int, int], str] = {}

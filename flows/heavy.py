@@ -1,0 +1,30 @@
+"""Run a heavy (GPU) flow in-process, or as a deployment on the GPU work pool.
+
+When ``config.orchestration.distributed`` is on, the child flow runs on a GPU worker through
+``run_deployment`` and its persisted result is read back; otherwise it is called directly
+as a subflow. Either way the caller gets the same dict.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import Flow, get_run_logger
+from prefect.deployments import run_deployment
+
+from yokai_pipeline.config import PipelineConfig
+from yokai_pipeline.errors import YokaiError
+
+
+def run_heavy(flow_fn: Flow, stage: str, parameters: dict[str, Any], config: PipelineConfig) -> Any:
+    """Call ``flow_fn(**parameters)`` locally or as deployment ``<flow name>/<prefix>-<stage>``."""
+    orch = config.orchestration
+    if not orch.distributed:
+        return flow_fn(**parameters)
+    name = f"{flow_fn.name}/{orch.deployment_prefix}-{stage}"
+    get_run_logger().info(f"running {name} on the GPU pool")
+    run = run_deployment(name=name, parameters=parameters, timeout=orch.timeout_seconds)
+    if run.state is None or not run.state.is_completed():
+        msg = run.state.message if run.state else "no state"
+        raise YokaiError(f"deployment {name} run {run.name} ended {run.state.name if run.state else '?'}: {msg}")
+    return run.state.result()
