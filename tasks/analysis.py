@@ -1,0 +1,41 @@
+"""Cluster analysis and selection tasks."""
+
+from __future__ import annotations
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+
+from yokai_pipeline import analysis, selection
+from yokai_pipeline.config import AnalysisConfig, EmbeddingConfig, SelectionConfig
+from yokai_pipeline.workspace import Workspace
+
+
+@task(name="analyze-clusters", tags=["cpu"])
+def analyze_task(workspace: str, cfg: AnalysisConfig, embedding: EmbeddingConfig) -> dict:
+    """Quality, tiers and types per cluster; JSON + HTML report + a Prefect artifact."""
+    ws = Workspace(workspace)
+    type_backend = "clip" if embedding.backend == "clip" else "offline"
+    result = analysis.analyze_clusters(ws.character_clusters, cfg, type_backend=type_backend, clip_cfg=embedding)
+    json_path, html_path = analysis.write_analysis(
+        result, ws.analysis_dir / "cluster_analysis.json", ws.analysis_dir / "cluster_analysis.html"
+    )
+    log = get_run_logger()
+    log.info("\n" + analysis.format_summary(result))
+    create_markdown_artifact(
+        analysis.analysis_markdown(result, html_path.as_uri() if html_path else ""),
+        key="cluster-analysis",
+        description="Clusters by tier, with a link to the HTML report",
+    )
+    return {"summary": result["summary"], "json": str(json_path), "html": str(html_path)}
+
+
+@task(name="select-characters")
+def select_task(workspace: str, cfg: SelectionConfig) -> dict:
+    """Pick the clusters to train from the analysis and save selection.json."""
+    ws = Workspace(workspace)
+    result = analysis.read_analysis(ws.analysis_dir / "cluster_analysis.json")
+    sel = selection.select_clusters(result, cfg)
+    selection.write_selection(ws.selection_file, sel)
+    names = ", ".join(f"{c['name']} ({c['tier']}, {c['images']})" for c in sel["characters"])
+    get_run_logger().info(f"selected {len(sel['characters'])} characters: {names}")
+    return sel

@@ -1,0 +1,368 @@
+"""Background LoRA data (guide step 8): dedup, keep the most diverse, caption, package for kohya.
+
+Steps: embed every background layer (``embed_fn``; default an offline colour/layout descriptor,
+or pass CLIP embeddings), drop near-duplicates whose cosine similarity to an already kept image
+is at least ``similarity_threshold``, keep the ``max_backgrounds`` most diverse by farthest-point
+sampling, caption each from its colours ("bg_style, outdoor scene, blue sky, green ground,
+bright lighting"), and write ``{repeat}_background/`` + dataset/training TOMLs with gentler
+learning rates than character LoRAs (UNet 5e-5, text encoder 1e-5, dim 32).
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from yokai_pipeline.config import BackgroundConfig, EmbeddingConfig, PackagingConfig
+from yokai_pipeline.errors import BadInputError
+from yokai_pipeline.fsio import atomic_write_bytes, atomic_write_json, atomic_write_text, safe_name
+from yokai_pipeline.kohya import (
+    IMAGE_SUFFIXES,
+    build_dataset_config,
+    build_training_config,
+    clean_trigger,
+    default_models_dir,
+    launch_command,
+    load_image,
+    upscale_min_side,
+    write_toml,
+)
+
+EmbedFn = Callable[[list[Path]], np.ndarray]
+
+BACKGROUND_PARAMS = {
+    "repeat": None,  # from BackgroundConfig.repeat_count
+    "epochs": 10,
+    "unet_lr": 5e-5,
+    "text_encoder_lr": 1e-5,
+    "learning_rate": 5e-5,
+    "network_dim": 32,
+    "network_alpha": 16.0,
+    "strategy": "Gentle background training",
+}
+THUMB = 16
+HIST_BINS = 4
+
+
+# ---------------------------------------------------------------- descriptor (default embed_fn)
+
+
+def describe_background(image: Any) -> np.ndarray:
+    """Offline descriptor: a 16x16 Lab thumbnail (layout + colour) and a coarse RGB histogram.
+
+    Lab values are centred on mid-grey so unrelated scenes are not all similar (cosine of
+    non-negative vectors is always high); the histogram adds shift tolerance.
+    """
+    import cv2
+
+    rgb = np.asarray(image.convert("RGB").resize((THUMB, THUMB), resample=2), dtype=np.uint8)
+    lab = cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB).astype(np.float32)
+    lab -= np.array([128.0, 128.0, 128.0], dtype=np.float32)
+    lab /= 128.0
+    small = np.asarray(image.convert("RGB").resize((64, 64), resample=2), dtype=np.uint8).reshape(-1, 3)
+    q = (small // (256 // HIST_BINS)).astype(np.int64)
+    hist = np.bincount(
+        q[:, 0] * HIST_BINS * HIST_BINS + q[:, 1] * HIST_BINS + q[:, 2], minlength=HIST_BINS**3
+    )
+    hist = hist.astype(np.float32) / max(1, hist.sum())
+    hist -= 1.0 / HIST_BINS**3
+    vec = np.concatenate([lab.ravel(), 4.0 * hist])
+    return vec / max(1e-8, float(np.linalg.norm(vec)))
+
+
+def embed_backgrounds(paths: list[Path]) -> np.ndarray:
+    """Default ``embed_fn``: L2-normalised offline descriptors, one row per path."""
+    return (
+        np.stack([describe_background(load_image(p)) for p in paths])
+        if paths
+        else np.zeros((0, 1), np.float32)
+    )
+
+
+def clip_embed_fn(cfg: EmbeddingConfig) -> EmbedFn:
+    """CLIP embeddings (the guide's deduplication) via :mod:`yokai_pipeline.embedding`.
+
+    Needs the ``ml`` extra and CLIP weights (``cfg.pretrained``: a hub tag or a local checkpoint).
+    """
+    from yokai_pipeline.embedding import embed_images
+
+    clip_cfg = cfg.model_copy(update={"backend": "clip"})
+    return lambda paths: embed_images(paths, clip_cfg)
+
+
+# ---------------------------------------------------------------- selection
+
+
+def dedup_embeddings(emb: np.ndarray, threshold: float) -> list[int]:
+    """Greedy near-duplicate removal: keep a row unless its cosine similarity to a kept row >= threshold."""
+    kept: list[int] = []
+    if len(emb) == 0:
+        return kept
+    kept_mat = np.zeros((0, emb.shape[1]), dtype=emb.dtype)
+    for i, v in enumerate(emb):
+        if len(kept) and float(np.max(kept_mat @ v)) >= threshold:
+            continue
+        kept.append(i)
+        kept_mat = np.vstack([kept_mat, v[None]])
+    return kept
+
+
+def farthest_point_sampling(emb: np.ndarray, k: int) -> list[int]:
+    """Indices of ``k`` rows spread as far apart as possible (cosine distance), deterministic.
+
+    Starts from the row farthest from the mean, then repeatedly adds the row whose nearest chosen
+    row is farthest.
+    """
+    n = len(emb)
+    if k >= n:
+        return list(range(n))
+    if k <= 0:
+        return []
+    centre = emb.mean(axis=0)
+    first = int(np.argmin(emb @ centre))
+    chosen = [first]
+    min_dist = 1.0 - emb @ emb[first]
+    min_dist[first] = -np.inf
+    for _ in range(k - 1):
+        nxt = int(np.argmax(min_dist))
+        chosen.append(nxt)
+        min_dist = np.minimum(min_dist, 1.0 - emb @ emb[nxt])
+        min_dist[chosen] = -np.inf
+    return sorted(chosen)
+
+
+# ---------------------------------------------------------------- captions
+
+_HUES = (  # (upper bound in degrees, name)
+    (15, "red"),
+    (40, "orange"),
+    (65, "yellow"),
+    (160, "green"),
+    (200, "cyan"),
+    (255, "blue"),
+    (290, "purple"),
+    (335, "pink"),
+    (360, "red"),
+)
+
+
+def colour_name(rgb: Sequence[float]) -> str:
+    """A plain colour word for an RGB triple (0-255)."""
+    import colorsys
+
+    h, s, v = colorsys.rgb_to_hsv(*(c / 255.0 for c in rgb))
+    if v < 0.2:
+        return "black"
+    if s < 0.18:
+        return "white" if v > 0.85 else "gray"
+    if s < 0.45 and 15 <= h * 360 < 50:
+        return "brown" if v < 0.75 else "beige"
+    deg = h * 360
+    for bound, name in _HUES:
+        if deg < bound:
+            if name == "orange" and v < 0.6:
+                return "brown"
+            return name
+    return "red"
+
+
+def caption_background(image: Any, trigger: str) -> str:
+    """Scene caption from colours: trigger, indoor/outdoor, upper and lower colours, lighting."""
+    rgb = np.asarray(image.convert("RGB").resize((48, 48), resample=2), dtype=np.float32)
+    top = np.median(rgb[:16].reshape(-1, 3), axis=0)
+    bottom = np.median(rgb[32:].reshape(-1, 3), axis=0)
+    top_name, bottom_name = colour_name(top), colour_name(bottom)
+    brightness = float((rgb @ np.array([0.299, 0.587, 0.114], np.float32)).mean()) / 255.0  # luma
+    if top_name in ("blue", "cyan"):  # a blue top band is the sky in nearly every outdoor shot
+        scene = "night scene" if brightness < 0.35 else "outdoor scene"
+        upper = "night sky" if brightness < 0.35 else f"{top_name} sky"
+        lower = f"{bottom_name} ground"
+    else:
+        scene, upper, lower = "indoor scene", f"{top_name} walls", f"{bottom_name} floor"
+    if brightness > 0.65:
+        light = "bright lighting"
+    elif brightness < 0.35:
+        light = "dark lighting"
+    else:
+        light = "soft lighting"
+    return ", ".join([trigger, scene, upper, lower, light, "no humans"])
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def list_background_images(source: str | Path | Iterable[Any], root: str | Path | None = None) -> list[Path]:
+    """Background images from a folder (recursive), paths, or layer-manifest rows (kind "background")."""
+    if isinstance(source, (str, Path)):
+        folder = Path(source)
+        if not folder.is_dir():
+            raise BadInputError(folder, "background folder does not exist")
+        return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    base = Path(root) if root else Path(".")
+    out = []
+    for item in source:
+        if isinstance(item, dict):
+            if item.get("kind", "background") != "background":
+                continue
+            item = item["path"]
+        p = Path(item)
+        out.append(p if p.is_absolute() else base / p)
+    return sorted(out)
+
+
+def prepare_backgrounds(
+    source: str | Path | Iterable[Any],
+    out_dir: str | Path,
+    cfg: BackgroundConfig,
+    *,
+    embed_fn: EmbedFn | None = None,
+    packaging: PackagingConfig | None = None,
+    root: str | Path | None = None,
+    models_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """Select, caption and package background layers as a kohya dataset.
+
+    Args:
+        source: a folder of background layers, or paths / layer-manifest rows.
+        out_dir: output folder (``training_data/backgrounds``).
+        cfg: repeat count, max backgrounds, similarity threshold, trigger word.
+        embed_fn: list of paths -> L2-normalised embeddings (CLIP for the guide's behaviour);
+            default: the offline descriptor.
+        packaging: resolution, alpha/composite and seed settings (defaults if None).
+        root: base folder of relative paths in ``source`` rows.
+        models_dir: where training writes the LoRA (default: the workspace's trained_models).
+
+    Returns:
+        Summary dict (also ``configs/background_summary.json``): counts at each step, kept files,
+        config paths and the launch command.
+    """
+    pk = packaging or PackagingConfig()
+    out_dir = Path(out_dir).resolve()
+    models_dir = Path(models_dir).resolve() if models_dir else default_models_dir(out_dir)
+    trigger = clean_trigger(cfg.trigger, fallback="bg_style")
+    paths = list_background_images(source, root)
+    skipped: list[dict[str, str]] = []
+    readable = []
+    for p in paths:  # one unreadable layer must not stop the batch
+        try:
+            load_image(p)
+            readable.append(p)
+        except BadInputError as exc:
+            skipped.append({"path": exc.path, "problem": exc.problem})
+    emb = (embed_fn or embed_backgrounds)(readable) if readable else np.zeros((0, 1), np.float32)
+    emb = np.asarray(emb, dtype=np.float32)
+    if len(emb) != len(readable):
+        raise ValueError(f"embed_fn returned {len(emb)} rows for {len(readable)} images")
+    if len(emb):
+        emb = emb / np.maximum(1e-8, np.linalg.norm(emb, axis=1, keepdims=True))
+    unique = dedup_embeddings(emb, cfg.similarity_threshold)
+    picked = [unique[i] for i in farthest_point_sampling(emb[unique], cfg.max_backgrounds)] if unique else []
+
+    folder = out_dir / f"{cfg.repeat_count}_background"
+    for old in out_dir.glob("*_background"):
+        if old.is_dir() and old != folder and old.name.split("_", 1)[0].isdigit():
+            shutil.rmtree(old)
+    folder.mkdir(parents=True, exist_ok=True)
+    upscale_to = pk.resolution if pk.upscale_to is None else pk.upscale_to
+    written, rows = set(), []
+    width = max(4, len(str(len(picked))))
+    for n, idx in enumerate(picked):
+        src = readable[idx]
+        image = load_image(src).convert("RGB")
+        stem = f"{n:0{width}d}_{_safe_stem(src)}"
+        caption = caption_background(image, trigger)
+        buf = io.BytesIO()
+        upscale_min_side(image, upscale_to).save(buf, format="PNG", compress_level=1)
+        atomic_write_bytes(folder / f"{stem}.png", buf.getvalue())
+        atomic_write_text(folder / f"{stem}.txt", caption + "\n")
+        written |= {f"{stem}.png", f"{stem}.txt"}
+        rows.append({"file": f"{stem}.png", "source": str(src), "caption": caption})
+    for p in folder.iterdir():
+        if p.is_file() and p.name not in written:
+            p.unlink()
+
+    configs = out_dir / "configs"
+    params = dict(BACKGROUND_PARAMS, repeat=cfg.repeat_count)
+    bg_pk = pk.model_copy(update={"alpha_mode": "composite"})  # backgrounds are opaque RGB
+    prompts = configs / "background_sample_prompts.txt"
+    atomic_write_text(
+        prompts,
+        "# kohya sample prompts\n"
+        f"{trigger}, outdoor scene, blue sky, green ground --n lowres, blurry, people --w {pk.resolution} "
+        f"--h {pk.resolution} --d 1 --l 7 --s 28\n"
+        f"{trigger}, indoor scene, soft lighting --n lowres, blurry, people --w {pk.resolution} "
+        f"--h {pk.resolution} --d 2 --l 7 --s 28\n",
+    )
+    ds_path = configs / "background_dataset.toml"
+    write_toml(
+        ds_path,
+        build_dataset_config(
+            [
+                {
+                    "image_dir": folder,
+                    "num_repeats": cfg.repeat_count,
+                    "trigger": trigger,
+                    "validation_split": 0.0,
+                }
+            ],
+            bg_pk,
+        ),
+    )
+    cfg_path = configs / "background_config.toml"
+    write_toml(
+        cfg_path,
+        build_training_config(
+            name="backgrounds",
+            params=params,
+            dataset_config=ds_path,
+            sample_prompts=prompts,
+            models_dir=models_dir,
+            cfg=bg_pk,
+            has_validation=False,
+        ),
+    )
+    summary = {
+        "output_dir": str(out_dir),
+        "image_dir": str(folder),
+        "input_images": len(paths),
+        "unreadable": len(skipped),
+        "after_dedup": len(unique),
+        "duplicates_removed": len(readable) - len(unique),
+        "kept": len(picked),
+        "trigger": trigger,
+        "params": params,
+        "dataset_config": str(ds_path),
+        "config": str(cfg_path),
+        "command": launch_command(cfg_path),
+        "files": rows,
+        "skipped": skipped,
+        "config_used": cfg.model_dump(mode="json"),
+    }
+    atomic_write_json(configs / "background_summary.json", summary)
+    return summary
+
+
+def _safe_stem(path: Path) -> str:
+    return safe_name(path.stem, fallback="bg")
+
+
+def format_background_summary(summary: dict[str, Any]) -> str:
+    """Short printed summary of background preparation with the launch command."""
+    return "\n".join(
+        [
+            "Background Preparation Complete",
+            "===============================",
+            f"  Input backgrounds: {summary['input_images']:,}",
+            f"  Near-duplicates removed: {summary['duplicates_removed']:,}",
+            f"  Kept (most diverse): {summary['kept']:,}",
+            f"  Output: {summary['image_dir']}",
+            "",
+            "Train with:",
+            f"   {summary['command']}",
+        ]
+    )
