@@ -10,8 +10,11 @@ import time
 
 from prefect import flow, get_run_logger, unmapped
 
+from tasks.dataset import caption_task, selected_folders
+from tasks.identity import embed_task
 from tasks.layering import read_frame_rows, segment_chunk_task, write_layer_manifest_task
 from yokai_pipeline.config import PipelineConfig
+from yokai_pipeline.workspace import Workspace
 
 
 @flow(name="layering", persist_result=True)
@@ -30,3 +33,37 @@ def layering_flow(workspace: str, episode_id: str, config: PipelineConfig = Pipe
         f"{episode_id}: {layers['character_layers']} character layers, {layers['background_layers']} backgrounds"
     )
     return {**layers, "chunks": len(chunks), "seconds": round(seconds, 3)}
+
+
+@flow(name="embedding", persist_result=True)
+def embedding_flow(workspace: str, episode_ids: list[str], config: PipelineConfig = PipelineConfig()) -> dict:  # noqa: B008
+    """Embed the character layers of each episode, one mapped task per episode."""
+    ws = Workspace(workspace)
+    manifests = [str(ws.layers_manifest(e)) for e in episode_ids]
+    t0 = time.perf_counter()
+    futures = embed_task.map(unmapped(workspace), episode_ids, manifests, unmapped(config.embedding))
+    per_episode = [f.result() for f in futures]
+    n = sum(s.get("n", 0) for s in per_episode)
+    seconds = time.perf_counter() - t0
+    return {"embeddings": n, "episodes": len(per_episode), "backend": config.embedding.backend, "seconds": round(seconds, 3)}
+
+
+@flow(name="caption", persist_result=True)
+def caption_flow(workspace: str, config: PipelineConfig = PipelineConfig()) -> dict:  # noqa: B008
+    """Caption every selected cluster folder, one mapped task per character."""
+    chars = selected_folders(workspace)
+    t0 = time.perf_counter()
+    futures = caption_task.map(
+        unmapped(workspace), [c["folder"] for c in chars], unmapped(config.caption),
+        [c["trigger"] for c in chars], [c["type"] for c in chars],
+    )
+    res = [f.result() for f in futures]
+    seconds = time.perf_counter() - t0
+    return {
+        "characters": len(res),
+        "captioned": sum(r["captioned"] for r in res),
+        "skipped": sum(r["skipped"] for r in res),
+        "failed": sum(len(r["failed"]) for r in res),
+        "backend": config.caption.backend,
+        "seconds": round(seconds, 3),
+    }

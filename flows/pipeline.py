@@ -7,6 +7,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
+from flows.dataset import dataset_flow
 from flows.episode import episode_flow
 from tasks.report import evaluate_task, write_summary_task
 from yokai_pipeline.config import PipelineConfig
@@ -65,8 +66,15 @@ def pipeline_flow(
             log.error(f"episode {video.name} failed: {message}")
             failed.append({"episode": video.name, "error": message})
 
+    stages: dict = {}
+    if done:
+        ds = dataset_flow(workspace, config, [d["episode_id"] for d in done], return_state=True)
+        if ds.is_completed():
+            stages = ds.result()
+        else:
+            failed.append({"episode": "(dataset)", "error": ds.message or "dataset flow failed"})
     quality = evaluate_task(workspace, [d["episode_id"] for d in done], ground_truth_dir) if ground_truth_dir else {}
-    summary = write_summary_task(workspace, done, failed, quality, round(time.perf_counter() - t0, 3))
+    summary = write_summary_task(workspace, done, failed, quality, round(time.perf_counter() - t0, 3), stages)
     if failed:
         raise EpisodesFailed(
             f"{len(failed)} of {len(videos)} episodes failed: "

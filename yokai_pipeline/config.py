@@ -67,7 +67,8 @@ class ClusteringConfig(_Stage):
     seed: int = Field(0, description="Random seed (UMAP and ties).")
     link_mode: Literal["hardlink", "copy"] = Field("hardlink", description="How layers are placed in cluster folders.")
     pca_dim: int = Field(64, ge=0, description="Project wider embeddings onto this many principal components before UMAP (0 = off); keeps UMAP fast at 100k layers.")
-    merge_distance: float = Field(0.05, ge=0, lt=1, description="Merge clusters whose centroids are within this cosine distance (UMAP can split one character into fragments); 0 = off.")
+    merge_distance: float | None = Field(None, ge=0, lt=1, description="Merge clusters whose centroids are within this cosine distance (UMAP can split one character into fragments); 0 = off, None = 0.1 for offline embeddings, 0.05 for CLIP.")
+    split_distance: float | None = Field(None, ge=0, lt=2, description="Split a cluster whose members form groups farther apart than this mean cosine distance (UMAP can clump small characters together); parts below min_cluster_size become noise. 0 = off, None = 0.25 for offline embeddings, off for CLIP.")
     n_epochs: int | None = Field(None, ge=10, description="UMAP optimisation epochs (None = UMAP's default: 500 below 10k points, 200 above).")
 
 
@@ -113,6 +114,7 @@ class CaptionConfig(_Stage):
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
     batch_size: int = Field(8, ge=1, le=512, description="Images per generate() call.")
     max_new_tokens: int = Field(40, ge=4, le=200, description="Caption length limit.")
+    compile: bool = Field(True, description="On CUDA: static KV cache with a compiled decode step (about 1.3x faster at batch 64 on an H100; batches are padded to one shape so it compiles once per prompt).")
 
 
 class PackagingConfig(_Stage):

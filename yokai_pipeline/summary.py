@@ -64,7 +64,35 @@ def evaluate_quality(ws: Workspace, episode_ids: list[str], ground_truth_dir: Pa
             "mean_iou": round(sum(means) / len(means), 4),
             "per_episode": ious,
         }
+    quality.update(_identity_quality(ws, ground_truth_dir))
     return quality
+
+
+def _identity_quality(ws: Workspace, ground_truth_dir: Path) -> dict[str, Any]:
+    """Clustering ARI/purity and character-type accuracy against the ground-truth characters."""
+    from collections import Counter
+
+    from yokai_pipeline import analysis, clustering, synthetic
+
+    doc = clustering.read_clusters(ws)
+    if doc is None:
+        return {}
+    labels = synthetic.ground_truth_labels(doc["members"], ground_truth_dir)
+    out: dict[str, Any] = {"clustering": clustering.evaluate_clusters(doc["members"], labels)}
+    types = {c.id: c.type for c in synthetic.CHARACTERS}
+    votes: dict[int, Counter] = {}
+    for m in doc["members"]:
+        truth = labels.get(m["layer_id"])
+        if m["cluster"] >= 0 and truth is not None:
+            votes.setdefault(m["cluster"], Counter())[truth] += 1
+    truth_type = {cid: types[c.most_common(1)[0][0]] for cid, c in votes.items()}
+    ana_path = ws.analysis_dir / "cluster_analysis.json"
+    if ana_path.exists() and truth_type:
+        result = analysis.read_analysis(ana_path)
+        out["character_type"] = {"accuracy": round(analysis.type_accuracy(result, truth_type), 4), "clusters": len(truth_type)}
+        # which ground-truth character each cluster is, so tiers can be checked against appearances
+        out["clusters_to_characters"] = {str(cid): c.most_common(1)[0][0] for cid, c in votes.items()}
+    return out
 
 
 def summary_markdown(summary: dict) -> str:

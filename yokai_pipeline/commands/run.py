@@ -76,22 +76,39 @@ def run_pipeline(episodes_dir: Path, workspace: Path, cfg: PipelineConfig, groun
     return summary
 
 
+def _figures(figs: dict) -> str:
+    # numbers and flags only: paths and commands are printed below the table
+    return ", ".join(f"{k}={v}" for k, v in figs.items() if isinstance(v, int | float | bool) and k != "version")
+
+
+STAGE_ORDER = ["frames", "layers", "embedding", "clustering", "analysis", "selection", "augmentation",
+               "captions", "packaging", "validation", "backgrounds", "training"]
+
+
 def print_summary(summary: dict, workspace: Path) -> None:
     table = Table(title="Yokai pipeline summary")
     table.add_column("stage")
     table.add_column("figures")
-    for stage, figs in summary.get("stages", {}).items():
-        table.add_row(stage, ", ".join(f"{k}={v}" for k, v in figs.items() if not isinstance(v, dict | list)))
+    stages = summary.get("stages", {})
+    for stage in sorted(stages, key=lambda s: STAGE_ORDER.index(s) if s in STAGE_ORDER else 99):
+        table.add_row(stage, _figures(stages[stage]))
     for key, figs in (summary.get("quality") or {}).items():
-        table.add_row(f"quality: {key}", ", ".join(f"{k}={v}" for k, v in figs.items() if not isinstance(v, dict | list)))
+        if key != "clusters_to_characters":
+            table.add_row(f"quality: {key}", _figures(figs))
     Console().print(table)
     eps = summary.get("episodes", {})
     console.print(f"episodes: {len(eps.get('completed', []))} completed, {len(eps.get('failed', []))} failed")
     for f in eps.get("failed", []):
         console.print(f"  [red]failed[/red] {f['episode']}: {f['error']}")
     console.print(f"outputs: {workspace}  (summary: {workspace / 'summary.json'})")
-    for name, rel in summary.get("outputs", {}).items():
-        console.print(f"  {name}: {workspace / rel}")
+    analysis = stages.get("analysis", {})
+    if analysis.get("html"):
+        console.print(f"  cluster report: {analysis['html']}")
+    if stages.get("packaging"):
+        console.print(f"  kohya datasets: {workspace / 'training_data'}")
+        console.print("training commands (from the sd-scripts checkout):")
+        for cmd in stages["packaging"].get("commands", []):
+            console.print(f"  {cmd}", soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:

@@ -52,12 +52,32 @@ class U2NetSpec:
 # height 0 marks the dilated RSU-4F block (no pooling inside).
 SPECS: dict[str, U2NetSpec] = {
     "u2net": U2NetSpec(
-        encoder=((7, 3, 32, 64), (6, 64, 32, 128), (5, 128, 64, 256), (4, 256, 128, 512), (0, 512, 256, 512), (0, 512, 256, 512)),
-        decoder=((0, 1024, 256, 512), (4, 1024, 128, 256), (5, 512, 64, 128), (6, 256, 32, 64), (7, 128, 16, 64)),
+        encoder=(
+            (7, 3, 32, 64),
+            (6, 64, 32, 128),
+            (5, 128, 64, 256),
+            (4, 256, 128, 512),
+            (0, 512, 256, 512),
+            (0, 512, 256, 512),
+        ),
+        decoder=(
+            (0, 1024, 256, 512),
+            (4, 1024, 128, 256),
+            (5, 512, 64, 128),
+            (6, 256, 32, 64),
+            (7, 128, 16, 64),
+        ),
         side_channels=(64, 64, 128, 256, 512, 512),
     ),
     "u2netp": U2NetSpec(
-        encoder=((7, 3, 16, 64), (6, 64, 16, 64), (5, 64, 16, 64), (4, 64, 16, 64), (0, 64, 16, 64), (0, 64, 16, 64)),
+        encoder=(
+            (7, 3, 16, 64),
+            (6, 64, 16, 64),
+            (5, 64, 16, 64),
+            (4, 64, 16, 64),
+            (0, 64, 16, 64),
+            (0, 64, 16, 64),
+        ),
         decoder=((0, 128, 16, 64), (4, 128, 16, 64), (5, 128, 16, 64), (6, 128, 16, 64), (7, 128, 16, 64)),
         side_channels=(64, 64, 64, 64, 64, 64),
     ),
@@ -68,7 +88,9 @@ def _torch() -> Any:
     try:
         import torch
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError("The u2net backend needs PyTorch: pip install 'yokai-pipeline[ml]' (torch)") from exc
+        raise ImportError(
+            "The u2net backend needs PyTorch: pip install 'yokai-pipeline[ml]' (torch)"
+        ) from exc
     return torch
 
 
@@ -101,7 +123,7 @@ def _define_modules() -> dict[str, type]:
                 self.bn_s1 = nn.Identity()
 
     class RSU(nn.Module):
-        """Residual U-block of height L (RSU-7 ... RSU-4): a small U-Net whose output is added to its input conv.
+        """Residual U-block of height L (RSU-7 ... RSU-4): a small U-Net added to its input conv.
 
         The encoder has L-1 convs with 2x max-pooling between them and a dilated conv at the
         bottom; the decoder concatenates skip features and upsamples back.
@@ -133,7 +155,7 @@ def _define_modules() -> dict[str, type]:
             return hx + hxin
 
     class RSU4F(nn.Module):
-        """RSU-4F: the RSU-4 shape with dilations 1/2/4/8 instead of pooling (for the low-resolution stages)."""
+        """RSU-4F: the RSU-4 shape with dilations 1/2/4/8 instead of pooling (low-resolution stages)."""
 
         def __init__(self, in_ch: int, mid_ch: int, out_ch: int):
             super().__init__()
@@ -272,7 +294,11 @@ def load_state_dict_strict(model: torch.nn.Module, state: dict[str, torch.Tensor
     wrong_shape = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
     if missing or unexpected or wrong_shape:
         parts = []
-        for name, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong_shape)):
+        for name, keys in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("wrong shapes", wrong_shape),
+        ):
             if keys:
                 parts.append(f"{len(keys)} {name} (e.g. {', '.join(keys[:3])})")
         variant = getattr(model, "variant", "U2Net")
@@ -342,7 +368,7 @@ def load_u2net(
             torch.backends.cudnn.benchmark = True
             model.to(memory_format=torch.channels_last)
         if compile:
-            compiled = torch.compile(model, mode="max-autotune-no-cudagraphs", dynamic=False)
+            compiled = torch.compile(model, dynamic=False)
             compiled.preprocess = model.preprocess
             model = compiled
         _cache[key] = model
@@ -356,7 +382,9 @@ def save_u2net_safetensors(model: torch.nn.Module, path: str | Path) -> Path:
     from yokai_pipeline.fsio import atomic_path
 
     if getattr(model, "bn_fused", False):
-        raise ValueError("cannot save a model whose batch norms were fused; save the model before load_u2net fuses it")
+        raise ValueError(
+            "cannot save a model whose batch norms were fused; save the model before load_u2net fuses it"
+        )
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata={"format": "pt", "arch": getattr(model, "variant", "u2net")})
@@ -367,13 +395,16 @@ def _model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def predict_masks(model: torch.nn.Module, batch: torch.Tensor, *, resize_back: bool = True) -> torch.Tensor:
+def predict_masks(
+    model: torch.nn.Module, batch: torch.Tensor, *, resize_back: bool = True, input_size: int | None = None
+) -> torch.Tensor:
     """Saliency masks for a batch of uint8 images, like the official test script.
 
     Args:
         model: from :func:`load_u2net` or :func:`build_u2net` (eval mode).
         batch: uint8 (or float 0-255) tensor, NHWC ``[N, H, W, 3]`` or NCHW ``[N, 3, H, W]``, any device.
         resize_back: resize the masks to the input's H x W (else keep the model's input size).
+        input_size: override the model's square input size (320); a multiple of 32.
 
     Returns:
         float32 ``[N, H, W]`` masks in [0, 1] on the model's device.
@@ -392,7 +423,8 @@ def predict_masks(model: torch.nn.Module, batch: torch.Tensor, *, resize_back: b
     h, w = batch.shape[-2:]
     with torch.inference_mode():
         x = batch.to(device, non_blocking=True).float()
-        size = (pre.input_size, pre.input_size)
+        side = input_size or pre.input_size
+        size = (side, side)
         if (h, w) != size:
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
         # Official normalisation: divide by the image maximum, then ImageNet mean/std.

@@ -1,0 +1,88 @@
+"""Dataset flow: identity clustering, analysis, selection, augmentation, captions, kohya packaging."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prefect import flow, get_run_logger, unmapped
+
+from flows.gpu import caption_flow, embedding_flow
+from flows.heavy import run_heavy
+from tasks.analysis import analyze_task, select_task
+from tasks.dataset import augment_task, backgrounds_task, package_task, selected_folders, validate_task
+from tasks.identity import cluster_task
+from yokai_pipeline.config import PipelineConfig
+from yokai_pipeline.workspace import Workspace
+
+
+def scalars(figs: dict) -> dict:
+    """The numbers and strings of a stage result (what summary.json keeps)."""
+    return {k: v for k, v in figs.items() if not isinstance(v, dict | list)}
+
+
+def processed_episodes(workspace: str) -> list[str]:
+    """Episode ids that have a layer manifest, sorted."""
+    folder = Workspace(workspace).layered_frames / "manifests"
+    return sorted(p.stem for p in folder.glob("*.jsonl")) if folder.is_dir() else []
+
+
+@flow(name="dataset", persist_result=True)
+def dataset_flow(
+    workspace: str,
+    config: PipelineConfig = PipelineConfig(),  # noqa: B008
+    episode_ids: list[str] | None = None,
+    full_recluster: bool = False,
+) -> dict:
+    """Build the training datasets from the processed episodes of ``workspace``.
+
+    Args:
+        workspace: run workspace folder.
+        config: pipeline configuration.
+        episode_ids: episodes to include (default: every processed episode).
+        full_recluster: re-cluster everything (ids kept stable) instead of assigning new
+            episodes to the existing clusters.
+    """
+    log = get_run_logger()
+    episode_ids = episode_ids or processed_episodes(workspace)
+    stages: dict[str, Any] = {}
+
+    def timed(name: str, fn, *args, **kwargs):
+        t0 = time.perf_counter()
+        out = fn(*args, **kwargs)
+        stages[name] = {**(out if isinstance(out, dict) else {}), "seconds": round(time.perf_counter() - t0, 3)}
+        return out
+
+    params = {"workspace": workspace, "episode_ids": episode_ids, "config": config}
+    timed("embedding", run_heavy, embedding_flow, "embedding", params, config)
+    timed("clustering", cluster_task, workspace, episode_ids, config.clustering, full_recluster)
+    ana = timed("analysis", analyze_task, workspace, config.analysis, config.embedding)
+    stages["analysis"].update({f"tier_{k}": v for k, v in ana["summary"]["by_tier"].items()})
+    stages["analysis"].update({f"type_{k}": v for k, v in ana["summary"]["by_type"].items()})
+    sel = timed("selection", select_task, workspace, config.selection)
+    stages["selection"]["characters"] = len(sel["characters"])
+    if not sel["characters"]:
+        log.warning("no cluster matches the selection; nothing to augment, caption or package")
+        return stages
+
+    chars = selected_folders(workspace)
+    t0 = time.perf_counter()
+    futures = augment_task.map(unmapped(workspace), [c["folder"] for c in chars], unmapped(config.augment), False)
+    aug = [f.result() for f in futures]
+    stages["augmentation"] = {
+        "clusters": len(aug),
+        "augmented_clusters": sum(a["status"] == "augmented" for a in aug),
+        "originals": sum(a["originals"] for a in aug),
+        "total": sum(a["total"] for a in aug),
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    timed("captions", run_heavy, caption_flow, "caption", {"workspace": workspace, "config": config}, config)
+    pkg = timed("packaging", package_task, workspace, config.packaging)
+    report = timed("validation", validate_task, workspace, config.packaging.resolution)
+    if config.backgrounds.enabled:
+        timed("backgrounds", backgrounds_task, workspace, config.backgrounds, config.packaging)
+    if not report.get("passed", False):
+        log.error("training data did not validate; see logs/validation_report.json")
+    stages = {name: scalars(figs) for name, figs in stages.items()}
+    stages["packaging"]["commands"] = pkg.get("commands", [])
+    return stages

@@ -1,0 +1,99 @@
+"""`yokai caption`: write a ``.txt`` caption next to every image (BLIP-2 or offline)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from yokai_pipeline.config import CaptionConfig
+
+console = Console(stderr=True)
+
+
+def caption(
+    directory: Annotated[
+        Path, typer.Argument(help="Folder of cluster folders (augmented_clusters) or of images.")
+    ],
+    model: Annotated[str, typer.Option(help="BLIP-2 hub id or local folder.")] = "Salesforce/blip2-opt-6.7b",
+    device: Annotated[str, typer.Option(help="cuda, cpu or auto.")] = "auto",
+    batch_size: Annotated[int, typer.Option(help="Images per generate() call.")] = 8,
+    backend: Annotated[str, typer.Option(help="blip2 or offline (no weights).")] = "blip2",
+    max_new_tokens: Annotated[int, typer.Option(help="Caption length limit in tokens.")] = 40,
+    selection: Annotated[
+        Path | None, typer.Option(help="selection.json: trigger words, types; only its clusters.")
+    ] = None,
+    cluster_analysis: Annotated[
+        Path | None, typer.Option(help="cluster_analysis.json: the type of each cluster.")
+    ] = None,
+) -> None:
+    """Caption images (guide step 4); images that already have a caption are skipped."""
+    from yokai_pipeline.captioning import caption_clusters
+    from yokai_pipeline.errors import YokaiError
+
+    try:
+        cfg = CaptionConfig(
+            backend=backend,  # type: ignore[arg-type]
+            model=model,
+            device=device,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+        )
+    except ValueError as exc:
+        console.print(f"[red]invalid option:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    bars: dict[str, Any] = {}
+    try:
+        with Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+        ) as prog:
+
+            def sink(name: str, done: int, total: int) -> None:
+                if name not in bars:
+                    bars[name] = prog.add_task(name, total=total)
+                prog.update(bars[name], completed=done, total=total)
+
+            summary = caption_clusters(
+                directory, cfg, analysis=cluster_analysis, selection=selection, progress=sink
+            )
+    except YokaiError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from exc
+    print_summary(summary)
+    if summary["failed"]:
+        raise typer.Exit(1)
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    table = Table(title=f"Captions ({summary['backend']})")
+    for col in ("folder", "trigger", "type", "captioned", "skipped", "failed"):
+        table.add_column(col)
+    for r in summary["results"]:
+        table.add_row(
+            Path(r["folder"]).name,
+            r["trigger"],
+            r["type"],
+            str(r["captioned"]),
+            str(r["skipped"]),
+            str(len(r["failed"])),
+        )
+    console.print(table)
+    console.print(
+        f"{summary['captioned']} captioned, {summary['skipped']} already had captions, "
+        f"{len(summary['failed'])} failed, {summary['fallback']} fallback captions; "
+        f"{summary['seconds']:.1f} s ({summary['images_per_s']:.1f} images/s)"
+    )
+    for f in summary["failed"]:
+        console.print(f"[red]failed[/red] {f['folder']}/{f['name']}: {f['problem']}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("caption")(caption)

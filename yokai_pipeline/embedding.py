@@ -1,0 +1,460 @@
+"""Image embeddings of character layers, for identity clustering.
+
+Two backends behind one interface (:class:`Embedder`, built by :func:`get_embedder`):
+
+* ``offline``: a hand-made descriptor that needs no weights: alpha-masked colour
+  histograms in CIE Lab (whole figure plus three vertical bands, so "red hair over a blue
+  coat" differs from the reverse) and a few shape figures (aspect ratio, alpha coverage,
+  Hu moments, width profile). Every part is invariant to horizontal flips and to scale,
+  because the same character faces both ways and appears near and far.
+* ``clip``: an open_clip image encoder (:mod:`yokai_pipeline.models.clip`). CPU workers
+  decode, composite and resize (open_clip's own transforms) into uint8 tensors in pinned
+  memory; the GPU normalises and encodes them under bf16 autocast while the workers
+  prepare the next batches.
+
+Both return float32 ``[n, d]`` rows with unit L2 norm, so a dot product is a cosine
+similarity. :func:`embed_layers` embeds the character rows of one episode's layer manifest
+into ``embeddings/<episode_id>.npy`` with a sidecar ``.json`` and skips work already done.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from yokai_pipeline.config import EmbeddingConfig
+from yokai_pipeline.errors import BadInputError
+from yokai_pipeline.fsio import atomic_path, atomic_write_json, read_json, read_jsonl, stable_hash
+from yokai_pipeline.workspace import Workspace
+
+ImageLike = Any  # PIL.Image.Image | str | os.PathLike
+Errors = list[tuple[int, str]]
+
+#: Background that RGBA layers are composited on before CLIP sees them: mid grey carries no
+#: colour of its own and is the CLIP training mean's neighbour, so it biases embeddings least.
+NEUTRAL_GREY = (128, 128, 128)
+SIDECAR_VERSION = 1
+
+
+# --------------------------------------------------------------------------- per image
+
+
+def open_image(item: ImageLike) -> Any:
+    """Return a loaded PIL image for a path or a PIL image.
+
+    Raises:
+        BadInputError: the file is missing or not a decodable image.
+    """
+    from PIL import Image
+
+    if isinstance(item, Image.Image):
+        return item
+    try:
+        with Image.open(item) as im:
+            im.load()
+            return im
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise BadInputError(item, f"cannot read image ({exc.__class__.__name__}: {exc})") from exc
+
+
+def to_rgba_array(image: Any) -> np.ndarray:
+    """PIL image (any mode) -> ``HxWx4`` uint8; images without alpha count as fully opaque."""
+    if image.mode != "RGBA":
+        image = image.convert("RGBA")
+    return np.asarray(image, dtype=np.uint8)
+
+
+def composite_on_background(image: Any, color: tuple[int, int, int] = NEUTRAL_GREY) -> Any:
+    """Alpha-composite an image over a flat colour; returns an RGB PIL image."""
+    from PIL import Image
+
+    if image.mode not in ("RGBA", "LA", "PA") and not (image.mode == "P" and "transparency" in image.info):
+        return image.convert("RGB")
+    rgba = image.convert("RGBA")
+    base = Image.new("RGBA", rgba.size, (*color, 255))
+    return Image.alpha_composite(base, rgba).convert("RGB")
+
+
+# Offline descriptor layout; the weights balance the blocks' contribution to cosine similarity.
+_LAB_BINS = (6, 12, 12)
+_BAND_BINS = (3, 6, 6)
+_N_BANDS = 3
+_PROFILE_BINS = 8
+_W_COLOUR, _W_BANDS, _W_SHAPE = 1.0, 1.0, 0.2
+_WORK_SIDE = 128
+_DARK_L = 40  # OpenCV 8-bit Lab lightness below which a pixel is outline / line art
+OFFLINE_DIM = int(np.prod(_LAB_BINS)) + _N_BANDS * int(np.prod(_BAND_BINS)) + 2 + _PROFILE_BINS
+
+
+def describe_layer(rgba: np.ndarray) -> np.ndarray:
+    """Offline descriptor of one RGBA character layer (unit L2 norm, float32).
+
+    Colour is what tells flat-shaded characters apart; it is measured on the fill colours
+    only: outlines and their anti-aliased fringe are left out because their share grows as
+    a character gets smaller, which would make the same character look different by scale.
+
+    Args:
+        rgba: ``HxWx4`` uint8 array; pixels with alpha < 128 are background.
+
+    Returns:
+        A vector of length :data:`OFFLINE_DIM`.
+
+    Raises:
+        ValueError: the layer has no opaque pixels.
+    """
+    import cv2
+
+    alpha = rgba[..., 3]
+    ys, xs = np.nonzero(alpha >= 128)
+    if ys.size == 0:
+        raise ValueError("layer has no opaque pixels")
+    # Crop to the figure and bring it to one working size: scale invariance and a bounded cost.
+    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    crop = rgba[y0:y1, x0:x1]
+    h, w = crop.shape[:2]
+    f = _WORK_SIDE / max(h, w)
+    size = (max(1, round(w * f)), max(1, round(h * f)))
+    crop = cv2.resize(crop, size, interpolation=cv2.INTER_AREA if f < 1 else cv2.INTER_LINEAR)
+    mask = (crop[..., 3] >= 128).astype(np.uint8)
+    lab = cv2.cvtColor(np.ascontiguousarray(crop[..., :3]), cv2.COLOR_RGB2LAB)
+    kernel = np.ones((3, 3), np.uint8)
+    line = cv2.dilate((lab[..., 0] < _DARK_L).astype(np.uint8), kernel)
+    fill = cv2.erode(mask, kernel) & (1 - line)
+    if fill.sum() < 0.05 * mask.sum():  # a dark or tiny figure: use every opaque pixel
+        fill = mask
+
+    def hist(region: np.ndarray, region_mask: np.ndarray, bins: tuple[int, int, int]) -> np.ndarray:
+        if region.size == 0:
+            return np.zeros(int(np.prod(bins)), dtype=np.float32)
+        counts = cv2.calcHist([region], [0, 1, 2], region_mask, list(bins), [0, 256, 0, 256, 0, 256])
+        # Soft binning: a fill colour sitting on a bin edge must not flip bins with compression noise.
+        counts = cv2.GaussianBlur(counts.reshape(bins[0], -1), (3, 3), 0.7).ravel()
+        total = counts.sum()
+        # Hellinger (sqrt of frequencies): cosine on it is robust to a few dominant colours.
+        return np.sqrt(counts / total) if total > 0 else counts
+
+    colour = hist(lab, fill, _LAB_BINS)
+    ch = crop.shape[0]
+    edges = np.linspace(0, ch, _N_BANDS + 1).round().astype(int)
+    bands = [hist(lab[a:b], fill[a:b], _BAND_BINS) for a, b in zip(edges[:-1], edges[1:], strict=True)]
+    bands_vec = np.concatenate(bands) / math.sqrt(_N_BANDS)
+
+    # Shape: weak on its own (poses change it) but separates same-palette characters.
+    aspect = math.log(h / w)  # from the full-resolution box: resizing rounds small crops
+    coverage = float(mask.mean())
+    profile = mask.mean(axis=1)  # figure width per row: flip-invariant silhouette summary
+    idx = np.linspace(0, mask.shape[0], _PROFILE_BINS + 1).round().astype(int)
+    profile = np.array([profile[a:b].mean() if b > a else 0.0 for a, b in zip(idx[:-1], idx[1:], strict=True)])
+    shape = np.concatenate([[aspect, coverage], profile])
+    shape = shape / (np.linalg.norm(shape) + 1e-12)
+
+    vec = np.concatenate([_W_COLOUR * colour, _W_BANDS * bands_vec, _W_SHAPE * shape]).astype(np.float32)
+    return vec / (np.linalg.norm(vec) + 1e-12)
+
+
+# --------------------------------------------------------------------------- backends
+
+
+class Embedder(Protocol):
+    """Turns images into unit-norm float32 rows."""
+
+    backend: str
+    model: str | None
+    dim: int
+
+    def embed(self, images: Iterable[ImageLike], errors: Errors | None = None) -> np.ndarray:
+        """Embed images (PIL images or paths) in order.
+
+        Args:
+            images: PIL images or image paths.
+            errors: if None, the first unreadable image raises :class:`BadInputError`.
+                If a list, an unreadable image gets a zero row and ``(index, message)`` is
+                appended, so one bad file never loses the rest of the batch.
+
+        Returns:
+            float32 array ``[n, dim]``; each row has unit L2 norm (zero for failed images).
+        """
+        ...
+
+
+def _l2_normalise(x: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return (x / np.where(norms > 0, norms, 1.0)).astype(np.float32)
+
+
+class OfflineEmbedder:
+    """Weight-free colour + shape descriptor (see :func:`describe_layer`)."""
+
+    backend = "offline"
+    model = None
+    dim = OFFLINE_DIM
+
+    def __init__(self, num_workers: int = 2):
+        self.num_workers = num_workers
+
+    def embed(self, images: Iterable[ImageLike], errors: Errors | None = None) -> np.ndarray:
+        items = list(images)
+        out = np.zeros((len(items), self.dim), dtype=np.float32)
+        if not items:
+            return out
+
+        def work(i: int) -> tuple[int, np.ndarray | None, str | None]:
+            item = items[i]
+            try:
+                return i, describe_layer(to_rgba_array(open_image(item))), None
+            except (BadInputError, ValueError) as exc:
+                if errors is None:
+                    raise BadInputError(_name_of(item, i), str(exc)) if isinstance(exc, ValueError) else exc
+                return i, None, f"{_name_of(item, i)}: {exc}"
+
+        # OpenCV and PNG decoding release the GIL, so threads overlap them.
+        workers = max(1, min(self.num_workers, len(items)))
+        with ThreadPoolExecutor(workers) if workers > 1 else _Inline() as pool:
+            for i, vec, err in pool.map(work, range(len(items))):
+                if vec is not None:
+                    out[i] = vec
+                elif errors is not None:
+                    errors.append((i, err or "failed"))
+        return out
+
+
+class _Inline:
+    """A stand-in executor that maps in the calling thread."""
+
+    def __enter__(self) -> _Inline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def map(self, fn: Callable[[int], Any], it: Iterable[int]) -> Iterable[Any]:
+        return map(fn, it)
+
+
+def _name_of(item: ImageLike, i: int) -> str:
+    return str(item) if isinstance(item, str | os.PathLike) else f"<image #{i}>"
+
+
+class _ClipDataset:
+    """Decode + composite + open_clip resize/crop per item, as uint8 CHW tensors (CPU workers)."""
+
+    def __init__(self, items: Sequence[ImageLike], pil_transform: Any, size: tuple[int, int]):
+        self.items = items
+        self.pil_transform = pil_transform
+        self.size = size
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[Any, int, str]:
+        import torch
+
+        item = self.items[i]
+        try:
+            image = composite_on_background(open_image(item))
+            image = self.pil_transform(image)
+            arr = np.asarray(image, dtype=np.uint8)
+            if arr.ndim != 3 or arr.shape[:2] != self.size:
+                raise ValueError(f"preprocessed to {arr.shape}, expected {self.size}")
+            return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))), i, ""
+        except (BadInputError, OSError, ValueError) as exc:
+            return torch.zeros((3, *self.size), dtype=torch.uint8), i, f"{_name_of(item, i)}: {exc}"
+
+
+class ClipEmbedder:
+    """open_clip image encoder with decoding overlapped with inference."""
+
+    backend = "clip"
+
+    def __init__(self, cfg: EmbeddingConfig):
+        from yokai_pipeline.models.clip import load_clip
+
+        self.cfg = cfg
+        self.bundle = load_clip(cfg.model, cfg.pretrained, cfg.device)
+        self.model = cfg.model
+        self.dim = self.bundle.dim
+
+    def embed(self, images: Iterable[ImageLike], errors: Errors | None = None) -> np.ndarray:
+        import torch
+        from torch.utils.data import DataLoader
+
+        items = list(images)
+        if not items:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        b = self.bundle
+        on_cuda = b.device.startswith("cuda")
+        n_batches = math.ceil(len(items) / self.cfg.batch_size)
+        workers = min(self.cfg.num_workers, n_batches)
+        loader = DataLoader(
+            _ClipDataset(items, b.pil_transform, b.image_size),
+            batch_size=self.cfg.batch_size,
+            shuffle=False,
+            num_workers=workers,
+            pin_memory=on_cuda,
+            prefetch_factor=4 if workers else None,
+            persistent_workers=False,
+        )
+        mean = torch.tensor(b.mean, device=b.device).view(1, 3, 1, 1)
+        std = torch.tensor(b.std, device=b.device).view(1, 3, 1, 1)
+        chunks, failed = [], []
+        with torch.inference_mode():
+            for pixels, index, err in loader:
+                bad = [(int(i), e) for i, e in zip(index, err, strict=True) if e]
+                if bad:
+                    if errors is None:
+                        path, _, problem = bad[0][1].partition(": ")
+                        raise BadInputError(path, problem)
+                    failed.extend(bad)
+                # uint8 over the bus (4x less than float) and normalisation on the device.
+                x = pixels.to(b.device, non_blocking=True).float().div_(255).sub_(mean).div_(std)
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda):
+                    feats = b.model.encode_image(x)
+                # Kept on the device: a .cpu() per batch would stall the pipeline.
+                chunks.append(torch.nn.functional.normalize(feats.float(), dim=-1))
+            out = torch.cat(chunks).cpu().numpy().astype(np.float32, copy=False)
+        for i, e in failed:
+            out[i] = 0.0
+            errors.append((i, e))  # type: ignore[union-attr]
+        return out
+
+
+def get_embedder(cfg: EmbeddingConfig) -> Embedder:
+    """Build the embedder that ``cfg.backend`` names (the clip model is memoised per process)."""
+    if cfg.backend == "offline":
+        return OfflineEmbedder(num_workers=cfg.num_workers)
+    if cfg.backend == "clip":
+        return ClipEmbedder(cfg)
+    raise ValueError(f"unknown embedding backend {cfg.backend!r}")  # pragma: no cover - pydantic rejects it
+
+
+def embed_images(images: Iterable[ImageLike], cfg: EmbeddingConfig) -> np.ndarray:
+    """Embed images with the backend ``cfg`` selects; see :meth:`Embedder.embed`."""
+    return get_embedder(cfg).embed(images)
+
+
+# --------------------------------------------------------------------------- stage
+
+
+def sidecar_path(workspace: Workspace, episode_id: str) -> Path:
+    """The ``.json`` written next to an episode's ``.npy`` embeddings."""
+    return workspace.embeddings_path(episode_id).with_suffix(".json")
+
+
+def embedding_signature(cfg: EmbeddingConfig) -> dict[str, Any]:
+    """The settings that change embedding values (device, batch size and workers do not)."""
+    sig: dict[str, Any] = {"backend": cfg.backend, "version": SIDECAR_VERSION}
+    if cfg.backend == "clip":
+        sig.update(model=cfg.model, pretrained=cfg.pretrained)
+    else:
+        sig.update(model=None, descriptor_dim=OFFLINE_DIM)
+    return sig
+
+
+def character_rows(workspace: Workspace, episode_id: str) -> list[dict[str, Any]]:
+    """The character rows of an episode's layer manifest, in manifest order.
+
+    Raises:
+        BadInputError: the manifest is missing or unreadable.
+    """
+    manifest = workspace.layers_manifest(episode_id)
+    if not manifest.is_file():
+        raise BadInputError(manifest, "layer manifest not found; run layering for this episode first")
+    return [r for r in read_jsonl(manifest) if r.get("kind", "character") == "character"]
+
+
+def embed_layers(workspace: Workspace, episode_id: str, cfg: EmbeddingConfig) -> dict[str, Any]:
+    """Embed one episode's character layers into ``embeddings/<episode_id>.npy``.
+
+    Row ``i`` of the array is the ``i``-th character row of the layer manifest. A sidecar
+    ``embeddings/<episode_id>.json`` records the layer ids, backend, model, dimension and a
+    config hash; when it matches the current manifest and config the episode is skipped.
+    Layers that cannot be read get a zero row and are listed under ``failed``.
+
+    Args:
+        workspace: the run workspace.
+        episode_id: the episode (file stem through ``safe_name``).
+        cfg: embedding settings.
+
+    Returns:
+        Stats: ``n``, ``dim``, ``seconds``, ``images_per_s``, ``cached``, ``failed``.
+    """
+    rows = character_rows(workspace, episode_id)
+    layer_ids = [r["layer_id"] for r in rows]
+    npy, side = workspace.embeddings_path(episode_id), sidecar_path(workspace, episode_id)
+    sig = embedding_signature(cfg)
+    config_hash = stable_hash({"signature": sig, "layer_ids": layer_ids})
+    if side.is_file() and npy.is_file():
+        try:
+            meta = read_json(side)
+        except ValueError:
+            meta = {}
+        if meta.get("config_hash") == config_hash:
+            return {
+                "episode_id": episode_id,
+                "n": len(layer_ids),
+                "dim": meta.get("dim"),
+                "seconds": 0.0,
+                "images_per_s": 0.0,
+                "cached": True,
+                "failed": meta.get("failed", []),
+            }
+
+    embedder = get_embedder(cfg)
+    errors: Errors = []
+    t0 = time.perf_counter()
+    vectors = embedder.embed([workspace.abs(r["path"]) for r in rows], errors=errors)
+    seconds = time.perf_counter() - t0
+    with atomic_path(npy) as tmp:
+        with open(tmp, "wb") as fh:
+            np.save(fh, vectors.astype(np.float32, copy=False))
+    failed = [{"layer_id": layer_ids[i], "error": e} for i, e in sorted(errors)]
+    # Sidecar last: its hash is what marks the .npy as complete.
+    atomic_write_json(
+        side,
+        {
+            "version": SIDECAR_VERSION,
+            "episode_id": episode_id,
+            "layer_ids": layer_ids,
+            "backend": embedder.backend,
+            "model": embedder.model,
+            "pretrained": cfg.pretrained if cfg.backend == "clip" else None,
+            "dim": int(vectors.shape[1]),
+            "config_hash": config_hash,
+            "failed": failed,
+        },
+    )
+    return {
+        "episode_id": episode_id,
+        "n": len(layer_ids),
+        "dim": int(vectors.shape[1]),
+        "seconds": round(seconds, 3),
+        "images_per_s": round(len(layer_ids) / seconds, 1) if seconds > 0 and layer_ids else 0.0,
+        "cached": False,
+        "failed": failed,
+    }
+
+
+def load_embeddings(workspace: Workspace, episode_id: str) -> tuple[np.ndarray, dict[str, Any]]:
+    """Read an episode's embeddings and sidecar, checking they agree.
+
+    Raises:
+        BadInputError: either file is missing or they disagree in row count.
+    """
+    npy, side = workspace.embeddings_path(episode_id), sidecar_path(workspace, episode_id)
+    if not npy.is_file() or not side.is_file():
+        raise BadInputError(npy, "embeddings not found; run the embedding stage for this episode first")
+    try:
+        vectors = np.load(npy, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise BadInputError(npy, f"unreadable embeddings ({exc})") from exc
+    meta = read_json(side)
+    if vectors.ndim != 2 or vectors.shape[0] != len(meta.get("layer_ids", [])):
+        raise BadInputError(npy, f"has shape {vectors.shape} but its sidecar lists {len(meta.get('layer_ids', []))} layers")
+    return vectors.astype(np.float32, copy=False), meta
