@@ -32,7 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from yokai_pipeline import training  # noqa: E402
 
 
-def write_dataset(root: Path, *, n_images: int, resolution: int, batch: int, repeats: int, args: dict) -> Path:
+def write_dataset(
+    root: Path, *, n_images: int, resolution: int, batch: int, repeats: int, args: dict
+) -> Path:
     img_dir = root / "data" / f"{repeats}_char000"
     img_dir.mkdir(parents=True)
     rng = np.random.default_rng(0)
@@ -45,8 +47,13 @@ def write_dataset(root: Path, *, n_images: int, resolution: int, batch: int, rep
         (img_dir / f"img_{i:03d}.txt").write_text(f"char000, pose {i}, red hat, smiling\n", encoding="utf-8")
     ds = {
         "general": {"caption_extension": ".txt", "shuffle_caption": True, "keep_tokens": 1},
-        "datasets": [{"resolution": resolution, "batch_size": batch,
-                      "subsets": [{"image_dir": str(img_dir), "num_repeats": repeats, "alpha_mask": True}]}],
+        "datasets": [
+            {
+                "resolution": resolution,
+                "batch_size": batch,
+                "subsets": [{"image_dir": str(img_dir), "num_repeats": repeats, "alpha_mask": True}],
+            }
+        ],
     }
     (root / "dataset.toml").write_bytes(tomli_w.dumps(ds).encode())
     cfg = {
@@ -98,8 +105,17 @@ def sd15_sized_model() -> training.BaseModel:
         sample_size=512,
     )
     text_encoder = CLIPTextModel(
-        CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
-                       vocab_size=49408, max_position_embeddings=77, bos_token_id=512, eos_token_id=513, pad_token_id=513)
+        CLIPTextConfig(
+            hidden_size=768,
+            intermediate_size=3072,
+            num_attention_heads=12,
+            num_hidden_layers=12,
+            vocab_size=49408,
+            max_position_embeddings=77,
+            bos_token_id=512,
+            eos_token_id=513,
+            pad_token_id=513,
+        )
     )
     with tempfile.TemporaryDirectory() as tmp:
         tiny = training.build_tiny_sd_model(Path(tmp) / "tok")
@@ -108,7 +124,9 @@ def sd15_sized_model() -> training.BaseModel:
         tokenizer = CLIPTokenizer.from_pretrained(str(tiny), subfolder="tokenizer")
     n_params = sum(p.numel() for p in unet.parameters())
     print(f"UNet parameters: {n_params / 1e6:.1f} M", file=sys.stderr)
-    return training.BaseModel(tokenizer, text_encoder, vae, unet, training.kohya_noise_scheduler(), "random-sd15-sized")
+    return training.BaseModel(
+        tokenizer, text_encoder, vae, unet, training.kohya_noise_scheduler(), "random-sd15-sized"
+    )
 
 
 def main() -> None:
@@ -137,10 +155,21 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         cfg = write_dataset(
-            root, n_images=8, resolution=resolution, batch=batch, repeats=max(1, (steps + warmup) * batch // 8 + 1),
-            args={"gradient_checkpointing": not ns.no_gradient_checkpointing, "cache_latents": ns.cache_latents},
+            root,
+            n_images=8,
+            resolution=resolution,
+            batch=batch,
+            repeats=max(1, (steps + warmup) * batch // 8 + 1),
+            args={
+                "gradient_checkpointing": not ns.no_gradient_checkpointing,
+                "cache_latents": ns.cache_latents,
+            },
         )
-        model = sd15_sized_model() if cuda else training.load_base_model(training.build_tiny_sd_model(root / "tiny"))
+        model = (
+            sd15_sized_model()
+            if cuda
+            else training.load_base_model(training.build_tiny_sd_model(root / "tiny"))
+        )
         stamps: dict[int, float] = {}
 
         def on_progress(p: dict) -> None:
@@ -151,13 +180,19 @@ def main() -> None:
 
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        result = training.train_lora_with_model(cfg, model, max_steps=warmup + steps, device=device, on_progress=on_progress)
-        timed = stamps[warmup + steps] - stamps[warmup] if warmup > 0 else stamps[steps] - min(stamps.values())
+        result = training.train_lora_with_model(
+            cfg, model, max_steps=warmup + steps, device=device, on_progress=on_progress
+        )
+        timed = (
+            stamps[warmup + steps] - stamps[warmup] if warmup > 0 else stamps[steps] - min(stamps.values())
+        )
         n = steps if warmup > 0 else steps - 1
         out = {
             "bench": "builtin_lora_training",
             "device": torch.cuda.get_device_name(0) if cuda else f"cpu ({torch.get_num_threads()} threads)",
-            "model": "SD-1.5-sized random UNet/VAE/CLIP-L" if cuda else "tiny random SD (build_tiny_sd_model)",
+            "model": "SD-1.5-sized random UNet/VAE/CLIP-L"
+            if cuda
+            else "tiny random SD (build_tiny_sd_model)",
             "resolution": resolution,
             "batch": batch,
             "mixed_precision": "bf16" if cuda else "fp32",

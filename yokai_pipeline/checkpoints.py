@@ -102,9 +102,15 @@ def read_sample_prompts(path: str | Path) -> list[dict[str, Any]]:
     for item in items if isinstance(items, list) else []:
         if isinstance(item, dict) and item.get("prompt"):
             p = {"prompt": str(item["prompt"])}
-            for src, dst in (("negative_prompt", "negative_prompt"), ("width", "width"), ("height", "height"),
-                             ("seed", "seed"), ("scale", "guidance_scale"), ("sample_steps", "steps"),
-                             ("sample_sampler", "sampler")):
+            for src, dst in (
+                ("negative_prompt", "negative_prompt"),
+                ("width", "width"),
+                ("height", "height"),
+                ("seed", "seed"),
+                ("scale", "guidance_scale"),
+                ("sample_steps", "steps"),
+                ("sample_sampler", "sampler"),
+            ):
                 if item.get(src) is not None:
                     p[dst] = item[src]
             prompts.append(p)
@@ -137,7 +143,9 @@ def list_checkpoints(output_dir: str | Path, output_name: str) -> list[tuple[int
     return sorted(found.items())
 
 
-def read_validation_curve(output_dir: str | Path, logging_dir: str | Path | None = None) -> list[dict[str, Any]]:
+def read_validation_curve(
+    output_dir: str | Path, logging_dir: str | Path | None = None
+) -> list[dict[str, Any]]:
     """Per-epoch validation loss: the built-in trainer's JSON, else kohya's tensorboard scalars.
 
     Returns:
@@ -168,7 +176,9 @@ def read_validation_curve(output_dir: str | Path, logging_dir: str | Path | None
     return [{"epoch": e, "val_loss": v} for e, v in sorted(curve.items())]
 
 
-def loss_polyline(curve: list[dict[str, Any]], width: int = 360, height: int = 160, pad: int = 24) -> dict[str, Any]:
+def loss_polyline(
+    curve: list[dict[str, Any]], width: int = 360, height: int = 160, pad: int = 24
+) -> dict[str, Any]:
     """SVG coordinates of the loss curve (points string and one dot per epoch)."""
     if not curve:
         return {"points": "", "dots": [], "width": width, "height": height}
@@ -201,7 +211,9 @@ def load_sampling_pipeline(base_model: str, device: str = "auto") -> Any:
         import torch
         from diffusers import StableDiffusionPipeline
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError("checkpoint evidence needs diffusers and peft: pip install 'diffusers>=0.42' 'peft>=0.21'") from exc
+        raise ImportError(
+            "checkpoint evidence needs diffusers and peft: pip install 'diffusers>=0.42' 'peft>=0.21'"
+        ) from exc
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     key = (base_model, dev)
     with _pipe_lock:
@@ -270,7 +282,9 @@ class _LoraApplied:
         from safetensors.torch import load_file
 
         try:
-            self.pipe.load_lora_weights(str(self.path.parent), weight_name=self.path.name, adapter_name="evidence")
+            self.pipe.load_lora_weights(
+                str(self.path.parent), weight_name=self.path.name, adapter_name="evidence"
+            )
         except ValueError as exc:
             # diffusers loads text-encoder LoRAs through transformers, whose peft floor may be newer than
             # the installed peft: load the UNet part through diffusers and merge the text-encoder part.
@@ -329,7 +343,9 @@ def render_checkpoint_evidence(
     if not ckpts:
         raise BadInputError(output_dir, f"no {name}*.safetensors checkpoints to sample")
     logging_dir = args.get("logging_dir")
-    curve = read_validation_curve(output_dir, resolve_config_path(logging_dir, config_file) if logging_dir else None)
+    curve = read_validation_curve(
+        output_dir, resolve_config_path(logging_dir, config_file) if logging_dir else None
+    )
     best = min(curve, key=lambda c: c["val_loss"])["epoch"] if curve else None
     base = base_model_override or args.get("pretrained_model_name_or_path")
     if not base:
@@ -366,7 +382,9 @@ def render_checkpoint_evidence(
                     on_image({"epoch": epoch, "prompt_index": pi, "path": str(dest)})
         pipe.scheduler = base_scheduler
         val = next((c["val_loss"] for c in curve if c["epoch"] == epoch), None)
-        rows.append({"epoch": epoch, "checkpoint": path.name, "val_loss": val, "best": epoch == best, "cells": cells})
+        rows.append(
+            {"epoch": epoch, "checkpoint": path.name, "val_loss": val, "best": epoch == best, "cells": cells}
+        )
 
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(Path(__file__).parent / "templates")),

@@ -102,6 +102,35 @@ def hamming(a: str, b: str) -> int:
     return (int(a, 16) ^ int(b, 16)).bit_count()
 
 
+class HashIndex:
+    """64-bit hashes with a vectorised "any within ``max_distance`` bits?" query.
+
+    A series of 50 episodes has tens of thousands of reference frames; a numpy popcount over
+    all of them costs microseconds per query where a Python loop costs milliseconds.
+    """
+
+    def __init__(self, hashes: Sequence[str] = ()):
+        self._buf = np.zeros(max(16, len(hashes)), np.uint64)
+        self._n = 0
+        for h in hashes:
+            self.add(h)
+
+    def __len__(self) -> int:
+        return self._n
+
+    def add(self, h: str) -> None:
+        if self._n == len(self._buf):
+            self._buf = np.concatenate([self._buf, np.zeros_like(self._buf)])
+        self._buf[self._n] = np.uint64(int(h, 16) & 0xFFFFFFFFFFFFFFFF)
+        self._n += 1
+
+    def near(self, h: str, max_distance: int) -> bool:
+        if not self._n:
+            return False
+        x = np.uint64(int(h, 16) & 0xFFFFFFFFFFFFFFFF)
+        return bool((np.bitwise_count(self._buf[: self._n] ^ x) <= max_distance).any())
+
+
 # --------------------------------------------------------------------------------------
 # Bounded per-shot candidate buffer
 
@@ -281,7 +310,8 @@ def _scan(
     total = max(total, 0)
     max_bins = max(6, 3 * cfg.frames_per_shot)
     kept_rows: list[dict[str, Any]] = []
-    kept_hashes: list[str] = []
+    kept_hashes = HashIndex()
+    reference_index = HashIndex(references)
     counters = {"candidates": 0, "dropped_within": 0, "dropped_cross": 0}
     shot_starts: list[int] = []
     size: tuple[int, int] | None = None
@@ -292,13 +322,13 @@ def _scan(
         for cand in shot.pick(cfg.frames_per_shot):
             counters["candidates"] += 1
             h = perceptual_hash(cand.frame)
-            if any(hamming(h, r) <= cfg.dedup_hamming for r in references):
+            if reference_index.near(h, cfg.dedup_hamming):
                 counters["dropped_cross"] += 1
                 continue
-            if any(hamming(h, r) <= cfg.dedup_hamming for r in kept_hashes):
+            if kept_hashes.near(h, cfg.dedup_hamming):
                 counters["dropped_within"] += 1
                 continue
-            kept_hashes.append(h)
+            kept_hashes.add(h)
             row, frame = _frame_row(workspace, video, episode_id, frames_dir, cand, shot_id, h, cfg.max_side)
             kept_rows.append(row)
             pending.append(writer.submit(fsio.save_image, workspace.abs(row["path"]), frame))
@@ -360,7 +390,9 @@ def _scan(
                 finalise(closed)
                 closed = None
             prev_hist = hist
-            current.offer(_Candidate(idx, ts, sharpness(analysis_image(base, _SHARPNESS_WIDTH)), frame), max_bins)
+            current.offer(
+                _Candidate(idx, ts, sharpness(analysis_image(base, _SHARPNESS_WIDTH)), frame), max_bins
+            )
             if progress is not None and decoded % _PROGRESS_EVERY == 0:
                 progress(decoded, max(total, decoded))
         if decoded == 0:

@@ -107,8 +107,11 @@ def resolve_sd_python(python: str | Path | None, sd_scripts: Path) -> Path:
                 "requirements are installed."
             )
         return path
-    for cand in (sd_scripts / "venv" / "bin" / "python", sd_scripts / ".venv" / "bin" / "python",
-                 sd_scripts / "venv" / "Scripts" / "python.exe"):
+    for cand in (
+        sd_scripts / "venv" / "bin" / "python",
+        sd_scripts / ".venv" / "bin" / "python",
+        sd_scripts / "venv" / "Scripts" / "python.exe",
+    ):
         if cand.is_file():
             return cand
     raise ConfigError(
@@ -180,7 +183,9 @@ def build_kohya_command(
 
 
 def _final_checkpoint(output_dir: Path, output_name: str, args: dict[str, Any]) -> Path | None:
-    ext = {"ckpt": ".ckpt", "pt": ".pt", "safetensors": ".safetensors"}.get(str(args.get("save_model_as", "safetensors")), ".safetensors")
+    ext = {"ckpt": ".ckpt", "pt": ".pt", "safetensors": ".safetensors"}.get(
+        str(args.get("save_model_as", "safetensors")), ".safetensors"
+    )
     final = output_dir / f"{output_name}{ext}"
     if final.is_file():
         return final
@@ -218,7 +223,8 @@ def launch_kohya(
         tail_lines: output lines kept for the error message.
 
     Returns:
-        ``{status: finished|skipped, checkpoint, returncode, command, step, epoch, loss, seconds, resumed_from}``.
+        ``{status: finished|skipped, checkpoint, returncode, command, step, epoch, loss, seconds,
+        resumed_from}``.
 
     Raises:
         ConfigError: sd-scripts or its python is not configured (the message says what to set).
@@ -238,8 +244,14 @@ def launch_kohya(
         launcher = "accelerate" if _can_import_accelerate(py) else "python"
     resume = find_resume_state(output_dir, output_name) if output_dir is not None else None
     cmd = build_kohya_command(
-        py, sd, config_file, launcher=launcher, base_model=base_model, resume=resume,
-        accelerate_args=accelerate_args, extra_args=extra_args,
+        py,
+        sd,
+        config_file,
+        launcher=launcher,
+        base_model=base_model,
+        resume=resume,
+        accelerate_args=accelerate_args,
+        extra_args=extra_args,
     )
     run_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
     if on_line:
@@ -265,7 +277,12 @@ def launch_kohya(
                 on_line(segment)
 
     proc = subprocess.Popen(  # noqa: S603 - argument list, no shell
-        cmd, cwd=str(sd), env=run_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        cmd,
+        cwd=str(sd),
+        env=run_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
     )
     try:
         assert proc.stdout is not None
@@ -309,12 +326,18 @@ def launch_kohya(
         )
     checkpoint = _final_checkpoint(output_dir, output_name, args) if output_dir is not None else None
     if checkpoint is None:
-        raise TrainingError(f"{config_file}: {TRAIN_SCRIPT} exited 0 but wrote no {output_name} checkpoint in {output_dir}")
+        raise TrainingError(
+            f"{config_file}: {TRAIN_SCRIPT} exited 0 but wrote no {output_name} checkpoint in {output_dir}"
+        )
     result.update(status="finished", checkpoint=str(checkpoint))
     assert output_dir is not None
     write_finished_marker(
         output_dir,
-        {"checkpoint": str(checkpoint), "backend": "kohya", "global_step": state.get("step"), "best_epoch": None},
+        {
+            "checkpoint": str(checkpoint),
+            "backend": "kohya",
+            "global_step": state.get("step"),
+            "best_epoch": None,
+        },
     )
     return result
-

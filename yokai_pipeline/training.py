@@ -234,7 +234,9 @@ def read_dataset_config(args: dict[str, Any], config_file: str | Path) -> list[D
         if not args.get("train_data_dir"):
             raise BadInputError(config_file, "neither dataset_config nor train_data_dir is set")
         general = {}
-        datasets_cfg = [{"subsets": _subsets_from_folders(resolve_config_path(args["train_data_dir"], config_file))}]
+        datasets_cfg = [
+            {"subsets": _subsets_from_folders(resolve_config_path(args["train_data_dir"], config_file))}
+        ]
         source = config_file
 
     specs = []
@@ -295,7 +297,9 @@ def glob_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
-def split_train_val(paths: list[Path], validation_split: float, seed: int | None, *, training: bool) -> list[Path]:
+def split_train_val(
+    paths: list[Path], validation_split: float, seed: int | None, *, training: bool
+) -> list[Path]:
     """kohya's split_train_val: shuffle with ``random.seed(seed)``, train = first ceil((1-s)n)."""
     items = list(paths)
     random.Random(seed).shuffle(items)
@@ -334,7 +338,9 @@ def make_bucket_resolutions(
     return sorted(resos)  # type: ignore[arg-type]
 
 
-def select_bucket(size: tuple[int, int], buckets: list[tuple[int, int]]) -> tuple[tuple[int, int], tuple[int, int]]:
+def select_bucket(
+    size: tuple[int, int], buckets: list[tuple[int, int]]
+) -> tuple[tuple[int, int], tuple[int, int]]:
     """Bucket with the nearest aspect ratio and the size the image is resized to before its centre crop."""
     w, h = size
     ar = w / h
@@ -360,7 +366,10 @@ def list_dataset_images(specs: list[DatasetSpec]) -> list[DatasetSpec]:
             if p["bucket_no_upscale"]:
                 log.warning("bucket_no_upscale is approximated by upscaling buckets in the built-in trainer")
             buckets = make_bucket_resolutions(
-                spec.resolution, int(p["min_bucket_reso"]), int(p["max_bucket_reso"]), int(p["bucket_reso_steps"])
+                spec.resolution,
+                int(p["min_bucket_reso"]),
+                int(p["max_bucket_reso"]),
+                int(p["bucket_reso_steps"]),
             )
         else:
             buckets = [spec.resolution]
@@ -523,7 +532,11 @@ def load_training_image(
     arr = np.asarray(rgb.crop(box), dtype=np.float32) / 127.5 - 1.0
     mask = None
     if alpha_mask:
-        mask = np.asarray(mask_img.crop(box), dtype=np.float32) / 255.0 if mask_img is not None else np.ones(arr.shape[:2], np.float32)
+        mask = (
+            np.asarray(mask_img.crop(box), dtype=np.float32) / 255.0
+            if mask_img is not None
+            else np.ones(arr.shape[:2], np.float32)
+        )
     if flip:
         arr = arr[:, ::-1]
         mask = mask[:, ::-1] if mask is not None else None
@@ -553,7 +566,9 @@ def _require_diffusers() -> None:
         import diffusers  # noqa: F401
         import peft  # noqa: F401
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError("the built-in trainer needs diffusers and peft: pip install 'diffusers>=0.42' 'peft>=0.21'") from exc
+        raise ImportError(
+            "the built-in trainer needs diffusers and peft: pip install 'diffusers>=0.42' 'peft>=0.21'"
+        ) from exc
 
 
 def load_base_model(name_or_path: str | Path) -> BaseModel:
@@ -603,7 +618,11 @@ def kohya_noise_scheduler() -> Any:
     from diffusers import DDPMScheduler
 
     return DDPMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000, clip_sample=False
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        clip_sample=False,
     )
 
 
@@ -635,7 +654,9 @@ def _load_adapter_tensors(model: Any, tensors: dict[str, Any]) -> None:
     model.load_state_dict({own[k]: v for k, v in tensors.items() if k in own}, strict=False)
 
 
-def to_kohya_state_dict(peft_state: dict[str, Any], network_alpha: float, version: str = "sd_v1") -> dict[str, Any]:
+def to_kohya_state_dict(
+    peft_state: dict[str, Any], network_alpha: float, version: str = "sd_v1"
+) -> dict[str, Any]:
     """Convert a PEFT LoRA state dict to kohya keys (``lora_unet_*``, ``lora_te_*``) with real alphas.
 
     diffusers' convert_state_dict_to_kohya writes alpha = rank (scale 1); kohya's scale is
@@ -676,7 +697,9 @@ def save_kohya_lora(dest: Path, state: dict[str, Any], metadata: dict[str, Any],
 
     tensors = {k: v.detach().to("cpu", dtype=save_dtype).contiguous() for k, v in state.items()}
     meta = {k: ("None" if v is None else str(v)) for k, v in metadata.items()}
-    model_hash, legacy_hash = safetensors_hashes(st_save(tensors, {k: v for k, v in meta.items() if k.startswith("ss_")}))
+    model_hash, legacy_hash = safetensors_hashes(
+        st_save(tensors, {k: v for k, v in meta.items() if k.startswith("ss_")})
+    )
     meta["sshs_model_hash"] = model_hash
     meta["sshs_legacy_hash"] = legacy_hash
     return atomic_write_bytes(dest, st_save(tensors, meta))
@@ -785,7 +808,8 @@ def _settings(args: dict[str, Any], src: Path, steps_per_epoch: int) -> _Setting
         save_dtype_name=str(args.get("save_precision") or "float"),
         logging_dir=resolve_config_path(logging_dir, src) if logging_dir else None,
         cache_latents=_typed(args, "cache_latents", bool, False, src),
-        masked_loss=_typed(args, "masked_loss", bool, False, src) or _typed(args, "alpha_mask", bool, False, src),
+        masked_loss=_typed(args, "masked_loss", bool, False, src)
+        or _typed(args, "alpha_mask", bool, False, src),
     )
 
 
@@ -831,10 +855,12 @@ def train_lora_builtin(
     base = base_model_override or args.get("pretrained_model_name_or_path")
     if not base:
         raise ConfigError(
-            f"{config_file}: pretrained_model_name_or_path is not set; set it in the config or pass --base-model"
+            f"{config_file}: pretrained_model_name_or_path is not set; set it or pass --base-model"
         )
     model = load_base_model(base)
-    return train_lora_with_model(config_file, model, max_steps=max_steps, device=device, on_progress=on_progress)
+    return train_lora_with_model(
+        config_file, model, max_steps=max_steps, device=device, on_progress=on_progress
+    )
 
 
 def train_lora_with_model(
@@ -866,10 +892,20 @@ def train_lora_with_model(
         return {"status": "skipped", "output_dir": str(st.output_dir), **marker}
 
     use_amp = dev.type == "cuda" and st.mixed_precision in ("bf16", "fp16")
-    weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(st.mixed_precision, torch.float32) if use_amp else torch.float32
+    weight_dtype = (
+        {"bf16": torch.bfloat16, "fp16": torch.float16}.get(st.mixed_precision, torch.float32)
+        if use_amp
+        else torch.float32
+    )
     save_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(st.save_dtype_name, torch.float32)
 
-    tokenizer, text_encoder, vae, unet, sched = model.tokenizer, model.text_encoder, model.vae, model.unet, model.noise_scheduler
+    tokenizer, text_encoder, vae, unet, sched = (
+        model.tokenizer,
+        model.text_encoder,
+        model.vae,
+        model.unet,
+        model.noise_scheduler,
+    )
     for m in (text_encoder, vae, unet):
         m.requires_grad_(False)
     # Frozen weights in the compute dtype, LoRA weights in fp32 (diffusers' LoRA scripts do the same).
@@ -879,13 +915,18 @@ def train_lora_with_model(
             m.to(dtype=weight_dtype)
     torch.manual_seed(st.seed)
     if "default" not in getattr(unet, "peft_config", {}):
-        unet.add_adapter(LoraConfig(r=st.network_dim, lora_alpha=st.network_alpha, target_modules=UNET_TARGETS))
+        unet.add_adapter(
+            LoraConfig(r=st.network_dim, lora_alpha=st.network_alpha, target_modules=UNET_TARGETS)
+        )
     te_lora = None
     if st.train_te:
         if not _adapter_tensors(text_encoder):
             # peft directly: transformers' add_adapter demands a newer peft than diffusers needs.
             inject_adapter_in_model(
-                LoraConfig(r=st.network_dim, lora_alpha=st.network_alpha, target_modules=TEXT_ENCODER_TARGETS), text_encoder
+                LoraConfig(
+                    r=st.network_dim, lora_alpha=st.network_alpha, target_modules=TEXT_ENCODER_TARGETS
+                ),
+                text_encoder,
             )
         te_lora = text_encoder
     trained = [unet] + ([text_encoder] if te_lora is not None else [])
@@ -893,12 +934,14 @@ def train_lora_with_model(
     if st.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if te_lora is not None:
-            # Non-reentrant: the frozen embeddings give inputs without grad, which reentrant checkpointing drops.
+            # Non-reentrant: frozen embeddings give inputs without grad, which reentrant checkpointing drops.
             te_ckpt = getattr(text_encoder, "activation_checkpointing_enable", None)  # transformers >= 5.2x
             if te_ckpt is not None:
                 te_ckpt(activation_checkpointing_kwargs={"use_reentrant": False})
             else:
-                text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                text_encoder.gradient_checkpointing_enable(
+                    gradient_checkpointing_kwargs={"use_reentrant": False}
+                )
     unet.train()
     text_encoder.train(te_lora is not None)
     vae.eval()
@@ -907,9 +950,13 @@ def train_lora_with_model(
     if te_lora is not None:
         groups.append({"params": [p for p in text_encoder.parameters() if p.requires_grad], "lr": st.te_lr})
     if st.optimizer_type.lower() not in ("adamw", "adamw8bit"):
-        log.warning("optimizer_type %s is not supported by the built-in trainer; using AdamW", st.optimizer_type)
+        log.warning(
+            "optimizer_type %s is not supported by the built-in trainer; using AdamW", st.optimizer_type
+        )
     optimizer = torch.optim.AdamW(groups, weight_decay=0.01)
-    lr_sched = get_scheduler(st.lr_scheduler, optimizer, num_warmup_steps=st.lr_warmup_steps, num_training_steps=st.max_train_steps)
+    lr_sched = get_scheduler(
+        st.lr_scheduler, optimizer, num_warmup_steps=st.lr_warmup_steps, num_training_steps=st.max_train_steps
+    )
     scaler = torch.amp.GradScaler("cuda") if use_amp and weight_dtype == torch.float16 else None
 
     # ---- resume ----
@@ -926,7 +973,9 @@ def train_lora_with_model(
         lora = load_file(str(state_dir / "lora.safetensors"))
         set_peft_model_state_dict(unet, {k[5:]: v for k, v in lora.items() if k.startswith("unet.")})
         if te_lora is not None:
-            _load_adapter_tensors(text_encoder, {k[13:]: v for k, v in lora.items() if k.startswith("text_encoder.")})
+            _load_adapter_tensors(
+                text_encoder, {k[13:]: v for k, v in lora.items() if k.startswith("text_encoder.")}
+            )
         optimizer.load_state_dict(torch.load(state_dir / "optimizer.pt", map_location=dev, weights_only=True))
         lr_sched.load_state_dict(torch.load(state_dir / "scheduler.pt", weights_only=True))
         if scaler is not None and (state_dir / "scaler.pt").is_file():
@@ -939,14 +988,23 @@ def train_lora_with_model(
 
     writer = _summary_writer(st.logging_dir, st.output_name)
     metadata = _metadata(args, st, specs, model, steps_per_epoch, started_at, session_id)
-    write_args = {"config_file": str(config_file), "base_model": model.name, "resolved": st.__dict__, "args": args}
+    write_args = {
+        "config_file": str(config_file),
+        "base_model": model.name,
+        "resolved": st.__dict__,
+        "args": args,
+    }
     atomic_write_json(st.output_dir / f"{st.output_name}_builtin_args.json", write_args)
 
     max_len = getattr(tokenizer, "model_max_length", 77)
     if not isinstance(max_len, int) or max_len > 1000:
         max_len = 77
     latent_cache: dict[tuple[str, bool], Any] = {}
-    augmenting = any(s.params["flip_aug"] or s.params["random_crop"] or s.params["color_aug"] for d in specs for s in d.subsets)
+    augmenting = any(
+        s.params["flip_aug"] or s.params["random_crop"] or s.params["color_aug"]
+        for d in specs
+        for s in d.subsets
+    )
     if st.cache_latents and augmenting:
         log.warning("cache_latents with flip/crop/colour augmentation: latents are not cached")
     cache_ok = st.cache_latents and not augmenting
@@ -960,7 +1018,9 @@ def train_lora_with_model(
             rng = random.Random(f"{st.seed}-{epoch}-{pos}-{j}")
             flip = training and sp["flip_aug"] and rng.random() < 0.5
             use_mask = bool(sp["alpha_mask"]) and st.masked_loss
-            arr, mask = load_training_image(item.path, item.bucket, item.resized, alpha_mask=use_mask, flip=flip)
+            arr, mask = load_training_image(
+                item.path, item.bucket, item.resized, alpha_mask=use_mask, flip=flip
+            )
             pix.append(arr)
             masks.append(mask if mask is not None else np.ones(arr.shape[:2], np.float32))
             caps.append(process_caption(item.caption, sp, rng, epoch) if training else item.caption)
@@ -973,7 +1033,9 @@ def train_lora_with_model(
         }
 
     def encode_text(captions: list[str]) -> Any:
-        ids = tokenizer(captions, padding="max_length", max_length=max_len, truncation=True, return_tensors="pt").input_ids.to(dev)
+        ids = tokenizer(
+            captions, padding="max_length", max_length=max_len, truncation=True, return_tensors="pt"
+        ).input_ids.to(dev)
         if st.clip_skip > 1:
             out = text_encoder(ids, output_hidden_states=True)
             hidden = out.hidden_states[-st.clip_skip]
@@ -1005,7 +1067,9 @@ def train_lora_with_model(
         timesteps = timesteps.to(dev).long()
         noisy = sched.add_noise(latents, noise, timesteps)
         with amp:
-            hidden = encode_text(batch["captions"])
+            # A frozen text encoder needs no autograd graph.
+            with torch.no_grad() if te_lora is None else contextlib.nullcontext():
+                hidden = encode_text(batch["captions"])
             pred = unet(noisy.to(weight_dtype), timesteps, hidden.to(weight_dtype)).sample
         target = sched.get_velocity(latents, noise, timesteps) if st.v_parameterization else noise
         loss = F.mse_loss(pred.float(), target.float(), reduction="none")
@@ -1071,7 +1135,12 @@ def train_lora_with_model(
         shutil.rmtree(old, ignore_errors=True)
 
     def save_lora(name: str, epoch: int) -> Path:
-        meta = {**metadata, "ss_epoch": epoch, "ss_steps": global_step, "ss_training_finished_at": time.time()}
+        meta = {
+            **metadata,
+            "ss_epoch": epoch,
+            "ss_steps": global_step,
+            "ss_training_finished_at": time.time(),
+        }
         state = to_kohya_state_dict(lora_state_dict(unet, te_lora), st.network_alpha, model.version)
         return save_kohya_lora(st.output_dir / f"{name}.safetensors", state, meta, save_dtype)
 
@@ -1080,7 +1149,12 @@ def train_lora_with_model(
         best = min(scored, key=lambda h: h["val_loss"])["epoch"] if scored else None
         atomic_write_json(
             st.output_dir / VALIDATION_FILE,
-            {"output_name": st.output_name, "timesteps": val_timesteps, "epochs": history, "best_epoch": best},
+            {
+                "output_name": st.output_name,
+                "timesteps": val_timesteps,
+                "epochs": history,
+                "best_epoch": best,
+            },
         )
 
     pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="yokai-train-io")
@@ -1093,7 +1167,9 @@ def train_lora_with_model(
             batches = plan_epoch(specs, st.seed, epoch)
             epoch_losses: list[float] = []
             first = skip_batches if epoch == start_epoch else 0
-            nxt = pool.submit(load_batch, *batches[first], epoch, True, first) if first < len(batches) else None
+            nxt = (
+                pool.submit(load_batch, *batches[first], epoch, True, first) if first < len(batches) else None
+            )
             for pos in range(first, len(batches)):
                 if global_step >= st.max_train_steps:
                     break
@@ -1102,7 +1178,11 @@ def train_lora_with_model(
                     break
                 assert nxt is not None
                 batch = nxt.result()
-                nxt = pool.submit(load_batch, *batches[pos + 1], epoch, True, pos + 1) if pos + 1 < len(batches) else None
+                nxt = (
+                    pool.submit(load_batch, *batches[pos + 1], epoch, True, pos + 1)
+                    if pos + 1 < len(batches)
+                    else None
+                )
                 gen = torch.Generator().manual_seed(st.seed * 1_000_003 + global_step)
                 loss = batch_loss(batch, gen)
                 if scaler is not None:
@@ -1203,7 +1283,9 @@ def train_lora_with_model(
         "device": str(dev),
     }
     if status == "finished":
-        write_finished_marker(st.output_dir, {k: result[k] for k in ("checkpoint", "backend", "global_step", "best_epoch")})
+        write_finished_marker(
+            st.output_dir, {k: result[k] for k in ("checkpoint", "backend", "global_step", "best_epoch")}
+        )
     return result
 
 
@@ -1288,7 +1370,11 @@ def _metadata(
 
 def _bytes_to_unicode() -> dict[int, str]:
     # GPT-2/CLIP byte-level alphabet; needed to write a self-contained tokenizer vocabulary.
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -1299,7 +1385,9 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, [chr(c) for c in cs], strict=True))
 
 
-def build_tiny_sd_model(dest: str | Path, *, seed: int = 0, block_out_channels: tuple[int, int] = (32, 64)) -> Path:
+def build_tiny_sd_model(
+    dest: str | Path, *, seed: int = 0, block_out_channels: tuple[int, int] = (32, 64)
+) -> Path:
     """Save a tiny randomly initialised SD-1.5-style diffusers folder (nothing is downloaded).
 
     UNet / VAE / CLIP text encoder built from small configs (diffusers' get_dummy_components
@@ -1352,7 +1440,9 @@ def build_tiny_sd_model(dest: str | Path, *, seed: int = 0, block_out_channels: 
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
         (Path(tmp) / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
-        tokenizer = CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), model_max_length=77)
+        tokenizer = CLIPTokenizer(
+            str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), model_max_length=77
+        )
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             bos_token_id=vocab["<|startoftext|>"],

@@ -295,6 +295,13 @@ def test_read_frame_hashes(tmp_path):
     )
     assert frames.read_frame_hashes(m) == ["00ff00ff00ff00ff", "ffffffffffffffff"]
     assert frames.hamming("00ff00ff00ff00ff", "00ff00ff00ff00fe") == 1
+    rng = np.random.default_rng(0)
+    hashes = [f"{int(v):016x}" for v in rng.integers(0, 2**63, 5000, dtype=np.int64) * 2 + 1]
+    index = frames.HashIndex(hashes)
+    assert len(index) == 5000
+    probe = f"{int(hashes[1234], 16) ^ 0b1011:016x}"  # 3 bits away from one of them
+    assert index.near(probe, 3) and not index.near(probe, 2)
+    assert index.near("ffffffffffffffff", 64) and not frames.HashIndex().near("ffffffffffffffff", 64)
 
 
 @pytest.mark.slow

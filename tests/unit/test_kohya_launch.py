@@ -75,15 +75,29 @@ def test_missing_sd_scripts_says_what_to_set(tmp_path, monkeypatch):
 
 def test_accelerate_command_is_an_argument_list(tmp_path, sd_scripts):
     cmd = kohya_launch.build_kohya_command(
-        Path("/venv/bin/python"), sd_scripts, tmp_path / "c.toml", launcher="accelerate",
-        base_model="/models/base.safetensors", resume=tmp_path / "char000-000002-state",
+        Path("/venv/bin/python"),
+        sd_scripts,
+        tmp_path / "c.toml",
+        launcher="accelerate",
+        base_model="/models/base.safetensors",
+        resume=tmp_path / "char000-000002-state",
     )
-    assert cmd[:5] == ["/venv/bin/python", "-m", "accelerate.commands.launch", "--num_cpu_threads_per_process", "1"]
+    assert cmd[:5] == [
+        "/venv/bin/python",
+        "-m",
+        "accelerate.commands.launch",
+        "--num_cpu_threads_per_process",
+        "1",
+    ]
     assert cmd[5] == str(sd_scripts / "train_network.py")
     assert cmd[6:] == [
-        "--config_file", str(tmp_path / "c.toml"), "--save_state",
-        "--resume", str(tmp_path / "char000-000002-state"),
-        "--pretrained_model_name_or_path", "/models/base.safetensors",
+        "--config_file",
+        str(tmp_path / "c.toml"),
+        "--save_state",
+        "--resume",
+        str(tmp_path / "char000-000002-state"),
+        "--pretrained_model_name_or_path",
+        "/models/base.safetensors",
     ]
 
 
@@ -93,7 +107,11 @@ def test_launch_runs_script_relays_progress_and_marks_finished(tmp_path, sd_scri
     cfg = make_config(tmp_path)
     progress, lines = [], []
     result = launch_kohya(
-        cfg, base_model="/models/base", on_progress=progress.append, on_line=lines.append, launcher="python",
+        cfg,
+        base_model="/models/base",
+        on_progress=progress.append,
+        on_line=lines.append,
+        launcher="python",
         env={"FAKE_TRAIN_STEPS_PER_EPOCH": "3"},
     )
     out = tmp_path / "trained_models" / "char000"
@@ -118,16 +136,22 @@ def test_launch_runs_script_relays_progress_and_marks_finished(tmp_path, sd_scri
 def test_failure_carries_last_output_and_next_launch_resumes(tmp_path, sd_scripts):
     cfg = make_config(tmp_path)
     with pytest.raises(TrainingError, match=r"exited with code 1(.|\n)*CUDA out of memory") as err:
-        launch_kohya(cfg, sd_scripts=sd_scripts, python=sys.executable, launcher="python",
-                     env={"FAKE_TRAIN_FAIL_AT_STEP": "5"})
+        launch_kohya(
+            cfg,
+            sd_scripts=sd_scripts,
+            python=sys.executable,
+            launcher="python",
+            env={"FAKE_TRAIN_FAIL_AT_STEP": "5"},
+        )
     assert str(cfg.resolve()) in str(err.value)
     out = tmp_path / "trained_models" / "char000"
     assert not (out / ".finished").exists()
     assert (out / "char000-000001-state" / "train_state.json").is_file()
 
     progress = []
-    result = launch_kohya(cfg, sd_scripts=sd_scripts, python=sys.executable, launcher="python",
-                          on_progress=progress.append)
+    result = launch_kohya(
+        cfg, sd_scripts=sd_scripts, python=sys.executable, launcher="python", on_progress=progress.append
+    )
     assert result["status"] == "finished"
     assert result["resumed_from"] == str(out / "char000-000001-state")
     second = calls(tmp_path)[-1]["argv"]
@@ -150,8 +174,13 @@ def test_newest_state_folder_is_chosen(tmp_path):
 def test_accelerate_launch_path(tmp_path, sd_scripts):
     pytest.importorskip("accelerate", reason="accelerate not installed in this python")
     cfg = make_config(tmp_path, epochs=1)
-    result = launch_kohya(cfg, sd_scripts=sd_scripts, python=sys.executable, launcher="auto",
-                          env={"FAKE_TRAIN_STEPS_PER_EPOCH": "2"})
+    result = launch_kohya(
+        cfg,
+        sd_scripts=sd_scripts,
+        python=sys.executable,
+        launcher="auto",
+        env={"FAKE_TRAIN_STEPS_PER_EPOCH": "2"},
+    )
     assert result["command"][1:3] == ["-m", "accelerate.commands.launch"]
     assert result["status"] == "finished" and result["step"] == 2
 
@@ -192,7 +221,9 @@ def test_cli_kohya_failing_character_fails_alone(tmp_path, sd_scripts, monkeypat
     (tmp_path / "trained_models" / "bad").mkdir(parents=True)
     (tmp_path / "trained_models" / "bad" / "bad-000001-state").mkdir()
     (tmp_path / "trained_models" / "bad" / "bad-000001-state" / "train_state.json").write_text("not json")
-    res = CliRunner().invoke(_cli(), ["train", str(bad), str(good), "--backend", "kohya"], env={"COLUMNS": "300"})
+    res = CliRunner().invoke(
+        _cli(), ["train", str(bad), str(good), "--backend", "kohya"], env={"COLUMNS": "300"}
+    )
     assert res.exit_code == 1, res.output
     assert (tmp_path / "trained_models" / "good" / ".finished").is_file()
     assert not (tmp_path / "trained_models" / "bad" / ".finished").exists()

@@ -33,7 +33,9 @@ def tiny_model(tmp_path_factory) -> Path:
     return training.build_tiny_sd_model(tmp_path_factory.mktemp("model") / "tiny-sd")
 
 
-def write_images(folder: Path, n: int, *, size=(40, 32), prefix="img", rgba=True, caption="char000, red hat") -> list[Path]:
+def write_images(
+    folder: Path, n: int, *, size=(40, 32), prefix="img", rgba=True, caption="char000, red hat"
+) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(len(prefix) + n)
     paths = []
@@ -111,7 +113,14 @@ def make_character(
         encoding="utf-8",
     )
     path = cfg_dir / "char000_config.toml"
-    path.write_bytes(tomli_w.dumps({"model": {k: v for k, v in args.items() if k.startswith("pre")}, "train": {k: v for k, v in args.items() if not k.startswith("pre")}}).encode())
+    path.write_bytes(
+        tomli_w.dumps(
+            {
+                "model": {k: v for k, v in args.items() if k.startswith("pre")},
+                "train": {k: v for k, v in args.items() if not k.startswith("pre")},
+            }
+        ).encode()
+    )
     return path
 
 
@@ -147,7 +156,11 @@ def test_train_data_dir_folder_convention_skips_folders_without_repeats(tmp_path
     write_images(data / "validation", 3, rgba=False)
     (data / "5_char001 girl" / "img_000.txt").unlink()
     cfg = tmp_path / "cfg.toml"
-    cfg.write_bytes(tomli_w.dumps({"train_data_dir": str(data), "resolution": "32,32", "caption_extension": ".txt"}).encode())
+    cfg.write_bytes(
+        tomli_w.dumps(
+            {"train_data_dir": str(data), "resolution": "32,32", "caption_extension": ".txt"}
+        ).encode()
+    )
     specs = training.list_dataset_images(training.read_dataset_config(training.read_training_args(cfg), cfg))
     items = specs[0].train
     assert len(items) == 2 and all(i.repeats == 5 for i in items)
@@ -204,7 +217,9 @@ def _unet_output(pipe, seed=0):
 
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(1, 4, 16, 16, generator=g)
-    ids = pipe.tokenizer(["char000, standing"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    ids = pipe.tokenizer(
+        ["char000, standing"], padding="max_length", max_length=77, return_tensors="pt"
+    ).input_ids
     with torch.no_grad():
         enc = pipe.text_encoder(ids)[0]
         return pipe.unet(x, torch.tensor([500]), enc).sample
@@ -316,7 +331,9 @@ def test_checkpoint_evidence_grid_marks_best_epoch(tmp_path, tiny_model):
 def test_sample_prompt_flags_parse_like_kohya():
     from yokai_pipeline.checkpoints import parse_sample_prompt
 
-    p = parse_sample_prompt("char000, standing pose --n lowres, bad <hands> --w 512 --h 768 --d 1 --l 7.5 --s 28 --ss euler_a")
+    p = parse_sample_prompt(
+        "char000, standing pose --n lowres, bad <hands> --w 512 --h 768 --d 1 --l 7.5 --s 28 --ss euler_a"
+    )
     assert p == {
         "prompt": "char000, standing pose",
         "negative_prompt": "lowres, bad <hands>",
