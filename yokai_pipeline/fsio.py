@@ -35,6 +35,7 @@ def atomic_path(dest: str | Path) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp_path, 0o644)  # mkstemp creates 0600; outputs are shared with other users/tools
         os.replace(tmp_path, dest)
     finally:
         if tmp_path.exists():
@@ -102,6 +103,54 @@ def save_image(dest: str | Path, image: Any, **save_kwargs: Any) -> Path:
         save_kwargs.setdefault("compress_level", 1)
     image.save(buf, format=fmt, **save_kwargs)
     return atomic_write_bytes(dest, buf.getvalue())
+
+
+_ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
+
+
+def read_image(path: str | Path) -> Any:
+    """Open and fully decode an image file as an 8-bit PIL image in mode ``RGB`` or ``RGBA``.
+
+    Unusual but valid files are normalised instead of mangled: 16-bit and 32-bit integer
+    images are scaled to 8 bits (Pillow's own ``convert`` clips them, turning a 16-bit grey
+    image white), palette and greyscale images with transparency become RGBA, CMYK becomes RGB.
+
+    Raises:
+        BadInputError: the file is missing, empty, truncated, not an image, or claims more
+            pixels than Pillow's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``).
+    """
+    from PIL import Image
+
+    from yokai_pipeline.errors import BadInputError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return _to_8bit(im)
+    except Image.DecompressionBombError as exc:
+        raise BadInputError(path, f"image too large, refused as a decompression bomb ({exc})") from exc
+    except FileNotFoundError as exc:
+        raise BadInputError(path, "file does not exist") from exc
+    except (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError) as exc:
+        # Pillow raises all of these for corrupt or truncated files
+        raise BadInputError(path, f"unreadable image ({type(exc).__name__}: {exc})") from exc
+
+
+def _to_8bit(im: Any) -> Any:
+    from PIL import Image
+
+    if im.mode.startswith("I") or im.mode == "F":  # I;16, I;16B, I, F: scale, don't clip
+        import numpy as np
+
+        arr = np.asarray(im)
+        if im.mode.startswith("I;16"):
+            arr8 = (arr.astype(np.uint32) >> 8).astype(np.uint8)
+        else:
+            hi = float(arr.max()) if arr.size else 0.0
+            arr8 = (arr.astype(np.float64) * (255.0 / hi if hi > 255 else 1.0)).clip(0, 255).astype(np.uint8)
+        return Image.fromarray(arr8, "L").convert("RGB")
+    has_alpha = im.mode in _ALPHA_MODES or "transparency" in im.info
+    return im.convert("RGBA" if has_alpha else "RGB")
 
 
 def remove_stale_temps(folder: str | Path) -> int:
