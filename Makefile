@@ -18,7 +18,7 @@ PYTEST_ARGS ?=
 $(VENV)/.ready: pyproject.toml .ci/requirements-test.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(PYTHON) .ci/deps.py pyproject.toml ml dev > $(VENV)/requirements.txt
+	$(PYTHON) .ci/deps.py pyproject.toml ml train dev > $(VENV)/requirements.txt
 	$(VENV)/bin/pip install -q -r $(VENV)/requirements.txt -r .ci/requirements-test.txt
 	touch $@
 

@@ -26,5 +26,17 @@ def run_heavy(flow_fn: Flow, stage: str, parameters: dict[str, Any], config: Pip
     run = run_deployment(name=name, parameters=parameters, timeout=orch.timeout_seconds)
     if run.state is None or not run.state.is_completed():
         msg = run.state.message if run.state else "no state"
-        raise YokaiError(f"deployment {name} run {run.name} ended {run.state.name if run.state else '?'}: {msg}")
+        raise YokaiError(
+            f"deployment {name} run {run.name} ended {run.state.name if run.state else '?'}: {msg}"
+        )
     return run.state.result()
+
+
+def run_heavy_state(
+    flow_fn: Flow, stage: str, parameters: dict[str, Any], config: PipelineConfig
+) -> dict[str, Any]:
+    """Like :func:`run_heavy`, but a failure is returned (``ok``/``result``/``error``), not raised."""
+    try:
+        return {"ok": True, "result": run_heavy(flow_fn, stage, parameters, config)}
+    except Exception as exc:  # the child's own error, shown in the summary
+        return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}

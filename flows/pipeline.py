@@ -9,6 +9,8 @@ from prefect import flow, get_run_logger
 
 from flows.dataset import dataset_flow
 from flows.episode import episode_flow
+from flows.heavy import run_heavy_state
+from flows.training import training_flow
 from tasks.report import evaluate_task, write_summary_task
 from yokai_pipeline.config import PipelineConfig
 from yokai_pipeline.errors import YokaiError
@@ -30,12 +32,22 @@ def list_episodes(episodes_dir: str | Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES)
 
 
+def _state_error(state) -> str:
+    """The error a failed flow state carries (the episode's own message, naming the file)."""
+    try:
+        state.result()
+    except Exception as exc:
+        return str(exc)
+    return state.message or "failed"
+
+
 @flow(name="yokai-pipeline", persist_result=True)
 def pipeline_flow(
     episodes_dir: str,
     workspace: str,
     config: PipelineConfig = PipelineConfig(),  # noqa: B008
     ground_truth_dir: str | None = None,
+    evidence_steps: int | None = None,
 ) -> dict:
     """Run every episode in ``episodes_dir`` through the pipeline into ``workspace``.
 
@@ -53,31 +65,44 @@ def pipeline_flow(
     failed: list[dict] = []
     for video in videos:
         state = episode_flow(
-            str(video), workspace, config, reference_episodes=[d["episode_id"] for d in done], return_state=True
+            str(video),
+            workspace,
+            config,
+            reference_episodes=[d["episode_id"] for d in done],
+            return_state=True,
         )
         if state.is_completed():
             done.append(state.result())
         else:
-            try:
-                state.result()
-                message = state.message or "failed"
-            except Exception as exc:  # the episode's own error, naming the file
-                message = str(exc)
+            message = _state_error(state)
             log.error(f"episode {video.name} failed: {message}")
             failed.append({"episode": video.name, "error": message})
 
     stages: dict = {}
+    problems: list[str] = []
     if done:
         ds = dataset_flow(workspace, config, [d["episode_id"] for d in done], return_state=True)
         if ds.is_completed():
             stages = ds.result()
         else:
-            failed.append({"episode": "(dataset)", "error": ds.message or "dataset flow failed"})
-    quality = evaluate_task(workspace, [d["episode_id"] for d in done], ground_truth_dir) if ground_truth_dir else {}
-    summary = write_summary_task(workspace, done, failed, quality, round(time.perf_counter() - t0, 3), stages)
-    if failed:
+            problems.append(f"dataset flow: {_state_error(ds)}")
+    if config.training.enabled and "packaging" in stages:
+        params = {"workspace": workspace, "config": config, "evidence_steps": evidence_steps}
+        tr = run_heavy_state(training_flow, "training", params, config)
+        if tr["ok"]:
+            stages["training"] = tr["result"]
+        else:
+            problems.append(f"training: {tr['error']}")
+    quality = (
+        evaluate_task(workspace, [d["episode_id"] for d in done], ground_truth_dir)
+        if ground_truth_dir
+        else {}
+    )
+    seconds = round(time.perf_counter() - t0, 3)
+    summary = write_summary_task(workspace, done, failed, quality, seconds, stages, problems)
+    if failed or problems:
         raise EpisodesFailed(
-            f"{len(failed)} of {len(videos)} episodes failed: "
-            + "; ".join(f"{f['episode']}: {f['error']}" for f in failed)
+            "; ".join([f"{f['episode']}: {f['error']}" for f in failed] + problems)
+            + f" ({len(failed)} of {len(videos)} episodes failed)"
         )
     return summary

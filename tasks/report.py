@@ -19,10 +19,19 @@ def evaluate_task(workspace: str, episode_ids: list[str], ground_truth_dir: str)
 
 @task(name="write-summary")
 def write_summary_task(
-    workspace: str, episodes: list[dict], failed: list[dict], quality: dict, seconds: float, stages: dict | None = None
+    workspace: str,
+    episodes: list[dict],
+    failed: list[dict],
+    quality: dict,
+    seconds: float,
+    stages: dict | None = None,
+    problems: list[str] | None = None,
 ) -> dict:
     """Write summary.json and publish it as a Prefect artifact."""
     summary = summary_lib.build_summary(episodes, failed, quality, seconds, stages)
+    summary["problems"] = problems or []
     summary_lib.write_summary(Workspace(workspace), summary)
-    create_markdown_artifact(summary_lib.summary_markdown(summary), key="yokai-summary", description="Pipeline run summary")
+    create_markdown_artifact(
+        summary_lib.summary_markdown(summary), key="yokai-summary", description="Pipeline run summary"
+    )
     return summary

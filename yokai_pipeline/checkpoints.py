@@ -21,6 +21,7 @@ from yokai_pipeline.errors import BadInputError, ConfigError
 from yokai_pipeline.fsio import atomic_write_json, atomic_write_text, read_json, save_image
 from yokai_pipeline.training import (
     VALIDATION_FILE,
+    encode_prompts,
     read_training_args,
     resolve_config_path,
 )
@@ -352,6 +353,7 @@ def render_checkpoint_evidence(
         raise ConfigError(f"{config_file}: pretrained_model_name_or_path is not set; pass a base model")
     pipe = load_sampling_pipeline(str(base), device)
     default_sampler = str(args.get("sample_sampler") or "ddim")
+    clip_skip = int(args.get("clip_skip") or 1)
     evidence = output_dir / EVIDENCE_DIR
     rows, images = [], []
     base_scheduler = pipe.scheduler
@@ -365,9 +367,15 @@ def render_checkpoint_evidence(
                 w = max(8, int(p.get("width", 512)) // 8 * 8)
                 h = max(8, int(p.get("height", 512)) // 8 * 8)
                 gen = torch.Generator("cpu").manual_seed(int(p.get("seed", pi)))
+                # Embeddings computed as the trainer does (kohya clip_skip), passed to the pipeline.
+                with torch.no_grad():
+                    pos, neg = (
+                        encode_prompts(pipe.tokenizer, pipe.text_encoder, [t], clip_skip=clip_skip)
+                        for t in (p["prompt"], p.get("negative_prompt") or "")
+                    )
                 image = pipe(
-                    p["prompt"],
-                    negative_prompt=p.get("negative_prompt"),
+                    prompt_embeds=pos,
+                    negative_prompt_embeds=neg,
                     width=w,
                     height=h,
                     num_inference_steps=num_inference_steps or int(p.get("steps", 30)),

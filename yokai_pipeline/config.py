@@ -150,6 +150,15 @@ class TrainingConfig(_Stage):
     sd_scripts: Path | None = Field(None, description="Path to a kohya-ss/sd-scripts checkout (env YOKAI_SD_SCRIPTS).")
     python: Path | None = Field(None, description="Python of the sd-scripts environment (env YOKAI_SD_PYTHON).")
     enabled: bool = Field(False, description="Launch training at the end of the pipeline.")
+    base_model: str | None = Field(None, description="Base model (hub id, diffusers folder or .safetensors) overriding the configs' pretrained_model_name_or_path.")
+    max_steps: int | None = Field(None, ge=1, description="builtin: stop at this global step (state saved; the next run resumes). None = train to the end.")
+    device: str = Field("auto", description="builtin: auto, cpu, cuda or cuda:N.")
+    evidence: bool = Field(True, description="After training, sample every checkpoint into trained_models/<name>/evidence/index.html.")
+    base_model: str | None = Field(None, description="Override pretrained_model_name_or_path of every config (hub id, diffusers folder or single file).")
+    characters: list[str] | None = Field(None, description="Train only these character names (default: every packaged character).")
+    max_steps: int | None = Field(None, ge=1, description="Stop each character after this many steps (state is saved; the next run resumes).")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N (built-in trainer).")
+    evidence: bool = Field(True, description="Render sample images per checkpoint and the HTML grid with the validation-loss curve.")
 
 
 class StorageConfig(_Stage):

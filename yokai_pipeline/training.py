@@ -35,6 +35,7 @@ import re
 import shutil
 import time
 import tomllib
+import zlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -728,6 +729,27 @@ def write_finished_marker(output_dir: str | Path, record: dict[str, Any]) -> Pat
     return atomic_write_json(Path(output_dir) / FINISHED_MARKER, {"finished_at": time.time(), **record})
 
 
+def encode_prompts(
+    tokenizer: Any, text_encoder: Any, prompts: list[str], *, clip_skip: int = 1, device: Any = None
+) -> Any:
+    """CLIP text embeddings as sd-scripts computes them (clip_skip 2 = penultimate layer + final norm).
+
+    Shared by the trainer and the sampler; diffusers' own clip_skip path expects the pre-5
+    transformers CLIPTextModel layout (``.text_model``).
+    """
+    max_len = getattr(tokenizer, "model_max_length", 77)
+    if not isinstance(max_len, int) or max_len > 1000:
+        max_len = 77
+    ids = tokenizer(
+        prompts, padding="max_length", max_length=max_len, truncation=True, return_tensors="pt"
+    ).input_ids
+    ids = ids.to(device if device is not None else text_encoder.device)
+    if clip_skip > 1:
+        hidden = text_encoder(ids, output_hidden_states=True).hidden_states[-clip_skip]
+        return getattr(text_encoder, "text_model", text_encoder).final_layer_norm(hidden)
+    return text_encoder(ids)[0]
+
+
 # --------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------
@@ -996,9 +1018,6 @@ def train_lora_with_model(
     }
     atomic_write_json(st.output_dir / f"{st.output_name}_builtin_args.json", write_args)
 
-    max_len = getattr(tokenizer, "model_max_length", 77)
-    if not isinstance(max_len, int) or max_len > 1000:
-        max_len = 77
     latent_cache: dict[tuple[str, bool], Any] = {}
     augmenting = any(
         s.params["flip_aug"] or s.params["random_crop"] or s.params["color_aug"]
@@ -1033,23 +1052,38 @@ def train_lora_with_model(
         }
 
     def encode_text(captions: list[str]) -> Any:
-        ids = tokenizer(
-            captions, padding="max_length", max_length=max_len, truncation=True, return_tensors="pt"
-        ).input_ids.to(dev)
-        if st.clip_skip > 1:
-            out = text_encoder(ids, output_hidden_states=True)
-            hidden = out.hidden_states[-st.clip_skip]
-            return getattr(text_encoder, "text_model", text_encoder).final_layer_norm(hidden)
-        return text_encoder(ids)[0]
+        return encode_prompts(tokenizer, text_encoder, captions, clip_skip=st.clip_skip, device=dev)
 
     def encode_latents(batch: dict[str, Any], gen: Any) -> Any:
         keys = batch["keys"]
         if cache_ok and all(k in latent_cache for k in keys):
             return torch.stack([latent_cache[k] for k in keys]).to(dev)
         with torch.no_grad():
-            dist = vae.encode(batch["pixels"].to(dev, dtype=weight_dtype)).latent_dist
-            eps = torch.randn(dist.mean.shape, generator=gen).to(dev, dtype=dist.mean.dtype)
-            latents = (dist.mean + dist.std * eps) * vae.config.scaling_factor
+            pixels = batch["pixels"].to(dev, dtype=weight_dtype)
+            if cache_ok:
+                # One image at a time: a cached latent must not depend on which batch first encoded it.
+                dists = [vae.encode(pixels[i : i + 1]).latent_dist for i in range(len(keys))]
+                mean = torch.cat([d.mean for d in dists])
+                std = torch.cat([d.std for d in dists])
+            else:
+                dist = vae.encode(pixels).latent_dist
+                mean, std = dist.mean, dist.std
+            if cache_ok:
+                # Cached latents are drawn per image (seeded by its path), not from the step's generator,
+                # so a resumed run (empty cache) reproduces the same latents and the same noise.
+                eps = torch.stack(
+                    [
+                        torch.randn(
+                            mean.shape[1:],
+                            generator=torch.Generator().manual_seed(_path_seed(st.seed, k[0])),
+                        )
+                        for k in keys
+                    ]
+                )
+            else:
+                eps = torch.randn(mean.shape, generator=gen)
+            eps = eps.to(dev, dtype=mean.dtype)
+            latents = (mean + std * eps) * vae.config.scaling_factor
         if cache_ok:
             for k, lat in zip(keys, latents, strict=True):
                 latent_cache[k] = lat.detach().cpu()
@@ -1287,6 +1321,12 @@ def train_lora_with_model(
             st.output_dir, {k: result[k] for k in ("checkpoint", "backend", "global_step", "best_epoch")}
         )
     return result
+
+
+def _path_seed(seed: int, path: str) -> int:
+    # Folder + file name only: the same dataset moved elsewhere draws the same latents.
+    p = Path(path)
+    return (seed * 1_000_003 + zlib.crc32(f"{p.parent.name}/{p.name}".encode())) % (2**63)
 
 
 def _summary_writer(logging_dir: Path | None, name: str) -> Any:

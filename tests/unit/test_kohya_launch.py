@@ -222,7 +222,9 @@ def test_cli_kohya_failing_character_fails_alone(tmp_path, sd_scripts, monkeypat
     (tmp_path / "trained_models" / "bad" / "bad-000001-state").mkdir()
     (tmp_path / "trained_models" / "bad" / "bad-000001-state" / "train_state.json").write_text("not json")
     res = CliRunner().invoke(
-        _cli(), ["train", str(bad), str(good), "--backend", "kohya"], env={"COLUMNS": "300"}
+        _cli(),
+        ["train", str(bad), str(good), "--backend", "kohya", "--launcher", "python"],
+        env={"COLUMNS": "300"},
     )
     assert res.exit_code == 1, res.output
     assert (tmp_path / "trained_models" / "good" / ".finished").is_file()

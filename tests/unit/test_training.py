@@ -105,11 +105,18 @@ def make_character(
         "dataset_config": str(cfg_dir / "char000_dataset.toml"),
         "masked_loss": alpha_mask,
         "alpha_mask": alpha_mask,
+        # as yokai_pipeline.kohya writes them
+        "clip_skip": 2,
+        "lr_scheduler": "cosine",
+        "save_precision": "fp16",
+        "cache_latents": True,
+        "sample_sampler": "euler_a",
+        "log_with": "tensorboard",
         **(extra or {}),
     }
     (cfg_dir / "char000_prompts.txt").write_text(
         "# evidence prompts\nchar000, standing --n lowres --w 32 --h 32 --d 1 --l 7 --s 2\n"
-        "char000, smiling --w 32 --h 32 --d 2 --s 2\n",
+        "char000, smiling <b>wink</b> --w 32 --h 32 --d 2 --s 2\n",
         encoding="utf-8",
     )
     path = cfg_dir / "char000_config.toml"
@@ -312,6 +319,7 @@ def test_checkpoint_evidence_grid_marks_best_epoch(tmp_path, tiny_model):
     assert "<polyline" in html and 'class="best"' in html
     assert f"epoch {report['best_epoch']}" in html
     assert "char000, standing" in html
+    assert "&lt;b&gt;wink&lt;/b&gt;" in html and "<b>wink" not in html  # prompts are escaped
 
     # the text-encoder half of the LoRA is applied while sampling and removed afterwards
     import torch
@@ -344,3 +352,21 @@ def test_sample_prompt_flags_parse_like_kohya():
         "steps": 28,
         "sampler": "euler_a",
     }
+
+
+def test_cli_train_builtin_reports_stopped_run(tmp_path, tiny_model):
+    import typer
+    from typer.testing import CliRunner
+
+    from yokai_pipeline.commands import train as train_cmd
+
+    app = typer.Typer()
+    train_cmd.register(app)
+    app.command("noop")(lambda: None)  # a second command keeps `train` a named subcommand
+    cfg = make_character(tmp_path, tiny_model, n_images=4, epochs=2)
+    res = CliRunner().invoke(
+        app, ["train", str(cfg), "--max-steps", "1", "--device", "cpu"], env={"COLUMNS": "200"}
+    )
+    assert res.exit_code == 0, res.output
+    assert "stopped" in res.output
+    assert (tmp_path / "trained_models" / "char000" / "char000-step00000001.safetensors").is_file()

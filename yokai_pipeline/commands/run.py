@@ -23,7 +23,9 @@ def _prepare_prefect_env(workspace: Path) -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
-def build_config(config_file: Path | None, backend: str | None, weights: Path | None, embedder: str | None) -> PipelineConfig:
+def build_config(
+    config_file: Path | None, backend: str | None, weights: Path | None, embedder: str | None
+) -> PipelineConfig:
     """Config file first, then the command-line overrides; validated before any work starts."""
     cfg = load_config(config_file)
     data = cfg.model_dump()
@@ -36,7 +38,13 @@ def build_config(config_file: Path | None, backend: str | None, weights: Path | 
     return PipelineConfig.model_validate(data)
 
 
-def run_pipeline(episodes_dir: Path, workspace: Path, cfg: PipelineConfig, ground_truth_dir: Path | None) -> dict[str, Any]:
+def run_pipeline(
+    episodes_dir: Path,
+    workspace: Path,
+    cfg: PipelineConfig,
+    ground_truth_dir: Path | None,
+    evidence_steps: int | None = None,
+) -> dict[str, Any]:
     """Run the pipeline flow with a progress bar; returns the summary."""
     workspace = workspace.resolve()
     _prepare_prefect_env(workspace)
@@ -45,8 +53,12 @@ def run_pipeline(episodes_dir: Path, workspace: Path, cfg: PipelineConfig, groun
 
     bars: dict[str, Any] = {}
     with Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=console, transient=False,
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
     ) as prog:
 
         def sink(label: str, done: int, total: int) -> None:
@@ -57,8 +69,11 @@ def run_pipeline(episodes_dir: Path, workspace: Path, cfg: PipelineConfig, groun
         progress_mod.set_sink(sink)
         try:
             state = pipeline_flow(
-                str(episodes_dir.resolve()), str(workspace), cfg,
+                str(episodes_dir.resolve()),
+                str(workspace),
+                cfg,
                 ground_truth_dir=str(ground_truth_dir.resolve()) if ground_truth_dir else None,
+                evidence_steps=evidence_steps,
                 return_state=True,
             )
         finally:
@@ -78,11 +93,25 @@ def run_pipeline(episodes_dir: Path, workspace: Path, cfg: PipelineConfig, groun
 
 def _figures(figs: dict) -> str:
     # numbers and flags only: paths and commands are printed below the table
-    return ", ".join(f"{k}={v}" for k, v in figs.items() if isinstance(v, int | float | bool) and k != "version")
+    return ", ".join(
+        f"{k}={v}" for k, v in figs.items() if isinstance(v, int | float | bool) and k != "version"
+    )
 
 
-STAGE_ORDER = ["frames", "layers", "embedding", "clustering", "analysis", "selection", "augmentation",
-               "captions", "packaging", "validation", "backgrounds", "training"]
+STAGE_ORDER = [
+    "frames",
+    "layers",
+    "embedding",
+    "clustering",
+    "analysis",
+    "selection",
+    "augmentation",
+    "captions",
+    "packaging",
+    "validation",
+    "backgrounds",
+    "training",
+]
 
 
 def print_summary(summary: dict, workspace: Path) -> None:
@@ -100,6 +129,8 @@ def print_summary(summary: dict, workspace: Path) -> None:
     console.print(f"episodes: {len(eps.get('completed', []))} completed, {len(eps.get('failed', []))} failed")
     for f in eps.get("failed", []):
         console.print(f"  [red]failed[/red] {f['episode']}: {f['error']}")
+    for p in summary.get("problems", []):
+        console.print(f"  [red]problem[/red] {p}")
     console.print(f"outputs: {workspace}  (summary: {workspace / 'summary.json'})")
     analysis = stages.get("analysis", {})
     if analysis.get("html"):
@@ -111,16 +142,37 @@ def print_summary(summary: dict, workspace: Path) -> None:
             console.print(f"  {cmd}", soft_wrap=True)
 
 
+def demo_config(cfg: PipelineConfig, workspace: Path) -> PipelineConfig:
+    """The demo's settings: select tiers S-C (so augmentation runs) and prove training on a tiny model."""
+    from yokai_pipeline import training
+
+    tiny = workspace / "tiny_sd_model"
+    if not (tiny / "model_index.json").exists():
+        training.build_tiny_sd_model(tiny)
+    data = cfg.model_dump()
+    data["selection"]["tiers"] = ["S", "A", "B", "C"]
+    data["training"].update(enabled=True, base_model=str(tiny), max_steps=4, device="cpu")
+    return PipelineConfig.model_validate(data)
+
+
 def register(app: typer.Typer) -> None:
     @app.command()
     def run(
-        episodes_dir: Annotated[Path, typer.Argument(help="Folder of episode videos (any container ffmpeg reads).")],
-        workspace: Annotated[Path, typer.Option(help="Run workspace (outputs, caches).")] = Path("runs/default"),
+        episodes_dir: Annotated[
+            Path, typer.Argument(help="Folder of episode videos (any container ffmpeg reads).")
+        ],
+        workspace: Annotated[Path, typer.Option(help="Run workspace (outputs, caches).")] = Path(
+            "runs/default"
+        ),
         config: Annotated[Path | None, typer.Option(help="PipelineConfig as TOML or JSON.")] = None,
-        backend: Annotated[str | None, typer.Option(help="Layering backend: offline, u2net or u2netp.")] = None,
+        backend: Annotated[
+            str | None, typer.Option(help="Layering backend: offline, u2net or u2netp.")
+        ] = None,
         weights: Annotated[Path | None, typer.Option(help="U2Net weight file (.pth / .safetensors).")] = None,
         embedder: Annotated[str | None, typer.Option(help="Embedding backend: offline or clip.")] = None,
-        ground_truth: Annotated[Path | None, typer.Option(help="Ground-truth folder (sample series) for quality figures.")] = None,
+        ground_truth: Annotated[
+            Path | None, typer.Option(help="Ground-truth folder (sample series) for quality figures.")
+        ] = None,
     ) -> None:
         """Run the pipeline on a folder of episodes."""
         try:
@@ -142,9 +194,14 @@ def register(app: typer.Typer) -> None:
         from yokai_pipeline import synthetic
 
         cfg = build_config(config, None, None, None)
+        if config is None:
+            cfg = demo_config(cfg, workspace.resolve())
         series_dir = workspace.resolve() / "sample_series"
         console.print(f"generating the sample series in {series_dir} ...")
         synthetic.generate_series(series_dir, seed=seed, episodes=episodes, seconds=seconds)
-        run_pipeline(series_dir / "episodes", workspace, cfg, series_dir / "ground_truth")
-        console.print("[green]demo finished[/green] (offline backends: no model weights, CPU only)")
-
+        run_pipeline(series_dir / "episodes", workspace, cfg, series_dir / "ground_truth", evidence_steps=2)
+        console.print(
+            "[green]demo finished[/green] (offline backends: no model weights, CPU only; the LoRA training "
+            f"step trained a tiny randomly initialised SD-style model for {cfg.training.max_steps} steps per "
+            "character to prove the path end to end; its LoRAs are not meant to be used)"
+        )

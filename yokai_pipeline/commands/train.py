@@ -51,6 +51,9 @@ def train(
         str | None,
         typer.Option(help="Base model (hub id, diffusers folder or .safetensors) instead of the config's."),
     ] = None,
+    launcher: Annotated[
+        str, typer.Option(help="kohya: accelerate, python (run train_network.py directly) or auto.")
+    ] = "auto",
     device: Annotated[str, typer.Option(help="builtin: auto, cpu, cuda or cuda:N.")] = "auto",
     evidence: Annotated[
         bool,
@@ -122,6 +125,7 @@ def train(
                         base_model=base_model,
                         on_progress=on_progress,
                         on_line=on_line,
+                        launcher=launcher,
                     )
                 if evidence and res.get("status") in ("finished", "skipped"):
                     from yokai_pipeline.checkpoints import render_checkpoint_evidence
