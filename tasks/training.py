@@ -44,6 +44,7 @@ def train_task(config_file: str, name: str, cfg: TrainingConfig) -> dict:
         max_steps=cfg.max_steps,
         device=cfg.device,
         on_progress=on_progress,
+        resolution=cfg.resolution,
     )
 
 

@@ -27,6 +27,7 @@ import math
 import os
 import shutil
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +38,7 @@ import numpy as np
 from yokai_pipeline.config import AugmentConfig
 from yokai_pipeline.errors import BadInputError
 from yokai_pipeline.fsio import (
-    atomic_path,
+    TMP_PREFIX,
     atomic_write_bytes,
     atomic_write_json,
     file_sha256,
@@ -397,22 +398,53 @@ def augment_clusters(
         Summary with per-cluster results and totals.
     """
     t0 = time.perf_counter()
+    results = []
+    for job in augment_jobs(clusters_dir, out_dir, analysis=analysis, selection=selection):
+        name = job["cluster"]
+        cb = (lambda d, t, _n=name: progress(_n, d, t)) if progress else None
+        results.append(
+            augment_cluster(job["src_dir"], job["out_dir"], cfg, symmetric=job["symmetric"], progress=cb)
+        )
+    return summarize_augmentation(results, out_dir, cfg, seconds=time.perf_counter() - t0)
+
+
+def augment_jobs(
+    clusters_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    analysis: Mapping[Any, Any] | str | Path | None = None,
+    selection: Mapping[str, Any] | str | Path | None = None,
+) -> list[dict[str, Any]]:
+    """One small JSON-ready record per cluster to augment (what a flow maps a task over).
+
+    Returns:
+        ``[{"cluster": "cluster_003", "src_dir": ..., "out_dir": ..., "symmetric": bool}]``.
+    """
     clusters_dir, out_dir = Path(clusters_dir), Path(out_dir)
     folders = cluster_folders(clusters_dir)
     wanted = selected_clusters(selection)
     if wanted is not None:
         folders = [f for f in folders if cluster_id(f.name) in wanted]
     info = normalise_analysis(analysis)
-    results = []
+    jobs = []
     for folder in folders:
         cid = cluster_id(folder.name)
         meta = info.get(cid, {}) if cid is not None else {}
-        cb = (lambda d, t, _n=folder.name: progress(_n, d, t)) if progress else None
-        results.append(
-            augment_cluster(
-                folder, out_dir / folder.name, cfg, symmetric=bool(meta.get("symmetric")), progress=cb
-            )
+        jobs.append(
+            {
+                "cluster": folder.name,
+                "src_dir": str(folder),
+                "out_dir": str(out_dir / folder.name),
+                "symmetric": bool(meta.get("symmetric", False)),
+            }
         )
+    return jobs
+
+
+def summarize_augmentation(
+    results: list[dict[str, Any]], out_dir: str | Path, cfg: AugmentConfig, *, seconds: float = 0.0
+) -> dict[str, Any]:
+    """Totals over :func:`augment_cluster` results; written to ``out_dir/augment_summary.json``."""
     summary = {
         "clusters": len(results),
         "augmented_clusters": sum(r["status"] == "augmented" for r in results),
@@ -422,11 +454,11 @@ def augment_clusters(
         "augmented": sum(r["augmented"] for r in results),
         "total": sum(r["total"] for r in results),
         "failed": [dict(f, cluster=r["cluster"]) for r in results for f in r["failed"]],
-        "seconds": round(time.perf_counter() - t0, 3),
+        "seconds": round(seconds, 3),
         "results": [{k: v for k, v in r.items() if k != "config"} for r in results],
         "config": cfg.model_dump(mode="json"),
     }
-    atomic_write_json(out_dir / SUMMARY_NAME, summary)
+    atomic_write_json(Path(out_dir) / SUMMARY_NAME, summary)
     return summary
 
 
@@ -532,12 +564,16 @@ def _place_original(src: Path, dest: Path) -> None:
         except OSError:
             pass
         dest.with_suffix(".txt").unlink(missing_ok=True)
-    with atomic_path(dest) as tmp:
-        tmp.unlink()
+    # Link (or copy) to a temp name, then rename: readers never see a half-copied file.
+    tmp = dest.with_name(f"{TMP_PREFIX}{uuid.uuid4().hex}{dest.suffix}")
+    try:
         try:
             os.link(src, tmp)
         except OSError:  # other file system or no hard links: copy instead
             shutil.copyfile(src, tmp)
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _remove_stale(out_dir: Path, planned: set[str]) -> None:

@@ -158,6 +158,7 @@ class TrainingConfig(_Stage):
     characters: list[str] | None = Field(None, description="Train only these character names (default: every packaged character).")
     max_steps: int | None = Field(None, ge=1, description="Stop each character after this many steps (state is saved; the next run resumes).")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N (built-in trainer).")
+    resolution: int | None = Field(None, ge=32, le=2048, description="Built-in trainer: train at this square size without buckets instead of the dataset's resolution (quick CPU smoke runs).")
     evidence: bool = Field(True, description="Render sample images per checkpoint and the HTML grid with the validation-loss curve.")
 
 

@@ -850,6 +850,7 @@ def train_lora_builtin(
     max_steps: int | None = None,
     device: str = "auto",
     on_progress: Callable[[dict[str, Any]], None] | None = None,
+    resolution: int | None = None,
 ) -> dict[str, Any]:
     """Train one character's LoRA from its kohya training config with diffusers + peft.
 
@@ -862,6 +863,8 @@ def train_lora_builtin(
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         on_progress: called after every step with ``{step, total_steps, epoch, total_epochs, loss}``
             and after every epoch with ``val_loss`` added.
+        resolution: train every dataset at this square size without buckets instead of the
+            configured resolution (quick smoke runs on CPU, e.g. the demo's tiny model).
 
     Returns:
         ``{status: finished|stopped|skipped, checkpoint, global_step, epoch, output_dir, ...}``.
@@ -881,7 +884,7 @@ def train_lora_builtin(
         )
     model = load_base_model(base)
     return train_lora_with_model(
-        config_file, model, max_steps=max_steps, device=device, on_progress=on_progress
+        config_file, model, max_steps=max_steps, device=device, on_progress=on_progress, resolution=resolution
     )
 
 
@@ -892,6 +895,7 @@ def train_lora_with_model(
     max_steps: int | None = None,
     device: str = "auto",
     on_progress: Callable[[dict[str, Any]], None] | None = None,
+    resolution: int | None = None,
 ) -> dict[str, Any]:
     """:func:`train_lora_builtin` with an already loaded base model (benchmarks, tests)."""
     _require_diffusers()
@@ -904,7 +908,12 @@ def train_lora_with_model(
 
     config_file = Path(config_file)
     args = read_training_args(config_file)
-    specs = list_dataset_images(read_dataset_config(args, config_file))
+    specs = read_dataset_config(args, config_file)
+    if resolution is not None:
+        for spec in specs:
+            spec.resolution = (resolution, resolution)
+            spec.params["enable_bucket"] = False
+    specs = list_dataset_images(specs)
     steps_per_epoch = len(plan_epoch(specs, 0, 1))
     st = _settings(args, config_file, steps_per_epoch)
     dev = _pick_device(device)

@@ -102,9 +102,8 @@ def test_intensity_ranges_stay_within_guide_bounds():
 @pytest.fixture(scope="module")
 def augmented(tmp_path_factory):
     root = tmp_path_factory.mktemp("aug")
-    nyan = next(c for c in CHARACTERS if c.name == "nyan")
-    assert not nyan.symmetric
-    src = _make_cluster(root / "clusters", "cluster_003", nyan.id, 6)
+    asym = next(c for c in CHARACTERS if not c.symmetric)  # flips would change its identity
+    src = _make_cluster(root / "clusters", "cluster_003", asym.id, 6)
     cfg = AugmentConfig(intensity="heavy", seed=7)
     first = augment_cluster(src, root / "out1" / "cluster_003", cfg)
     second = augment_cluster(src, root / "out2" / "cluster_003", cfg)
@@ -149,9 +148,9 @@ def test_alpha_is_preserved(augmented):
         # Not empty: the character keeps (almost) its area; crops enlarge by at most 1/0.95^2.
         ratio = opaque.sum() / (orig[..., 3] > 0).sum()
         assert 0.8 < ratio < 1.25, (row["path"], ratio)
-        # Binary-ish: partial alpha only in a thin anti-aliased rim along the 50 % contour, no haze.
+        # Binary-ish: partial alpha only in a thin anti-aliased rim (3 px) along the 50 % contour, no haze.
         partial = (alpha > 10) & (alpha < 245)
-        k = np.ones((5, 5), np.uint8)
+        k = np.ones((7, 7), np.uint8)
         rim = (cv2.dilate((alpha < 128).astype(np.uint8), k) > 0) & (
             cv2.dilate((alpha >= 128).astype(np.uint8), k) > 0
         )
@@ -203,7 +202,7 @@ def test_every_output_records_source_and_transform(augmented):
             assert 0.95 <= t["crop"]["frac"] <= 1
             assert 0.8 <= t["color"]["brightness"] <= 1.2 and 0.9 <= t["color"]["contrast"] <= 1.1
             assert abs(t["color"]["hue_deg"]) <= 10
-            assert "hflip" not in t  # nyan is not symmetric and flips were not allowed
+            assert "hflip" not in t  # the character is not symmetric and flips were not allowed
     # The recorded parameters reproduce the image.
     r = next(r for r in rows if r["kind"] == "augmented")
     again = apply_transform(np.asarray(Image.open(src / r["source"])), r["transform"])

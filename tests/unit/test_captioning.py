@@ -248,3 +248,34 @@ def test_static_cache_path_pads_short_batches_to_one_shape(tiny_blip2, monkeypat
     assert batch["n"] == 3 and batch["inputs"]["pixel_values"].shape[0] == 4
     texts = static.generate(batch)
     assert texts == eager.caption(ims, [PROMPTS["yokai"]] * 3)
+
+
+def test_device_preprocess_path_gives_the_same_captions(tiny_blip2):
+    from yokai_pipeline.models.blip2 import load_blip2
+
+    bundle = load_blip2(str(tiny_blip2), "cpu")
+    cpu = Blip2Captioner("x", "cpu", max_new_tokens=5, bundle=bundle)
+    dev = Blip2Captioner("x", "cpu", max_new_tokens=5, device_preprocess=True, bundle=bundle)
+    assert not cpu.device_preprocess and dev.device_preprocess
+    ims = [Image.fromarray(render_character(c.id)) for c in CHARACTERS[3:6]]
+    batch = dev.prepare(ims, [PROMPTS["human"]] * 3)
+    assert "inputs" not in batch  # the CPU thread only composited; the processor runs next to the model
+    assert dev.generate(batch) == cpu.caption(ims, [PROMPTS["human"]] * 3)
+
+
+def test_parallel_folders_share_one_model_safely(tiny_blip2, tmp_path):
+    """Prefect maps caption tasks on threads; they share the memoised model."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cfg = CaptionConfig(backend="blip2", model=str(tiny_blip2), device="cpu", batch_size=2, max_new_tokens=6)
+    a = _folder(tmp_path / "par", "cluster_000", ("keita",), 4)
+    b = _folder(tmp_path / "par", "cluster_003", ("nyan",), 4)
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda f: caption_folder(f, cfg, trigger=f.name, char_type="yokai"), [a, b]))
+    assert [r["captioned"] for r in results] == [4, 4]
+    parallel = {p: p.read_text() for p in sorted((tmp_path / "par").rglob("*.txt"))}
+    for p in parallel:
+        p.unlink()
+    for f in (a, b):
+        caption_folder(f, cfg, trigger=f.name, char_type="yokai")
+    assert parallel == {p: p.read_text() for p in sorted((tmp_path / "par").rglob("*.txt"))}

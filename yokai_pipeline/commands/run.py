@@ -151,7 +151,10 @@ def demo_config(cfg: PipelineConfig, workspace: Path) -> PipelineConfig:
         training.build_tiny_sd_model(tiny)
     data = cfg.model_dump()
     data["selection"]["tiers"] = ["S", "A", "B", "C"]
-    data["training"].update(enabled=True, base_model=str(tiny), max_steps=4, device="cpu")
+    # the largest cluster is always char000: one character is enough to prove the path
+    data["training"].update(
+        enabled=True, base_model=str(tiny), max_steps=4, device="cpu", resolution=64, characters=["char000"]
+    )
     return PipelineConfig.model_validate(data)
 
 
@@ -202,6 +205,7 @@ def register(app: typer.Typer) -> None:
         run_pipeline(series_dir / "episodes", workspace, cfg, series_dir / "ground_truth", evidence_steps=2)
         console.print(
             "[green]demo finished[/green] (offline backends: no model weights, CPU only; the LoRA training "
-            f"step trained a tiny randomly initialised SD-style model for {cfg.training.max_steps} steps per "
-            "character to prove the path end to end; its LoRAs are not meant to be used)"
+            f"step trained a tiny randomly initialised SD-style model for {cfg.training.max_steps} steps at "
+            f"{cfg.training.resolution} px on {', '.join(cfg.training.characters or [])} to prove the path "
+            "end to end; that LoRA is not meant to be used)"
         )

@@ -9,7 +9,7 @@ Preprocessing is the checkpoint's own processor. bf16 on CUDA, fp32 on CPU.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,9 @@ class Blip2Bundle:
     processor: Any
     device: Any
     dtype: Any
+    # One generate() at a time per model: the static KV cache and compiled graphs are per model,
+    # and parallel tasks (Prefect's thread runner) must not interleave on them.
+    lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
     @property
     def is_encoder_decoder(self) -> bool:
@@ -108,15 +111,26 @@ def clear_cache() -> None:
         _CACHE.clear()
 
 
-def preprocess(bundle: Blip2Bundle, images: list[Any], prompts: list[str]) -> dict[str, Any]:
-    """Processor call on CPU: pixel values + prompt tokens, pinned when the model is on CUDA.
+def preprocess(
+    bundle: Blip2Bundle, images: list[Any], prompts: list[str], *, on_device: bool = False
+) -> dict[str, Any]:
+    """The checkpoint's processor: pixel values + prompt tokens.
 
-    Runs in the caller's prefetch thread so it overlaps generation of the previous batch.
+    Args:
+        bundle: Loaded model.
+        images: RGB PIL images.
+        prompts: One prompt per image.
+        on_device: Resize and normalise on the model's device (the processor's torchvision
+            backend); the CPU then only decodes. Call it from the thread that runs the model:
+            CUDA work from a second thread can break the compiled decode step's graph capture.
+            Otherwise everything runs on CPU (in a prefetch thread) and the tensors are pinned
+            for an asynchronous copy.
     """
     torch, _ = _import_torch_transformers()
-    enc = bundle.processor(images=images, text=prompts, return_tensors="pt", padding=True)
+    kwargs: dict[str, Any] = {"device": bundle.device} if on_device else {}
+    enc = bundle.processor(images=images, text=prompts, return_tensors="pt", padding=True, **kwargs)
     out = {k: v for k, v in enc.items() if isinstance(v, torch.Tensor)}
-    if bundle.device.type == "cuda":
+    if bundle.device.type == "cuda" and not on_device:
         out = {k: v.pin_memory() for k, v in out.items()}
     return out
 
@@ -144,7 +158,7 @@ def generate_captions(
     feed = {k: v.to(dev, non_blocking=True) for k, v in inputs.items()}
     feed["pixel_values"] = feed["pixel_values"].to(bundle.dtype)
     extra = {"cache_implementation": "static"} if static_cache else {}
-    with torch.inference_mode():
+    with bundle.lock, torch.inference_mode():
         out = bundle.model.generate(
             **feed,
             max_new_tokens=max_new_tokens,
