@@ -146,7 +146,10 @@ def bench_models(args, frames, rows, work: Path, results: list) -> None:
         results.append((variant, "naive model", "fp32, batch 1", n_naive, naive, 1.0))
         del model
 
-        for compiled in [False, True] if (args.compile and cuda) else [False]:
+        variants = [False, True] if (args.compile and cuda) else [False]
+        if args.compile and cuda and args.compiled_only:
+            variants = [True]
+        for compiled in variants:
             u2net._cache.clear()
             label = "bf16 channels_last" if cuda else "fp32"
             label += f", batch {args.batch_size}" + (", compiled" if compiled else "")
@@ -218,8 +221,19 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=None, help="decode/write threads (default: CPU count)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--compile", action="store_true", help="also measure torch.compile (CUDA)")
+    ap.add_argument("--compiled-only", action="store_true", help="with --compile: skip the eager rows")
+    ap.add_argument("--cv2-threads", type=int, default=None, help="cv2.setNumThreads (default: OpenCV's)")
+    ap.add_argument(
+        "--no-fsync", action="store_true", help="diagnostic: make os.fsync a no-op (cost of per-file fsync)"
+    )
     ap.add_argument("--workdir", type=Path, default=None)
     args = ap.parse_args()
+    if args.cv2_threads is not None:
+        cv2.setNumThreads(args.cv2_threads)
+    if args.no_fsync:
+        import os as _os
+
+        _os.fsync = lambda fd: None
 
     import os
 
@@ -243,7 +257,8 @@ def main() -> None:
     rows = write_frame_pngs(frames, max(args.frames, n_off), Workspace(work / "ws"), args.workers)
     size = f"{frames[0].shape[1]}x{frames[0].shape[0]}"
     print(f"{len(frames)} distinct {size} frames; device: {device_name}; torch {torch_version}; "
-          f"{args.workers} worker threads; {os.cpu_count()} CPUs", flush=True)  # fmt: skip
+          f"{args.workers} worker threads; {os.cpu_count()} CPUs; cv2 threads {cv2.getNumThreads()}; "
+          f"fsync {'off (diagnostic)' if args.no_fsync else 'on'}", flush=True)  # fmt: skip
 
     results = Results()
     seg = layering.OfflineSegmenter()

@@ -155,7 +155,7 @@ def test_a_pickled_object_is_refused(tmp_path):
             return (print, ("pwned",))
 
     bad = tmp_path / "evil.pth"
-    bad.write_bytes(pickle.dumps({"x": Evil()}))
+    bad.write_bytes(pickle.dumps({"x": Evil()}, protocol=2))
     with pytest.raises(BadInputError, match="evil.pth"):
         u2net.load_u2net(bad, "u2netp", device="cpu")
 
