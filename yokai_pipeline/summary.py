@@ -59,7 +59,7 @@ def evaluate_quality(ws: Workspace, episode_ids: list[str], ground_truth_dir: Pa
             ious[ep] = layering.mask_iou(ws, ep, synthetic.load_ground_truth(gt_path))
     quality: dict[str, Any] = {}
     if ious:
-        means = [v["mean_iou"] for v in ious.values()]
+        means = [v["mean_iou"] for v in ious.values() if v.get("mean_iou") is not None]
         quality["segmentation"] = {
             "mean_iou": round(sum(means) / len(means), 4),
             "per_episode": ious,
@@ -89,7 +89,10 @@ def _identity_quality(ws: Workspace, ground_truth_dir: Path) -> dict[str, Any]:
     ana_path = ws.analysis_dir / "cluster_analysis.json"
     if ana_path.exists() and truth_type:
         result = analysis.read_analysis(ana_path)
-        out["character_type"] = {"accuracy": round(analysis.type_accuracy(result, truth_type), 4), "clusters": len(truth_type)}
+        out["character_type"] = {
+            "accuracy": round(analysis.type_accuracy(result, truth_type), 4),
+            "clusters": len(truth_type),
+        }
         # which ground-truth character each cluster is, so tiers can be checked against appearances
         out["clusters_to_characters"] = {str(cid): c.most_common(1)[0][0] for cid, c in votes.items()}
     return out
