@@ -69,7 +69,9 @@ def _import_umap() -> Any:
     global _umap_ready
     with _umap_lock:
         if not _umap_ready:
-            cache_dir = os.environ.setdefault("NUMBA_CACHE_DIR", str(Path.home() / ".cache" / "yokai" / "numba"))
+            cache_dir = os.environ.setdefault(
+                "NUMBA_CACHE_DIR", str(Path.home() / ".cache" / "yokai" / "numba")
+            )
             Path(cache_dir).mkdir(parents=True, exist_ok=True)
             try:
                 from numba.core import config as numba_config
@@ -79,14 +81,18 @@ def _import_umap() -> Any:
             if numba_config.CACHE_DIR != cache_dir:  # numba was imported before we set the variable
                 numba_config.reload_config()
             try:
-                umap = importlib.import_module("umap")
+                importlib.import_module("umap")
             except ImportError as exc:  # pragma: no cover - depends on the environment
                 raise ImportError("clustering needs umap-learn: pip install umap-learn hdbscan") from exc
-            # UMAP's own kernels are plain njit (no cache=True); enabling numba's file cache on
-            # them is what turns a 10-40 s first fit per process into well under a second.
-            for name in ("umap.umap_", "umap.layouts", "umap.utils", "umap.distances", "umap.spectral", "umap.sparse"):
-                mod = importlib.import_module(name)
-                for obj in vars(mod).values():
+            # UMAP's kernels and part of pynndescent's are plain njit (no cache=True); enabling
+            # numba's file cache on them turns a 10-60 s first fit per process into ~1 s.
+            import sys
+
+            modules = [
+                m for n, m in list(sys.modules.items()) if n.startswith(("umap.", "pynndescent.")) and m
+            ]
+            for mod in modules:
+                for obj in list(vars(mod).values()):
                     if isinstance(obj, CPUDispatcher) and type(obj._cache).__name__ == "NullCache":
                         try:
                             obj.enable_caching()
@@ -124,7 +130,9 @@ def reduce_embeddings(X: np.ndarray, cfg: ClusteringConfig) -> np.ndarray:
     if cfg.pca_dim and d > cfg.pca_dim:
         from sklearn.decomposition import PCA
 
-        X = PCA(n_components=min(cfg.pca_dim, n - 1), svd_solver="randomized", random_state=cfg.seed).fit_transform(X)
+        X = PCA(
+            n_components=min(cfg.pca_dim, n - 1), svd_solver="randomized", random_state=cfg.seed
+        ).fit_transform(X)
         X = X.astype(np.float32)
         metric = "euclidean"
     umap = _import_umap()
@@ -144,10 +152,15 @@ def reduce_embeddings(X: np.ndarray, cfg: ClusteringConfig) -> np.ndarray:
         # random_state forces one thread; UMAP warns about it on every call.
         warnings.filterwarnings("ignore", message=".*n_jobs value .* overridden.*")
         warnings.filterwarnings("ignore", message=".*spectral initialisation failed.*")
+        # pynndescent's nn_descent takes the metric as a first-class function and cannot be
+        # cached; numba says so once per process (it then compiles it, a few seconds).
+        warnings.filterwarnings("ignore", message=".*Cannot cache compiled function.*")
         return reducer.fit_transform(X).astype(np.float32)
 
 
-def cluster_embeddings(X: np.ndarray, cfg: ClusteringConfig) -> tuple[np.ndarray, np.ndarray]:
+def cluster_embeddings(
+    X: np.ndarray, cfg: ClusteringConfig, allow_single_cluster: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """Cluster embeddings with UMAP then HDBSCAN.
 
     Deterministic for a given ``cfg.seed``. Cluster ids are ordered by size (0 = largest;
@@ -156,6 +169,8 @@ def cluster_embeddings(X: np.ndarray, cfg: ClusteringConfig) -> tuple[np.ndarray
     Args:
         X: ``[n, d]`` embeddings (normalised here).
         cfg: clustering settings.
+        allow_single_cluster: let HDBSCAN return one cluster for all points (otherwise a
+            set of one character is all noise); used for the leftovers of incremental runs.
 
     Returns:
         ``labels`` (int64 ``[n]``) and ``probabilities`` (float32 ``[n]``, HDBSCAN membership
@@ -173,6 +188,7 @@ def cluster_embeddings(X: np.ndarray, cfg: ClusteringConfig) -> tuple[np.ndarray
         min_cluster_size=cfg.min_cluster_size,
         min_samples=min(cfg.min_samples, n - 1) if cfg.min_samples else None,
         core_dist_n_jobs=1,
+        allow_single_cluster=allow_single_cluster,
     )
     raw = clusterer.fit_predict(Z.astype(np.float64))
     probs = np.where(raw >= 0, clusterer.probabilities_, 0.0).astype(np.float32)
@@ -208,11 +224,16 @@ def split_incoherent_clusters(
         # Linkage is O(n^2) in memory; a big cluster is split on a sample, the rest follow
         # their nearest group centroid.
         sample = np.sort(rng.choice(idx, SPLIT_SAMPLE, replace=False)) if idx.size > SPLIT_SAMPLE else idx
-        parts = fcluster(linkage(Xn[sample], method="average", metric="cosine"), t=max_distance, criterion="distance")
+        parts = fcluster(
+            linkage(Xn[sample], method="average", metric="cosine"), t=max_distance, criterion="distance"
+        )
         if parts.max() == 1:
             continue
         if sample.size < idx.size:
-            groups = {int(p): normalise_rows(Xn[sample[parts == p]].mean(axis=0, keepdims=True))[0] for p in np.unique(parts)}
+            groups = {
+                int(p): normalise_rows(Xn[sample[parts == p]].mean(axis=0, keepdims=True))[0]
+                for p in np.unique(parts)
+            }
             keys = np.array(sorted(groups))
             parts = keys[(Xn[idx] @ np.stack([groups[int(k)] for k in keys]).T).argmax(axis=1)]
         sizes = Counter(parts.tolist())
@@ -282,7 +303,11 @@ def relabel_by_size(labels: np.ndarray) -> np.ndarray:
 def centroids_of(X: np.ndarray, labels: np.ndarray) -> dict[int, np.ndarray]:
     """Unit-norm mean embedding of each cluster id >= 0."""
     Xn = normalise_rows(X)
-    return {int(c): normalise_rows(Xn[labels == c].mean(axis=0, keepdims=True))[0] for c in np.unique(labels) if c >= 0}
+    return {
+        int(c): normalise_rows(Xn[labels == c].mean(axis=0, keepdims=True))[0]
+        for c in np.unique(labels)
+        if c >= 0
+    }
 
 
 def nearest_centroid(
@@ -310,7 +335,9 @@ def nearest_centroid(
 class _Layers:
     """Character layers of some episodes with their embeddings, in (episode, manifest) order."""
 
-    def __init__(self, rows: list[dict[str, Any]], X: np.ndarray, embedding: dict[str, Any], skipped: list[str]):
+    def __init__(
+        self, rows: list[dict[str, Any]], X: np.ndarray, embedding: dict[str, Any], skipped: list[str]
+    ):
         self.rows, self.X, self.embedding, self.skipped = rows, X, embedding, skipped
 
     @property
@@ -344,7 +371,9 @@ def load_layers(workspace: Workspace, episode_ids: Sequence[str]) -> _Layers:
         if embedding is None:
             embedding = this
         elif this != embedding:
-            raise ConfigError(f"episode {ep} was embedded with {this}, others with {embedding}; re-embed them alike")
+            raise ConfigError(
+                f"episode {ep} was embedded with {this}, others with {embedding}; re-embed them alike"
+            )
         ok = np.linalg.norm(vectors, axis=1) > 0
         skipped += [r["layer_id"] for r, good in zip(ep_rows, ok, strict=True) if not good]
         rows += [r for r, good in zip(ep_rows, ok, strict=True) if good]
@@ -534,7 +563,9 @@ def cluster_layers(workspace: Workspace, episode_ids: Sequence[str], cfg: Cluste
     return _stats(doc, t0, reassigned=reassigned, skipped=layers.skipped, missing=placed["missing"])
 
 
-def assign_incremental(workspace: Workspace, new_episode_ids: Sequence[str], cfg: ClusteringConfig) -> dict[str, Any]:
+def assign_incremental(
+    workspace: Workspace, new_episode_ids: Sequence[str], cfg: ClusteringConfig
+) -> dict[str, Any]:
     """Add new episodes' layers to the existing clusters without renumbering them.
 
     A new layer joins the cluster whose centroid is nearest (cosine) if it is within
@@ -570,7 +601,18 @@ def assign_incremental(workspace: Workspace, new_episode_ids: Sequence[str], cfg
     unmatched = np.flatnonzero(ids < 0)
     n_new_clusters = 0
     if unmatched.size:
-        sub_labels, sub_probs = cluster_embeddings(X[unmatched], cfg)
+        sub_labels, sub_probs = cluster_embeddings(X[unmatched], cfg, allow_single_cluster=True)
+        # HDBSCAN leaves the fringe of a lone cluster as noise; the centroid rule that placed
+        # the other new layers applies to them as well.
+        fringe = sub_labels < 0
+        if fringe.any() and (sub_labels >= 0).any():
+            near, d = nearest_centroid(
+                X[unmatched][fringe], centroids_of(X[unmatched], sub_labels), cfg.reassign_max_distance
+            )
+            sub_labels[fringe] = near
+            sub_probs[fringe] = np.where(
+                near >= 0, np.clip(1.0 - d / cfg.reassign_max_distance, 0.0, 1.0), 0.0
+            )
         next_id = max([c["id"] for c in doc["clusters"]], default=-1) + 1
         ids[unmatched] = np.where(sub_labels >= 0, sub_labels + next_id, -1)
         probs[unmatched] = sub_probs
@@ -602,7 +644,9 @@ def _check_same_embedding(doc: dict[str, Any], embedding: Mapping[str, Any], wor
         )
 
 
-def _embeddings_of_members(workspace: Workspace, members: Iterable[Mapping[str, Any]]) -> dict[str, np.ndarray]:
+def _embeddings_of_members(
+    workspace: Workspace, members: Iterable[Mapping[str, Any]]
+) -> dict[str, np.ndarray]:
     episodes = list(dict.fromkeys(m["episode_id"] for m in members))
     layers = load_layers(workspace, episodes)
     return dict(zip(layers.ids, layers.X, strict=True))
@@ -683,7 +727,9 @@ def recluster(workspace: Workspace, episode_ids: Sequence[str], cfg: ClusteringC
 # --------------------------------------------------------------------------- quality
 
 
-def evaluate_clusters(members: Iterable[Mapping[str, Any]], labels_by_layer: Mapping[str, int | None]) -> dict[str, Any]:
+def evaluate_clusters(
+    members: Iterable[Mapping[str, Any]], labels_by_layer: Mapping[str, int | None]
+) -> dict[str, Any]:
     """Score clusters against ground truth.
 
     Members whose ``layer_id`` is not in ``labels_by_layer`` are ignored. Noise (-1) counts

@@ -151,7 +151,9 @@ def describe_layer(rgba: np.ndarray) -> np.ndarray:
     coverage = float(mask.mean())
     profile = mask.mean(axis=1)  # figure width per row: flip-invariant silhouette summary
     idx = np.linspace(0, mask.shape[0], _PROFILE_BINS + 1).round().astype(int)
-    profile = np.array([profile[a:b].mean() if b > a else 0.0 for a, b in zip(idx[:-1], idx[1:], strict=True)])
+    profile = np.array(
+        [profile[a:b].mean() if b > a else 0.0 for a, b in zip(idx[:-1], idx[1:], strict=True)]
+    )
     shape = np.concatenate([[aspect, coverage], profile])
     shape = shape / (np.linalg.norm(shape) + 1e-12)
 
@@ -211,7 +213,9 @@ class OfflineEmbedder:
                 return i, describe_layer(to_rgba_array(open_image(item))), None
             except (BadInputError, ValueError) as exc:
                 if errors is None:
-                    raise BadInputError(_name_of(item, i), str(exc)) if isinstance(exc, ValueError) else exc
+                    if isinstance(exc, BadInputError):
+                        raise
+                    raise BadInputError(_name_of(item, i), str(exc)) from exc
                 return i, None, f"{_name_of(item, i)}: {exc}"
 
         # OpenCV and PNG decoding release the GIL, so threads overlap them.
@@ -456,5 +460,7 @@ def load_embeddings(workspace: Workspace, episode_id: str) -> tuple[np.ndarray, 
         raise BadInputError(npy, f"unreadable embeddings ({exc})") from exc
     meta = read_json(side)
     if vectors.ndim != 2 or vectors.shape[0] != len(meta.get("layer_ids", [])):
-        raise BadInputError(npy, f"has shape {vectors.shape} but its sidecar lists {len(meta.get('layer_ids', []))} layers")
+        raise BadInputError(
+            npy, f"has shape {vectors.shape} but its sidecar lists {len(meta.get('layer_ids', []))} layers"
+        )
     return vectors.astype(np.float32, copy=False), meta

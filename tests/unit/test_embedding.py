@@ -33,7 +33,10 @@ TINY_CLIP = {
         "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
         "text_cfg": {"context_length": 16, "vocab_size": 1000, "width": 32, "heads": 2, "layers": 1},
     },
-    "preprocess_cfg": {"mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]},
+    "preprocess_cfg": {
+        "mean": [0.48145466, 0.4578275, 0.40821073],
+        "std": [0.26862954, 0.26130258, 0.27577711],
+    },
 }
 
 
@@ -54,7 +57,10 @@ def crops(n: int, seed: int = 0) -> list[Image.Image]:
     out = []
     for i in range(n):
         arr = render_character(
-            i % len(CHARACTERS), scale=float(rng.uniform(0.4, 1.4)), facing=int(rng.choice([-1, 1])), pose=float(rng.uniform())
+            i % len(CHARACTERS),
+            scale=float(rng.uniform(0.4, 1.4)),
+            facing=int(rng.choice([-1, 1])),
+            pose=float(rng.uniform()),
         )
         out.append(Image.fromarray(arr, "RGBA"))
     return out
@@ -164,14 +170,16 @@ def test_clip_unknown_model_or_tag_is_a_config_error_without_downloading():
     with pytest.raises(ConfigError, match="not an open_clip model"):
         get_embedder(EmbeddingConfig(backend="clip", model="ViT-Nope-99", pretrained=None, device="cpu"))
     with pytest.raises(ConfigError, match="neither a tag"):
-        get_embedder(EmbeddingConfig(backend="clip", model="ViT-B-32", pretrained="no_such_tag", device="cpu"))
+        get_embedder(
+            EmbeddingConfig(backend="clip", model="ViT-B-32", pretrained="no_such_tag", device="cpu")
+        )
 
 
 @pytest.mark.slow
 def test_clip_vit_b32_random_weights_small_batch():
-    out = get_embedder(EmbeddingConfig(backend="clip", model="ViT-B-32", pretrained=None, device="cpu", batch_size=2)).embed(
-        crops(3)
-    )
+    out = get_embedder(
+        EmbeddingConfig(backend="clip", model="ViT-B-32", pretrained=None, device="cpu", batch_size=2)
+    ).embed(crops(3))
     assert out.shape == (3, 512)
     np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
 
@@ -188,7 +196,9 @@ def test_clip_on_cuda_bf16_matches_cpu_fp32(tiny_clip_dir):
 # ----------------------------------------------------------------------------- stage
 
 
-def make_episode(ws: Workspace, episode_id: str, n: int, seed: int = 0, broken: int | None = None) -> list[dict]:
+def make_episode(
+    ws: Workspace, episode_id: str, n: int, seed: int = 0, broken: int | None = None
+) -> list[dict]:
     """A layer manifest of ``n`` character crops (+ a background row per frame)."""
     rows = []
     for i, im in enumerate(crops(n, seed)):
@@ -200,13 +210,30 @@ def make_episode(ws: Workspace, episode_id: str, n: int, seed: int = 0, broken: 
         else:
             save_image(ws.abs(rel), im)
         rows.append(
-            {"layer_id": layer_id, "kind": "character", "episode": f"{episode_id}.mp4", "episode_id": episode_id,
-             "frame_index": i, "shot_id": 0, "box": [0, 0, im.width, im.height], "area": 1, "path": rel}
+            {
+                "layer_id": layer_id,
+                "kind": "character",
+                "episode": f"{episode_id}.mp4",
+                "episode_id": episode_id,
+                "frame_index": i,
+                "shot_id": 0,
+                "box": [0, 0, im.width, im.height],
+                "area": 1,
+                "path": rel,
+            }
         )
         rows.append(
-            {"layer_id": f"{episode_id}_f{i:06d}_bg", "kind": "background", "episode": f"{episode_id}.mp4",
-             "episode_id": episode_id, "frame_index": i, "shot_id": 0, "box": [0, 0, 640, 360], "area": 0,
-             "path": f"layered_frames/background/{episode_id}/{episode_id}_f{i:06d}.png"}
+            {
+                "layer_id": f"{episode_id}_f{i:06d}_bg",
+                "kind": "background",
+                "episode": f"{episode_id}.mp4",
+                "episode_id": episode_id,
+                "frame_index": i,
+                "shot_id": 0,
+                "box": [0, 0, 640, 360],
+                "area": 0,
+                "path": f"layered_frames/background/{episode_id}/{episode_id}_f{i:06d}.png",
+            }
         )
     write_jsonl(ws.layers_manifest(episode_id), rows)
     return [r for r in rows if r["kind"] == "character"]
@@ -217,13 +244,17 @@ def test_embed_layers_writes_aligned_npy_and_sidecar_then_skips_when_cached(tmp_
     rows = make_episode(ws, "ep01", 6)
     cfg = EmbeddingConfig(backend="offline")
     stats = embed_layers(ws, "ep01", cfg)
-    assert stats["n"] == 6 and stats["dim"] == OFFLINE_DIM and not stats["cached"] and stats["images_per_s"] > 0
+    assert (
+        stats["n"] == 6 and stats["dim"] == OFFLINE_DIM and not stats["cached"] and stats["images_per_s"] > 0
+    )
     X, meta = load_embeddings(ws, "ep01")
     assert X.shape == (6, OFFLINE_DIM)
     assert meta["layer_ids"] == [r["layer_id"] for r in rows]
     assert meta["backend"] == "offline" and meta["dim"] == OFFLINE_DIM and meta["config_hash"]
     # row i is the i-th character row's image
-    np.testing.assert_allclose(X[4], describe_layer(np.asarray(Image.open(ws.abs(rows[4]["path"])))), atol=1e-6)
+    np.testing.assert_allclose(
+        X[4], describe_layer(np.asarray(Image.open(ws.abs(rows[4]["path"])))), atol=1e-6
+    )
 
     mtime = ws.embeddings_path("ep01").stat().st_mtime_ns
     again = embed_layers(ws, "ep01", cfg.model_copy(update={"batch_size": 3, "num_workers": 0}))

@@ -96,7 +96,9 @@ def _build(model_name: str, pretrained: str | None, device: str) -> ClipBundle:
         model_name, pretrained = f"local-dir:{pretrained}", None
     has_schema = model_name.startswith(("hf-hub:", "local-dir:"))
     if not has_schema and model_name.replace("/", "-") not in open_clip.list_models():
-        raise ConfigError(f"embedding.model={model_name!r} is not an open_clip model; see open_clip.list_models()")
+        raise ConfigError(
+            f"embedding.model={model_name!r} is not an open_clip model; see open_clip.list_models()"
+        )
     if pretrained is not None and not has_schema:
         known = open_clip.list_pretrained_tags_by_model(model_name.replace("/", "-"))
         if pretrained not in known and not Path(pretrained).is_file():
