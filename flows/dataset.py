@@ -50,7 +50,10 @@ def dataset_flow(
     def timed(name: str, fn, *args, **kwargs):
         t0 = time.perf_counter()
         out = fn(*args, **kwargs)
-        stages[name] = {**(out if isinstance(out, dict) else {}), "seconds": round(time.perf_counter() - t0, 3)}
+        stages[name] = {
+            **(out if isinstance(out, dict) else {}),
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
         return out
 
     params = {"workspace": workspace, "episode_ids": episode_ids, "config": config}
@@ -67,7 +70,9 @@ def dataset_flow(
 
     chars = selected_folders(workspace)
     t0 = time.perf_counter()
-    futures = augment_task.map(unmapped(workspace), [c["folder"] for c in chars], unmapped(config.augment), False)
+    futures = augment_task.map(
+        unmapped(workspace), [c["folder"] for c in chars], unmapped(config.augment), False
+    )
     aug = [f.result() for f in futures]
     stages["augmentation"] = {
         "clusters": len(aug),

@@ -42,7 +42,8 @@ def episode_flow(
     ws = Workspace(workspace)
     episode_id = episode_id_for(Path(video))
     removed = remove_stale_temps(ws.episode_dir(episode_id)) + sum(
-        remove_stale_temps(ws.layered_frames / kind / episode_id) for kind in ("character", "background", "masks")
+        remove_stale_temps(ws.layered_frames / kind / episode_id)
+        for kind in ("character", "background", "masks")
     )
     if removed:
         log.info(f"removed {removed} temporary files left by an interrupted run")
@@ -52,7 +53,12 @@ def episode_flow(
     extract = extract_frames_task(video, workspace, config.frames, refs, episode_id)
     t_frames = time.perf_counter() - t0
 
-    layers = run_heavy(layering_flow, "layering", {"workspace": workspace, "episode_id": episode_id, "config": config}, config)
+    layers = run_heavy(
+        layering_flow,
+        "layering",
+        {"workspace": workspace, "episode_id": episode_id, "config": config},
+        config,
+    )
     return {
         "episode": Path(video).name,
         "episode_id": episode_id,

@@ -45,7 +45,12 @@ def embedding_flow(workspace: str, episode_ids: list[str], config: PipelineConfi
     per_episode = [f.result() for f in futures]
     n = sum(s.get("n", 0) for s in per_episode)
     seconds = time.perf_counter() - t0
-    return {"embeddings": n, "episodes": len(per_episode), "backend": config.embedding.backend, "seconds": round(seconds, 3)}
+    return {
+        "embeddings": n,
+        "episodes": len(per_episode),
+        "backend": config.embedding.backend,
+        "seconds": round(seconds, 3),
+    }
 
 
 @flow(name="caption", persist_result=True)
@@ -54,8 +59,11 @@ def caption_flow(workspace: str, config: PipelineConfig = PipelineConfig()) -> d
     chars = selected_folders(workspace)
     t0 = time.perf_counter()
     futures = caption_task.map(
-        unmapped(workspace), [c["folder"] for c in chars], unmapped(config.caption),
-        [c["trigger"] for c in chars], [c["type"] for c in chars],
+        unmapped(workspace),
+        [c["folder"] for c in chars],
+        unmapped(config.caption),
+        [c["trigger"] for c in chars],
+        [c["type"] for c in chars],
     )
     res = [f.result() for f in futures]
     seconds = time.perf_counter() - t0

@@ -22,7 +22,7 @@ def run_heavy(flow_fn: Flow, stage: str, parameters: dict[str, Any], config: Pip
     if not orch.distributed:
         return flow_fn(**parameters)
     name = f"{flow_fn.name}/{orch.deployment_prefix}-{stage}"
-    get_run_logger().info(f"running {name} on the GPU pool")
+    get_run_logger().info(f"running {name} as a deployment")
     run = run_deployment(name=name, parameters=parameters, timeout=orch.timeout_seconds)
     if run.state is None or not run.state.is_completed():
         msg = run.state.message if run.state else "no state"

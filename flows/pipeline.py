@@ -52,6 +52,13 @@ def pipeline_flow(
     """Run every episode in ``episodes_dir`` through the pipeline into ``workspace``.
 
     A bad episode fails alone: the others finish, then the run reports the failures.
+
+    Args:
+        episodes_dir: folder of episode videos (mp4, mkv, webm, mov, avi, ...), processed in name order.
+        workspace: run workspace folder (outputs, manifests, caches); created if missing.
+        config: pipeline configuration (backends, stage settings, orchestration).
+        ground_truth_dir: ground-truth folder of the built-in sample series, for quality figures.
+        evidence_steps: sampling steps for the checkpoint evidence images (None: each prompt's own).
     """
     log = get_run_logger()
     ws = Workspace(workspace)

@@ -15,7 +15,9 @@ def analyze_task(workspace: str, cfg: AnalysisConfig, embedding: EmbeddingConfig
     """Quality, tiers and types per cluster; JSON + HTML report + a Prefect artifact."""
     ws = Workspace(workspace)
     type_backend = "clip" if embedding.backend == "clip" else "offline"
-    result = analysis.analyze_clusters(ws.character_clusters, cfg, type_backend=type_backend, clip_cfg=embedding)
+    result = analysis.analyze_clusters(
+        ws.character_clusters, cfg, type_backend=type_backend, clip_cfg=embedding
+    )
     json_path, html_path = analysis.write_analysis(
         result, ws.analysis_dir / "cluster_analysis.json", ws.analysis_dir / "cluster_analysis.html"
     )

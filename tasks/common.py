@@ -35,7 +35,9 @@ def _paths(value: Any) -> list[str]:
     return out
 
 
-def content_cache(*file_params: str, modules: tuple[ModuleType, ...] = (), root_param: str | None = None) -> CachePolicy:
+def content_cache(
+    *file_params: str, modules: tuple[ModuleType, ...] = (), root_param: str | None = None
+) -> CachePolicy:
     """Cache policy keyed on task source, inputs, input file contents and library module source.
 
     Args:

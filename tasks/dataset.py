@@ -11,16 +11,27 @@ from yokai_pipeline.fsio import read_json
 from yokai_pipeline.workspace import Workspace
 
 
-@task(name="augment-cluster", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAYS, task_run_name="augment-{folder}")
+@task(
+    name="augment-cluster",
+    retries=IO_RETRIES,
+    retry_delay_seconds=IO_RETRY_DELAYS,
+    task_run_name="augment-{folder}",
+)
 def augment_task(workspace: str, folder: str, cfg: AugmentConfig, symmetric: bool) -> dict:
     """Augment one small cluster (or copy it unchanged when outside min/max)."""
     ws = Workspace(workspace)
-    res = augmentation.augment_cluster(ws.character_clusters / folder, ws.augmented_clusters / folder, cfg, symmetric=symmetric)
-    get_run_logger().info(f"{folder}: {res['originals']} originals -> {res['total']} images ({res['status']})")
+    res = augmentation.augment_cluster(
+        ws.character_clusters / folder, ws.augmented_clusters / folder, cfg, symmetric=symmetric
+    )
+    get_run_logger().info(
+        f"{folder}: {res['originals']} originals -> {res['total']} images ({res['status']})"
+    )
     return {k: v for k, v in res.items() if k != "config"}
 
 
-@task(name="caption-cluster", tags=["gpu"], retries=1, retry_delay_seconds=5, task_run_name="caption-{folder}")
+@task(
+    name="caption-cluster", tags=["gpu"], retries=1, retry_delay_seconds=5, task_run_name="caption-{folder}"
+)
 def caption_task(workspace: str, folder: str, cfg: CaptionConfig, trigger: str, char_type: str) -> dict:
     """Caption one cluster folder; images that already have a caption are skipped."""
     ws = Workspace(workspace)
@@ -36,8 +47,12 @@ def package_task(workspace: str, cfg: PackagingConfig) -> dict:
     sel = read_json(ws.selection_file)
     ana_path = ws.analysis_dir / "cluster_analysis.json"
     summary = kohya.prepare_training_data(
-        ws.augmented_clusters, ws.training_data / "characters", sel, cfg,
-        analysis=read_json(ana_path) if ana_path.exists() else None, models_dir=ws.trained_models,
+        ws.augmented_clusters,
+        ws.training_data / "characters",
+        sel,
+        cfg,
+        analysis=read_json(ana_path) if ana_path.exists() else None,
+        models_dir=ws.trained_models,
     )
     get_run_logger().info("\n" + kohya.format_preparation_summary(summary))
     return summary
@@ -48,7 +63,9 @@ def validate_task(workspace: str, min_resolution: int) -> dict:
     """Check every image/caption pair and config; the report lands in logs/validation_report.json."""
     ws = Workspace(workspace)
     report = validation.validate_training_data(
-        ws.training_data / "characters", min_resolution=min_resolution, report_path=ws.root / "logs" / "validation_report.json"
+        ws.training_data / "characters",
+        min_resolution=min_resolution,
+        report_path=ws.root / "logs" / "validation_report.json",
     )
     get_run_logger().info("\n" + validation.format_validation_summary(report))
     return report
@@ -59,8 +76,11 @@ def backgrounds_task(workspace: str, cfg: BackgroundConfig, packaging: Packaging
     """Deduplicate and package background layers for a background LoRA."""
     ws = Workspace(workspace)
     summary = backgrounds.prepare_backgrounds(
-        ws.layered_frames / "background", ws.training_data / "backgrounds", cfg,
-        packaging=packaging, models_dir=ws.trained_models,
+        ws.layered_frames / "background",
+        ws.training_data / "backgrounds",
+        cfg,
+        packaging=packaging,
+        models_dir=ws.trained_models,
     )
     get_run_logger().info("\n" + backgrounds.format_background_summary(summary))
     return summary
@@ -70,8 +90,10 @@ def selected_folders(workspace: str) -> list[dict]:
     """(folder, trigger, type) of each selected cluster, from selection.json."""
     sel = read_json(Workspace(workspace).selection_file)
     return [
-        {"folder": clustering.folder_name(c["cluster"]), "trigger": c["trigger"], "type": c.get("type", "unknown")}
+        {
+            "folder": clustering.folder_name(c["cluster"]),
+            "trigger": c["trigger"],
+            "type": c.get("type", "unknown"),
+        }
         for c in sel["characters"]
     ]
-
-

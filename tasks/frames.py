@@ -32,9 +32,15 @@ def extract_frames_task(
     for m in reference_manifests:
         refs.extend(frames.read_frame_hashes(m))
     stats = frames.extract_frames(
-        Path(video), Workspace(workspace), cfg, reference_hashes=refs, progress=reporter(f"frames {episode_id}", log.info)
+        Path(video),
+        Workspace(workspace),
+        cfg,
+        reference_hashes=refs,
+        progress=reporter(f"frames {episode_id}", log.info),
     )
-    log.info(f"{episode_id}: kept {stats.get('kept')} frames from {stats.get('decoded')} decoded, {stats.get('shots')} shots")
+    log.info(
+        f"{episode_id}: kept {stats.get('kept')} frames from {stats.get('decoded')} decoded, {stats.get('shots')} shots"
+    )
     return stats
 
 

@@ -27,7 +27,9 @@ def embed_task(workspace: str, episode_id: str, manifest: str, cfg: EmbeddingCon
 
 
 @task(name="cluster-characters", persist_result=True)
-def cluster_task(workspace: str, episode_ids: list[str], cfg: ClusteringConfig, full_recluster: bool = False) -> dict:
+def cluster_task(
+    workspace: str, episode_ids: list[str], cfg: ClusteringConfig, full_recluster: bool = False
+) -> dict:
     """Cluster all processed episodes; new episodes join existing clusters without renumbering."""
     ws = Workspace(workspace)
     log = get_run_logger()
@@ -39,7 +41,9 @@ def cluster_task(workspace: str, episode_ids: list[str], cfg: ClusteringConfig, 
     else:
         known = {m["episode_id"] for m in existing["members"]}
         new = [e for e in episode_ids if e not in known]
-        mode, stats = ("incremental", clustering.assign_incremental(ws, new, cfg)) if new else ("unchanged", {})
+        mode, stats = (
+            ("incremental", clustering.assign_incremental(ws, new, cfg)) if new else ("unchanged", {})
+        )
         if not new:
             stats = {"n_clusters": len(existing["clusters"]), "n_layers": len(existing["members"])}
     log.info(f"clustering ({mode}): {stats.get('n_clusters')} clusters over {stats.get('n_layers')} layers")

@@ -20,7 +20,9 @@ from yokai_pipeline.workspace import Workspace
     persist_result=True,
     task_run_name="segment-layers-{episode_id}-{chunk_id}",
 )
-def segment_chunk_task(rows: list[dict], workspace: str, cfg: LayeringConfig, episode_id: str, chunk_id: int) -> list[dict]:
+def segment_chunk_task(
+    rows: list[dict], workspace: str, cfg: LayeringConfig, episode_id: str, chunk_id: int
+) -> list[dict]:
     """Segment one chunk of frames; returns its layer manifest rows."""
     out = layering.segment_layers(rows, Workspace(workspace), cfg)
     get_run_logger().info(f"{episode_id} chunk {chunk_id}: {len(rows)} frames -> {len(out)} layers")
@@ -34,7 +36,11 @@ def write_layer_manifest_task(workspace: str, episode_id: str, chunk_rows: list[
     rows = [r for chunk in chunk_rows for r in chunk]
     layering.write_layer_manifest(ws, episode_id, rows)
     n_char = sum(r["kind"] == "character" for r in rows)
-    return {"character_layers": n_char, "background_layers": len(rows) - n_char, "manifest": str(ws.layers_manifest(episode_id))}
+    return {
+        "character_layers": n_char,
+        "background_layers": len(rows) - n_char,
+        "manifest": str(ws.layers_manifest(episode_id)),
+    }
 
 
 def read_frame_rows(workspace: str, episode_id: str) -> list[dict]:

@@ -22,15 +22,23 @@ def short_series(tmp_path_factory) -> Path:
 
 
 def _task_states(flow_run_id) -> list[tuple[str, str]]:
+    """(name, state) of every task run of a flow run and of its subflows (not the subflow wrappers)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    async def read():
+    async def read(run_id):
         async with get_client() as client:
-            runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-            return [(r.name, r.state.name) for r in runs]
+            runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
+        out = []
+        for r in runs:
+            child = r.state.state_details.child_flow_run_id if r.state else None
+            if child is not None:
+                out.extend(await read(child))
+            else:
+                out.append((r.name, r.state.name))
+        return out
 
-    return asyncio.run(read())
+    return asyncio.run(read(flow_run_id))
 
 
 def test_second_run_is_fully_cached(short_series, tmp_path):
