@@ -276,14 +276,11 @@ def measure_image(rgba: np.ndarray) -> ImageStats:
 
 
 def read_rgba(path: str | Path) -> np.ndarray:
-    """Read an image file as RGBA; raises BadInputError naming the file."""
-    from PIL import Image
-
+    """Read an image file as RGBA; raises BadInputError naming the file (also for decompression bombs)."""
     try:
-        with Image.open(path) as im:
-            return to_rgba(im.convert("RGBA"))
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise BadInputError(path, f"cannot read image: {exc}") from exc
+        return to_rgba(fsio.read_image(path).convert("RGBA"))
+    except BadInputError as exc:
+        raise BadInputError(path, f"cannot read image: {exc.problem}") from exc
 
 
 # --------------------------------------------------------------------------- cluster measures

@@ -185,6 +185,39 @@ def _writer_alive(name: str) -> bool:
     return True
 
 
+@contextlib.contextmanager
+def file_lock(path: str | Path, *, timeout: float | None = None) -> Iterator[Path]:
+    """Hold an exclusive advisory lock (``fcntl.flock``) on ``path`` for the block.
+
+    Serialises processes (and threads: each call opens its own file description) that work
+    on the same workspace part, e.g. two runs extracting the same episode. The lock dies with
+    its process, so a killed run never leaves it held.
+
+    Args:
+        path: lock file (created if missing; never deleted, so there is no unlink race).
+        timeout: give up after this many seconds with ``TimeoutError`` (None = wait).
+    """
+    import fcntl
+    import time
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (fcntl.LOCK_NB if deadline is not None else 0))
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:  # type: ignore[operator]
+                    raise TimeoutError(f"{path}: still locked by another run after {timeout}s") from None
+                time.sleep(0.05)
+        yield path
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
 _hash_cache: dict[tuple[str, int, int], str] = {}
 _hash_lock = threading.Lock()
 

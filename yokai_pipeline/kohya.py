@@ -50,6 +50,7 @@ from yokai_pipeline.fsio import (
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
+    read_image,
     read_jsonl,
     safe_name,
 )
@@ -211,15 +212,8 @@ def upscale_min_side(image: Any, target: int) -> Any:
 
 
 def load_image(path: Path) -> Any:
-    """Open and fully decode an image; BadInputError naming the file when it cannot be read."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im.copy()
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise BadInputError(path, f"unreadable image: {exc}") from exc
+    """Decode an image as 8-bit RGB/RGBA (fsio.read_image); BadInputError naming the file when it cannot be read."""
+    return read_image(path)
 
 
 def read_caption(path: Path) -> str | None:
@@ -289,8 +283,10 @@ def _cluster_folder(src_dir: Path, cluster: int | str, name: str) -> Path | None
         str(cluster),
         name,
     ):
-        if cand and (src_dir / cand).is_dir():
-            return src_dir / cand
+        # a single plain folder name only: a hand-edited selection must not reach outside src_dir
+        if cand and Path(cand).name == cand and cand not in (".", "..") and "\x00" not in cand:
+            if (src_dir / cand).is_dir():
+                return src_dir / cand
     return None
 
 

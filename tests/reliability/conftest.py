@@ -213,6 +213,7 @@ def baseline(tmp_path_factory, short_series, run_config, child_env) -> Baseline:
         "character_clusters/clusters.json",
         "analysis/cluster_analysis.json",
         "selection.json",
+        "logs/validation_report.json",
     ):
         assert must in digest, f"baseline run did not write {must}"
     return digest
