@@ -13,6 +13,7 @@ from tasks.analysis import analyze_task, select_task
 from tasks.dataset import augment_task, backgrounds_task, package_task, selected_folders, validate_task
 from tasks.identity import cluster_task
 from yokai_pipeline.config import PipelineConfig
+from yokai_pipeline.fsio import file_lock
 from yokai_pipeline.workspace import Workspace
 
 
@@ -43,8 +44,17 @@ def dataset_flow(
         full_recluster: re-cluster everything (ids kept stable) instead of assigning new
             episodes to the existing clusters.
     """
+    # one dataset build at a time per workspace: a concurrent run waits instead of racing
+    with file_lock(Workspace(workspace).root / ".locks" / "dataset.lock"):
+        return _build_datasets(
+            workspace, config, episode_ids or processed_episodes(workspace), full_recluster
+        )
+
+
+def _build_datasets(
+    workspace: str, config: PipelineConfig, episode_ids: list[str], full_recluster: bool
+) -> dict:
     log = get_run_logger()
-    episode_ids = episode_ids or processed_episodes(workspace)
     stages: dict[str, Any] = {}
 
     def timed(name: str, fn, *args, **kwargs):

@@ -12,7 +12,7 @@ from flows.heavy import run_heavy
 from tasks.frames import extract_frames_task
 from yokai_pipeline.config import PipelineConfig
 from yokai_pipeline.frames import episode_id_for
-from yokai_pipeline.fsio import remove_stale_temps
+from yokai_pipeline.fsio import file_lock, remove_stale_temps
 from yokai_pipeline.workspace import Workspace
 
 
@@ -41,27 +41,31 @@ def episode_flow(
     log = get_run_logger()
     ws = Workspace(workspace)
     episode_id = episode_id_for(Path(video))
-    removed = remove_stale_temps(ws.episode_dir(episode_id)) + sum(
-        remove_stale_temps(ws.layered_frames / kind / episode_id)
-        for kind in ("character", "background", "masks")
-    )
-    if removed:
-        log.info(f"removed {removed} temporary files left by an interrupted run")
-    refs = [str(ws.frames_manifest(e)) for e in (reference_episodes or []) if ws.frames_manifest(e).exists()]
+    # one run at a time per episode on a workspace: a second run waits instead of racing
+    with file_lock(ws.root / ".locks" / f"episode-{episode_id}.lock"):
+        removed = remove_stale_temps(ws.episode_dir(episode_id)) + sum(
+            remove_stale_temps(ws.layered_frames / kind / episode_id)
+            for kind in ("character", "background", "masks")
+        )
+        if removed:
+            log.info(f"removed {removed} temporary files left by an interrupted run")
+        refs = [
+            str(ws.frames_manifest(e)) for e in (reference_episodes or []) if ws.frames_manifest(e).exists()
+        ]
 
-    t0 = time.perf_counter()
-    extract = extract_frames_task(video, workspace, config.frames, refs, episode_id)
-    t_frames = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        extract = extract_frames_task(video, workspace, config.frames, refs, episode_id)
+        t_frames = time.perf_counter() - t0
 
-    layers = run_heavy(
-        layering_flow,
-        "layering",
-        {"workspace": workspace, "episode_id": episode_id, "config": config},
-        config,
-    )
-    return {
-        "episode": Path(video).name,
-        "episode_id": episode_id,
-        "frames": {**extract, "flow_seconds": round(t_frames, 3)},
-        "layers": layers,
-    }
+        layers = run_heavy(
+            layering_flow,
+            "layering",
+            {"workspace": workspace, "episode_id": episode_id, "config": config},
+            config,
+        )
+        return {
+            "episode": Path(video).name,
+            "episode_id": episode_id,
+            "frames": {**extract, "flow_seconds": round(t_frames, 3)},
+            "layers": layers,
+        }

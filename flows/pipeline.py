@@ -14,7 +14,7 @@ from flows.training import training_flow
 from tasks.report import evaluate_task, write_summary_task
 from yokai_pipeline.config import PipelineConfig
 from yokai_pipeline.errors import YokaiError
-from yokai_pipeline.fsio import atomic_write_json
+from yokai_pipeline.fsio import atomic_write_json, remove_stale_temps
 from yokai_pipeline.workspace import Workspace
 
 VIDEO_SUFFIXES = {".mp4", ".mkv", ".webm", ".mov", ".avi", ".m4v", ".ts"}
@@ -63,6 +63,9 @@ def pipeline_flow(
     log = get_run_logger()
     ws = Workspace(workspace)
     ws.root.mkdir(parents=True, exist_ok=True)
+    swept = remove_stale_temps(ws.root)  # temporaries of killed writers only; live runs' are kept
+    if swept:
+        log.info(f"removed {swept} temporary files left by an interrupted run")
     atomic_write_json(ws.root / "config.json", config.model_dump(mode="json"))
     videos = list_episodes(episodes_dir)
     log.info(f"{len(videos)} episodes in {episodes_dir}")

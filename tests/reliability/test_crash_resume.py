@@ -79,11 +79,6 @@ def test_resumed_run_left_no_temporary_files_of_its_own(request, trial):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="nothing sweeps .tmp-* files outside episodes/<id> and layered_frames/*/<id> (embeddings/, "
-    "augmented_clusters/, training_data/): pipeline_flow should call fsio.remove_stale_temps(ws.root) first (lead)",
-)
 def test_temporary_files_of_killed_writers_are_swept_on_the_next_run(
     chain_trial, short_series, run_config, child_env
 ):
