@@ -42,6 +42,7 @@ from yokai_pipeline.fsio import (
     atomic_write_bytes,
     atomic_write_json,
     file_sha256,
+    read_image,
     read_json,
     read_jsonl,
     stable_hash,
@@ -217,15 +218,11 @@ def apply_transform(rgba: np.ndarray, transform: Mapping[str, Mapping[str, Any]]
 
 
 def load_rgba(path: str | Path) -> np.ndarray:
-    """Read an image as RGBA uint8 (opaque alpha for RGB files); BadInputError when unreadable."""
-    from PIL import Image, UnidentifiedImageError
+    """Read an image as RGBA uint8 (opaque alpha for RGB files); BadInputError when unreadable.
 
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return np.asarray(im.convert("RGBA")).copy()
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
-        raise BadInputError(path, f"unreadable image ({type(exc).__name__}: {exc})") from exc
+    Goes through :func:`fsio.read_image` so 16-bit files are scaled, not clipped to white.
+    """
+    return np.asarray(read_image(path).convert("RGBA")).copy()
 
 
 def list_images(folder: str | Path) -> list[Path]:
@@ -533,6 +530,8 @@ def _check_readable(path: Path) -> None:
     try:
         with Image.open(path) as im:
             im.verify()
+    except Image.DecompressionBombError as exc:
+        raise BadInputError(path, f"image too large, refused as a decompression bomb ({exc})") from exc
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
         raise BadInputError(path, f"unreadable image ({type(exc).__name__}: {exc})") from exc
 

@@ -45,7 +45,7 @@ from yokai_pipeline.augmentation import (
 )
 from yokai_pipeline.config import CaptionConfig
 from yokai_pipeline.errors import BadInputError
-from yokai_pipeline.fsio import atomic_write_json, atomic_write_text
+from yokai_pipeline.fsio import atomic_write_json, atomic_write_text, read_image
 
 SUMMARY_NAME = "caption_summary.json"
 
@@ -349,15 +349,13 @@ def has_caption(image: str | Path) -> bool:
 
 
 def load_image(path: str | Path) -> Any:
-    """Decode an image fully (RGBA kept); BadInputError naming the file when it is broken."""
-    from PIL import Image, UnidentifiedImageError
+    """Decode an image fully as 8-bit RGB or RGBA (alpha kept).
 
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im.convert("RGBA") if im.mode in ("RGBA", "LA", "P") else im.convert("RGB")
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
-        raise BadInputError(path, f"unreadable image ({type(exc).__name__}: {exc})") from exc
+    Raises:
+        BadInputError: the file is broken or a decompression bomb (named, so the rest of the
+            folder is still captioned).
+    """
+    return read_image(path)
 
 
 def _decode_batch(

@@ -20,8 +20,16 @@ app = typer.Typer(
 
 # Order = order in `yokai --help`.
 COMMAND_MODULES = [
-    "run", "analyze", "select", "augment", "caption", "prepare", "validate",
-    "backgrounds", "train", "ingest",
+    "run",
+    "analyze",
+    "select",
+    "augment",
+    "caption",
+    "prepare",
+    "validate",
+    "backgrounds",
+    "train",
+    "ingest",
 ]
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

@@ -31,7 +31,14 @@ import numpy as np
 
 from yokai_pipeline.config import EmbeddingConfig
 from yokai_pipeline.errors import BadInputError
-from yokai_pipeline.fsio import atomic_path, atomic_write_json, read_json, read_jsonl, stable_hash
+from yokai_pipeline.fsio import (
+    atomic_path,
+    atomic_write_json,
+    read_image,
+    read_json,
+    read_jsonl,
+    stable_hash,
+)
 from yokai_pipeline.workspace import Workspace
 
 ImageLike = Any  # PIL.Image.Image | str | os.PathLike
@@ -47,7 +54,7 @@ SIDECAR_VERSION = 1
 
 
 def open_image(item: ImageLike) -> Any:
-    """Return a loaded PIL image for a path or a PIL image.
+    """Return a loaded PIL image for a path (8-bit RGB or RGBA) or a PIL image (as is).
 
     Raises:
         BadInputError: the file is missing or not a decodable image.
@@ -56,12 +63,9 @@ def open_image(item: ImageLike) -> Any:
 
     if isinstance(item, Image.Image):
         return item
-    try:
-        with Image.open(item) as im:
-            im.load()
-            return im
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise BadInputError(item, f"cannot read image ({exc.__class__.__name__}: {exc})") from exc
+    # fsio.read_image scales 16-bit files to 8 bits (Pillow's convert would clip them to white)
+    # and turns bombs and corrupt files into BadInputError naming the file.
+    return read_image(item)
 
 
 def to_rgba_array(image: Any) -> np.ndarray:

@@ -40,6 +40,10 @@ log = logging.getLogger(__name__)
 
 Box = tuple[int, int, int, int]  # x0, y0, x1, y1 (x1/y1 exclusive)
 
+#: Frames narrower or shorter than this have no room for an outlined character; OpenCV's
+#: morphology fails on them with an opaque size-mismatch error, so they are refused up front.
+MIN_FRAME_SIDE = 8
+
 
 class Segmenter(Protocol):
     """RGB uint8 HxWx3 frames -> float32 HxW foreground masks in [0, 1]."""
@@ -448,15 +452,23 @@ def _encode_png(img: np.ndarray, bilevel: bool = False) -> bytes:
 
 
 def read_frame(path: str | Path) -> np.ndarray:
-    """A frame PNG as RGB uint8; a missing, truncated or undecodable file -> BadInputError."""
+    """A frame PNG as RGB uint8; a missing, truncated, undecodable or tiny file -> BadInputError."""
     path = Path(path)
     try:
         data = np.fromfile(path, dtype=np.uint8)
     except OSError as exc:
         raise BadInputError(path, f"cannot read frame ({exc.strerror or exc})") from exc
-    img = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    try:
+        img = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    except cv2.error as exc:
+        # OpenCV refuses images over its pixel limit (decompression bombs) with cv2.error
+        msg = (getattr(exc, "err", None) or str(exc)).strip()
+        raise BadInputError(path, f"image refused by the decoder, too large or corrupt ({msg})") from exc
     if img is None:
         raise BadInputError(path, "not a decodable image (empty, truncated or corrupt)")
+    h, w = img.shape[:2]
+    if min(w, h) < MIN_FRAME_SIDE:
+        raise BadInputError(path, f"frame is {w}x{h} px, too small to segment")
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 

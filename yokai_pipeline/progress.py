@@ -23,7 +23,9 @@ def set_sink(sink: Sink | None) -> None:
         _sink = sink
 
 
-def reporter(label: str, log: Callable[[str], None] | None = None, every: float = 0.25) -> Callable[[int, int], None]:
+def reporter(
+    label: str, log: Callable[[str], None] | None = None, every: float = 0.25
+) -> Callable[[int, int], None]:
     """Return a ``progress(done, total)`` callback for one unit of work called ``label``.
 
     ``log`` (a Prefect logger's ``info``) gets a line at every ``every`` fraction of the work.

@@ -570,7 +570,9 @@ class S3Storage:
             except Exception as exc:
                 transient = _is_transient(exc)
                 if not transient or attempt == self.max_attempts:
-                    raise self._error(op, key, exc, attempt, transient) from exc
+                    # from None: botocore's error can carry request headers echoed by the server
+                    # (the access key id in Authorization); the message keeps its scrubbed text.
+                    raise self._error(op, key, exc, attempt, transient) from None
                 wait = min(delay, self.retry_max_seconds) * (1 + 0.25 * random.random())
                 log.warning(
                     "S3 %s %s failed (attempt %d/%d): %s; retrying in %.1f s",

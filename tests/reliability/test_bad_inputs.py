@@ -232,7 +232,6 @@ def test_layering_skips_bad_frames_and_layers_the_rest(tmp_path, bad_images):
             assert not failure.exists()
 
 
-@pytest.mark.xfail(strict=True, reason="layering.read_frame lets cv2.error escape for a bomb PNG (H2)")
 def test_layering_read_frame_names_bomb_file(bad_images):
     from yokai_pipeline.layering import read_frame
 
@@ -240,10 +239,6 @@ def test_layering_read_frame_names_bomb_file(bad_images):
         read_frame(bad_images["bomb.png"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a 1x1 frame fails inside OpenCV (cv2.compare size mismatch), not with a clear message (H2)",
-)
 def test_layering_tiny_frame_failure_says_why(tmp_path, bad_images):
     from yokai_pipeline.layering import segment_layers
 
@@ -297,9 +292,6 @@ def test_embedding_zero_rows_for_bad_layers_and_embeds_the_rest(tmp_path, bad_im
             assert np.linalg.norm(X[i]) == pytest.approx(1.0, abs=1e-4)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="embedding.to_rgba_array clips 16-bit images to white (H3): use fsio.read_image"
-)
 def test_embedding_of_16bit_png_matches_its_8bit_equivalent(bad_images, tmp_path):
     from yokai_pipeline.embedding import embed_images
 
@@ -338,7 +330,7 @@ def test_augmentation_reports_bad_images_and_augments_the_rest(tmp_path, bad_ima
     for i in range(6):
         bf.good_png(src / f"good{i}.png", seed=i)
     for name, p in bad_images.items():
-        if name != "bomb.png":  # the bomb has its own (xfail) test below
+        if name != "bomb.png":  # the bomb has its own test below
             shutil.copyfile(p, src / name)
     res = augment_cluster(src, tmp_path / "out" / "cluster_000", AugmentConfig())
     assert sorted(f["name"] for f in res["failed"]) == [n for n in REJECTED_IMAGES if n != "bomb.png"]
@@ -349,9 +341,6 @@ def test_augmentation_reports_bad_images_and_augments_the_rest(tmp_path, bad_ima
         assert (out / name).exists()
 
 
-@pytest.mark.xfail(
-    strict=True, reason="augmentation reads 16-bit PNGs through Pillow's clipping convert (H5)"
-)
 def test_augmentation_of_16bit_grey_keeps_its_brightness(tmp_path, bad_images):
     from yokai_pipeline.augmentation import load_rgba
 
@@ -365,9 +354,6 @@ def test_augmentation_of_16bit_grey_keeps_its_brightness(tmp_path, bad_images):
     )
 
 
-@pytest.mark.xfail(
-    strict=True, reason="augmentation._check_readable/load_rgba let DecompressionBombError escape (H5)"
-)
 def test_augmentation_survives_a_decompression_bomb(tmp_path, bad_images):
     from yokai_pipeline.augmentation import augment_cluster
 
@@ -387,7 +373,7 @@ def test_captioning_reports_bad_images_and_captions_the_rest(tmp_path, bad_image
     folder.mkdir()
     bf.good_png(folder / "good.png")
     for name in bad_images:
-        if name != "bomb.png":  # the bomb has its own (xfail) test below
+        if name != "bomb.png":  # the bomb has its own test below
             shutil.copyfile(bad_images[name], folder / name)
     res = caption_folder(folder, CaptionConfig(), trigger="kappa", num_workers=1)
     assert sorted(f["name"] for f in res["failed"]) == [n for n in REJECTED_IMAGES if n != "bomb.png"]
@@ -395,9 +381,6 @@ def test_captioning_reports_bad_images_and_captions_the_rest(tmp_path, bad_image
         assert (folder / name).with_suffix(".txt").read_text(encoding="utf-8").startswith("kappa")
 
 
-@pytest.mark.xfail(
-    strict=True, reason="captioning.load_image lets DecompressionBombError escape and fails the folder (H5)"
-)
 def test_captioning_survives_a_decompression_bomb(tmp_path, bad_images):
     from yokai_pipeline.captioning import caption_folder
 

@@ -209,11 +209,6 @@ def test_storage_errors_and_logs_never_contain_credentials(endpoint, tmp_path, c
     assert SECRET_KEY not in caplog.text
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="StorageError keeps botocore's ClientError as __cause__; a server that echoes the Authorization "
-    "header puts the access key id in logged tracebacks (storage.py, H7: raise ... from None)",
-)
 def test_storage_error_tracebacks_do_not_carry_the_access_key_id(tmp_path):
     errors = [e for e in _storage_failures("leaky", tmp_path) if not isinstance(e, str)]
     assert ACCESS_KEY not in "".join("".join(traceback.format_exception(e)) for e in errors)
