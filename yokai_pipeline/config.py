@@ -20,35 +20,74 @@ class _Stage(BaseModel):
 class FramesConfig(_Stage):
     """Frame extraction: streaming decode, shot detection, sharp-frame picking, dedup."""
 
-    analysis_width: int = Field(160, ge=32, le=1024, description="Width frames are downscaled to for shot detection and hashing.")
-    shot_threshold: float = Field(0.35, gt=0, le=2, description="Histogram distance between consecutive frames that counts as a hard cut.")
-    min_shot_frames: int = Field(6, ge=1, description="Shots shorter than this (in frames) are merged into the previous shot.")
-    frames_per_shot: int = Field(3, ge=1, le=50, description="Sharp frames kept per shot (spread over the shot).")
-    dedup_hamming: int = Field(6, ge=0, le=64, description="Perceptual-hash Hamming distance at or below which two frames are near-duplicates.")
-    max_side: int = Field(0, ge=0, description="Downscale frames whose longer side exceeds this before saving (0 = keep source size).")
+    analysis_width: int = Field(
+        160, ge=32, le=1024, description="Width frames are downscaled to for shot detection and hashing."
+    )
+    shot_threshold: float = Field(
+        0.35,
+        gt=0,
+        le=2,
+        description="Histogram distance between consecutive frames that counts as a hard cut.",
+    )
+    min_shot_frames: int = Field(
+        6, ge=1, description="Shots shorter than this (in frames) are merged into the previous shot."
+    )
+    frames_per_shot: int = Field(
+        3, ge=1, le=50, description="Sharp frames kept per shot (spread over the shot)."
+    )
+    dedup_hamming: int = Field(
+        6,
+        ge=0,
+        le=64,
+        description="Perceptual-hash Hamming distance at or below which two frames are near-duplicates.",
+    )
+    max_side: int = Field(
+        0,
+        ge=0,
+        description="Downscale frames whose longer side exceeds this before saving (0 = keep source size).",
+    )
 
 
 class LayeringConfig(_Stage):
     """Character/background layering (segmentation)."""
 
-    backend: Literal["offline", "u2net", "u2netp"] = Field("offline", description="offline: line-art segmenter, no weights. u2net/u2netp: neural saliency model.")
-    weights: Path | None = Field(None, description="Local U2Net weight file (.pth state dict or .safetensors); required for u2net/u2netp.")
+    backend: Literal["offline", "u2net", "u2netp"] = Field(
+        "offline", description="offline: line-art segmenter, no weights. u2net/u2netp: neural saliency model."
+    )
+    weights: Path | None = Field(
+        None,
+        description="Local U2Net weight file (.pth state dict or .safetensors); required for u2net/u2netp.",
+    )
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
     batch_size: int = Field(16, ge=1, le=1024, description="Images per forward pass on the GPU.")
     chunk_size: int = Field(32, ge=1, description="Frames per layering task (the unit of retry and resume).")
-    mask_threshold: float = Field(0.5, gt=0, lt=1, description="Probability above which a pixel is character.")
-    min_area_frac: float = Field(0.002, ge=0, lt=1, description="Connected blobs smaller than this fraction of the frame are dropped.")
-    crop_margin: float = Field(0.06, ge=0, le=1, description="Margin around each character crop, as a fraction of its box size.")
-    num_workers: int = Field(4, ge=1, le=128, description="CPU threads decoding frames and writing layers (overlap the model).")
-    compile: bool = Field(False, description="torch.compile the U2Net model (CUDA; slow first batch, faster afterwards).")
+    mask_threshold: float = Field(
+        0.5, gt=0, lt=1, description="Probability above which a pixel is character."
+    )
+    min_area_frac: float = Field(
+        0.002, ge=0, lt=1, description="Connected blobs smaller than this fraction of the frame are dropped."
+    )
+    crop_margin: float = Field(
+        0.06, ge=0, le=1, description="Margin around each character crop, as a fraction of its box size."
+    )
+    num_workers: int = Field(
+        4, ge=1, le=128, description="CPU threads decoding frames and writing layers (overlap the model)."
+    )
+    compile: bool = Field(
+        False, description="torch.compile the U2Net model (CUDA; slow first batch, faster afterwards)."
+    )
 
 
 class EmbeddingConfig(_Stage):
     """Image embeddings for identity clustering."""
 
-    backend: Literal["offline", "clip"] = Field("offline", description="offline: colour+shape descriptor, no weights. clip: open_clip model.")
+    backend: Literal["offline", "clip"] = Field(
+        "offline", description="offline: colour+shape descriptor, no weights. clip: open_clip model."
+    )
     model: str = Field("ViT-B-32", description="open_clip model name (clip backend).")
-    pretrained: str | None = Field("laion2b_s34b_b79k", description="open_clip pretrained tag or a local checkpoint path (clip backend).")
+    pretrained: str | None = Field(
+        "laion2b_s34b_b79k", description="open_clip pretrained tag or a local checkpoint path (clip backend)."
+    )
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
     batch_size: int = Field(64, ge=1, le=4096, description="Images per forward pass.")
     num_workers: int = Field(2, ge=0, le=64, description="Decoding threads feeding the model.")
@@ -62,46 +101,108 @@ class ClusteringConfig(_Stage):
     min_dist: float = Field(0.0, ge=0, le=1, description="UMAP min_dist.")
     min_cluster_size: int = Field(5, ge=2, description="HDBSCAN min_cluster_size.")
     min_samples: int | None = Field(3, ge=1, description="HDBSCAN min_samples.")
-    reassign_noise: bool = Field(False, description="Re-assign noise points to the nearest cluster when close enough.")
-    reassign_max_distance: float = Field(0.25, gt=0, description="Cosine distance to a cluster centroid below which noise / new layers join it.")
+    reassign_noise: bool = Field(
+        False, description="Re-assign noise points to the nearest cluster when close enough."
+    )
+    reassign_max_distance: float = Field(
+        0.25,
+        gt=0,
+        description="Cosine distance to a cluster centroid below which noise / new layers join it.",
+    )
     seed: int = Field(0, description="Random seed (UMAP and ties).")
-    link_mode: Literal["hardlink", "copy"] = Field("hardlink", description="How layers are placed in cluster folders.")
-    pca_dim: int = Field(64, ge=0, description="Project wider embeddings onto this many principal components before UMAP (0 = off); keeps UMAP fast at 100k layers.")
-    merge_distance: float | None = Field(None, ge=0, lt=1, description="Merge clusters whose centroids are within this cosine distance (UMAP can split one character into fragments); 0 = off, None = 0.1 for offline embeddings, 0.05 for CLIP.")
-    split_distance: float | None = Field(None, ge=0, lt=2, description="Split a cluster whose members form groups farther apart than this mean cosine distance (UMAP can clump small characters together); parts below min_cluster_size become noise. 0 = off, None = 0.25 for offline embeddings, off for CLIP.")
-    n_epochs: int | None = Field(None, ge=10, description="UMAP optimisation epochs (None = UMAP's default: 500 below 10k points, 200 above).")
+    link_mode: Literal["hardlink", "copy"] = Field(
+        "hardlink", description="How layers are placed in cluster folders."
+    )
+    pca_dim: int = Field(
+        64,
+        ge=0,
+        description="Project wider embeddings onto this many principal components before UMAP (0 = off); keeps UMAP fast at 100k layers.",
+    )
+    merge_distance: float | None = Field(
+        None,
+        ge=0,
+        lt=1,
+        description="Merge clusters whose centroids are within this cosine distance (UMAP can split one character into fragments); 0 = off, None = 0.1 for offline embeddings, 0.05 for CLIP.",
+    )
+    split_distance: float | None = Field(
+        None,
+        ge=0,
+        lt=2,
+        description="Split a cluster whose members form groups farther apart than this mean cosine distance (UMAP can clump small characters together); parts below min_cluster_size become noise. 0 = off, None = 0.25 for offline embeddings, off for CLIP.",
+    )
+    n_epochs: int | None = Field(
+        None,
+        ge=10,
+        description="UMAP optimisation epochs (None = UMAP's default: 500 below 10k points, 200 above).",
+    )
 
 
 class AnalysisConfig(_Stage):
     """Cluster quality analysis and tiers."""
 
-    samples_per_cluster: int = Field(12, ge=1, le=100, description="Thumbnails per cluster in the HTML report.")
+    samples_per_cluster: int = Field(
+        12, ge=1, le=100, description="Thumbnails per cluster in the HTML report."
+    )
     thumbnail_size: int = Field(128, ge=32, le=512, description="Thumbnail longer side in pixels.")
-    min_sharpness: float = Field(50.0, ge=0, description="Median Laplacian variance (alpha-masked grey) below which a cluster's quality is poor.")
-    min_resolution: int = Field(64, ge=0, description="Median longer image side (px) below which a cluster's quality is poor.")
-    max_duplicate_ratio: float = Field(0.6, ge=0, le=1, description="Near-duplicate ratio above which a cluster's quality is poor.")
-    duplicate_hamming: int = Field(10, ge=0, le=256, description="Hamming distance between 256-bit perceptual hashes at or below which two images are near-duplicates.")
-    min_type_confidence: float = Field(0.6, ge=0.5, le=1, description="Type confidence below which a cluster's type is 'unknown'.")
-    max_images_per_cluster: int = Field(400, ge=10, description="Images measured per cluster (an even sample of larger clusters; counts use all members).")
+    min_sharpness: float = Field(
+        50.0,
+        ge=0,
+        description="Median Laplacian variance (alpha-masked grey) below which a cluster's quality is poor.",
+    )
+    min_resolution: int = Field(
+        64, ge=0, description="Median longer image side (px) below which a cluster's quality is poor."
+    )
+    max_duplicate_ratio: float = Field(
+        0.6, ge=0, le=1, description="Near-duplicate ratio above which a cluster's quality is poor."
+    )
+    duplicate_hamming: int = Field(
+        10,
+        ge=0,
+        le=256,
+        description="Hamming distance between 256-bit perceptual hashes at or below which two images are near-duplicates.",
+    )
+    min_type_confidence: float = Field(
+        0.6, ge=0.5, le=1, description="Type confidence below which a cluster's type is 'unknown'."
+    )
+    max_images_per_cluster: int = Field(
+        400,
+        ge=10,
+        description="Images measured per cluster (an even sample of larger clusters; counts use all members).",
+    )
 
 
 class SelectionConfig(_Stage):
     """Which clusters become characters to train."""
 
-    tiers: list[Literal["S", "A", "B", "C", "D"]] = Field(default_factory=lambda: ["S", "A", "B"], description="Tiers to select.")
+    tiers: list[Literal["S", "A", "B", "C", "D"]] = Field(
+        default_factory=lambda: ["S", "A", "B"], description="Tiers to select."
+    )
     min_images: int = Field(0, ge=0, description="Minimum images in a selected cluster.")
-    types: list[Literal["human", "yokai", "unknown"]] = Field(default_factory=lambda: ["human", "yokai", "unknown"], description="Character types to select.")
-    clusters: list[int] | None = Field(None, description="Explicit cluster ids (overrides the filters when given).")
-    names: dict[str, str] = Field(default_factory=dict, description="Cluster id -> character name (also the trigger word).")
+    types: list[Literal["human", "yokai", "unknown"]] = Field(
+        default_factory=lambda: ["human", "yokai", "unknown"], description="Character types to select."
+    )
+    clusters: list[int] | None = Field(
+        None, description="Explicit cluster ids (overrides the filters when given)."
+    )
+    names: dict[str, str] = Field(
+        default_factory=dict, description="Cluster id -> character name (also the trigger word)."
+    )
 
 
 class AugmentConfig(_Stage):
     """Augmentation of small clusters."""
 
-    max_original: int = Field(30, ge=1, description="Only clusters with at most this many images are augmented.")
+    max_original: int = Field(
+        30, ge=1, description="Only clusters with at most this many images are augmented."
+    )
     min_original: int = Field(5, ge=1, description="Clusters with fewer images are left as they are.")
-    intensity: Literal["light", "medium", "heavy"] = Field("medium", description="Strength of the transforms.")
-    allow_flip: bool = Field(False, description="Allow horizontal flips for every cluster (otherwise only clusters marked symmetric).")
+    intensity: Literal["light", "medium", "heavy"] = Field(
+        "medium", description="Strength of the transforms."
+    )
+    allow_flip: bool = Field(
+        False,
+        description="Allow horizontal flips for every cluster (otherwise only clusters marked symmetric).",
+    )
     blur: bool = Field(True, description="Allow the occasional slight Gaussian blur (guide: optional).")
     seed: int = Field(0, description="Random seed.")
 
@@ -109,28 +210,55 @@ class AugmentConfig(_Stage):
 class CaptionConfig(_Stage):
     """Captioning."""
 
-    backend: Literal["offline", "blip2"] = Field("offline", description="offline: template from analysis, no weights. blip2: BLIP-2 model.")
+    backend: Literal["offline", "blip2"] = Field(
+        "offline", description="offline: template from analysis, no weights. blip2: BLIP-2 model."
+    )
     model: str = Field("Salesforce/blip2-opt-6.7b", description="BLIP-2 hub id or local folder.")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
     batch_size: int = Field(8, ge=1, le=512, description="Images per generate() call.")
     max_new_tokens: int = Field(40, ge=4, le=200, description="Caption length limit.")
-    compile: bool = Field(True, description="On CUDA: static KV cache with a compiled decode step (about 1.3x faster at batch 64 on an H100; batches are padded to one shape so it compiles once per prompt).")
+    compile: bool = Field(
+        True,
+        description="On CUDA: static KV cache with a compiled decode step (about 1.3x faster at batch 64 on an H100; batches are padded to one shape so it compiles once per prompt).",
+    )
 
 
 class PackagingConfig(_Stage):
     """kohya dataset packaging."""
 
-    validation_split: float = Field(0.1, ge=0, lt=1, description="Fraction of images held out for validation.")
-    auto_params: bool = Field(True, description="Pick repeats/epochs/LRs from the guide's table by image count.")
+    validation_split: float = Field(
+        0.1, ge=0, lt=1, description="Fraction of images held out for validation."
+    )
+    auto_params: bool = Field(
+        True, description="Pick repeats/epochs/LRs from the guide's table by image count."
+    )
     resolution: int = Field(512, ge=64, le=2048, description="Training resolution.")
-    alpha_mode: Literal["alpha_mask", "composite"] = Field("alpha_mask", description="Keep RGBA with alpha_mask+masked_loss, or composite layers on a flat background.")
-    composite_color: tuple[int, int, int] = Field((255, 255, 255), description="Background colour for composite mode.")
-    base_model: str = Field("runwayml/stable-diffusion-v1-5", description="pretrained_model_name_or_path written into training configs.")
-    multi_concept: bool = Field(False, description="Also write one config that trains all selected characters in one LoRA.")
+    alpha_mode: Literal["alpha_mask", "composite"] = Field(
+        "alpha_mask",
+        description="Keep RGBA with alpha_mask+masked_loss, or composite layers on a flat background.",
+    )
+    composite_color: tuple[int, int, int] = Field(
+        (255, 255, 255), description="Background colour for composite mode."
+    )
+    base_model: str = Field(
+        "runwayml/stable-diffusion-v1-5",
+        description="pretrained_model_name_or_path written into training configs.",
+    )
+    multi_concept: bool = Field(
+        False, description="Also write one config that trains all selected characters in one LoRA."
+    )
     save_every_n_epochs: int = Field(2, ge=1, description="Checkpoint interval.")
-    upscale_to: int | None = Field(None, ge=0, description="Lanczos-upscale images whose shorter side is below this to this size (None = resolution, 0 = never); kohya's bucket_no_upscale would otherwise train tiny layers at their own size.")
-    batch_size: int = Field(1, ge=1, le=64, description="kohya batch size (dataset config) and train_batch_size.")
-    seed: int = Field(0, description="Seed of the validation split (also kohya's validation_seed and training seed).")
+    upscale_to: int | None = Field(
+        None,
+        ge=0,
+        description="Lanczos-upscale images whose shorter side is below this to this size (None = resolution, 0 = never); kohya's bucket_no_upscale would otherwise train tiny layers at their own size.",
+    )
+    batch_size: int = Field(
+        1, ge=1, le=64, description="kohya batch size (dataset config) and train_batch_size."
+    )
+    seed: int = Field(
+        0, description="Seed of the validation split (also kohya's validation_seed and training seed)."
+    )
 
 
 class BackgroundConfig(_Stage):
@@ -139,27 +267,62 @@ class BackgroundConfig(_Stage):
     enabled: bool = Field(True, description="Prepare background LoRA data.")
     repeat_count: int = Field(10, ge=1, description="kohya repeats for the background folder.")
     max_backgrounds: int = Field(500, ge=1, description="Keep at most this many most-diverse backgrounds.")
-    similarity_threshold: float = Field(0.95, gt=0, le=1, description="Cosine similarity above which two backgrounds are duplicates.")
+    similarity_threshold: float = Field(
+        0.95, gt=0, le=1, description="Cosine similarity above which two backgrounds are duplicates."
+    )
     trigger: str = Field("bg_style", description="Trigger word that starts every background caption.")
 
 
 class TrainingConfig(_Stage):
     """LoRA training launch."""
 
-    backend: Literal["builtin", "kohya"] = Field("builtin", description="builtin: diffusers+peft trainer. kohya: sd-scripts train_network.py.")
-    sd_scripts: Path | None = Field(None, description="Path to a kohya-ss/sd-scripts checkout (env YOKAI_SD_SCRIPTS).")
-    python: Path | None = Field(None, description="Python of the sd-scripts environment (env YOKAI_SD_PYTHON).")
+    backend: Literal["builtin", "kohya"] = Field(
+        "builtin", description="builtin: diffusers+peft trainer. kohya: sd-scripts train_network.py."
+    )
+    sd_scripts: Path | None = Field(
+        None, description="Path to a kohya-ss/sd-scripts checkout (env YOKAI_SD_SCRIPTS)."
+    )
+    python: Path | None = Field(
+        None, description="Python of the sd-scripts environment (env YOKAI_SD_PYTHON)."
+    )
     enabled: bool = Field(False, description="Launch training at the end of the pipeline.")
-    base_model: str | None = Field(None, description="Base model (hub id, diffusers folder or .safetensors) overriding the configs' pretrained_model_name_or_path.")
-    max_steps: int | None = Field(None, ge=1, description="builtin: stop at this global step (state saved; the next run resumes). None = train to the end.")
+    base_model: str | None = Field(
+        None,
+        description="Base model (hub id, diffusers folder or .safetensors) overriding the configs' pretrained_model_name_or_path.",
+    )
+    max_steps: int | None = Field(
+        None,
+        ge=1,
+        description="builtin: stop at this global step (state saved; the next run resumes). None = train to the end.",
+    )
     device: str = Field("auto", description="builtin: auto, cpu, cuda or cuda:N.")
-    evidence: bool = Field(True, description="After training, sample every checkpoint into trained_models/<name>/evidence/index.html.")
-    base_model: str | None = Field(None, description="Override pretrained_model_name_or_path of every config (hub id, diffusers folder or single file).")
-    characters: list[str] | None = Field(None, description="Train only these character names (default: every packaged character).")
-    max_steps: int | None = Field(None, ge=1, description="Stop each character after this many steps (state is saved; the next run resumes).")
+    evidence: bool = Field(
+        True,
+        description="After training, sample every checkpoint into trained_models/<name>/evidence/index.html.",
+    )
+    base_model: str | None = Field(
+        None,
+        description="Override pretrained_model_name_or_path of every config (hub id, diffusers folder or single file).",
+    )
+    characters: list[str] | None = Field(
+        None, description="Train only these character names (default: every packaged character)."
+    )
+    max_steps: int | None = Field(
+        None,
+        ge=1,
+        description="Stop each character after this many steps (state is saved; the next run resumes).",
+    )
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N (built-in trainer).")
-    resolution: int | None = Field(None, ge=32, le=2048, description="Built-in trainer: train at this square size without buckets instead of the dataset's resolution (quick CPU smoke runs).")
-    evidence: bool = Field(True, description="Render sample images per checkpoint and the HTML grid with the validation-loss curve.")
+    resolution: int | None = Field(
+        None,
+        ge=32,
+        le=2048,
+        description="Built-in trainer: train at this square size without buckets instead of the dataset's resolution (quick CPU smoke runs).",
+    )
+    evidence: bool = Field(
+        True,
+        description="Render sample images per checkpoint and the HTML grid with the validation-loss curve.",
+    )
 
 
 class StorageConfig(_Stage):
@@ -170,19 +333,40 @@ class StorageConfig(_Stage):
     bucket: str | None = Field(None, description="S3 bucket.")
     prefix: str = Field("", description="Key prefix inside the bucket.")
     region: str | None = Field(None, description="S3 region.")
-    credentials_block: str | None = Field(None, description="Name of a Prefect AwsCredentials block with the S3 keys (None = AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY from the environment).")
-    max_attempts: int = Field(4, ge=1, le=20, description="Attempts per S3 operation before it fails (exponential backoff between them).")
-    retry_base_seconds: float = Field(1.0, ge=0, le=60, description="First backoff delay between S3 attempts, doubled each time.")
-    multipart_chunksize_mb: int = Field(16, ge=5, le=5120, description="S3 multipart part size and threshold in MiB.")
-    ingest_stable_seconds: float = Field(60.0, ge=0, description="An inbox video must keep the same size (and mtime/ETag) across scans this far apart before it is ingested.")
+    credentials_block: str | None = Field(
+        None,
+        description="Name of a Prefect AwsCredentials block with the S3 keys (None = AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY from the environment).",
+    )
+    max_attempts: int = Field(
+        4,
+        ge=1,
+        le=20,
+        description="Attempts per S3 operation before it fails (exponential backoff between them).",
+    )
+    retry_base_seconds: float = Field(
+        1.0, ge=0, le=60, description="First backoff delay between S3 attempts, doubled each time."
+    )
+    multipart_chunksize_mb: int = Field(
+        16, ge=5, le=5120, description="S3 multipart part size and threshold in MiB."
+    )
+    ingest_stable_seconds: float = Field(
+        60.0,
+        ge=0,
+        description="An inbox video must keep the same size (and mtime/ETag) across scans this far apart before it is ingested.",
+    )
 
 
 class OrchestrationConfig(_Stage):
     """How heavy steps run: in this process, or as deployments on the GPU work pool."""
 
-    distributed: bool = Field(False, description="Run layering/embedding/captioning/training as deployments on the GPU pool (run_deployment) instead of in-process.")
+    distributed: bool = Field(
+        False,
+        description="Run layering/embedding/captioning/training as deployments on the GPU pool (run_deployment) instead of in-process.",
+    )
     deployment_prefix: str = Field("yokai", description="Deployment names are <flow>/<prefix>-<stage>.")
-    timeout_seconds: int | None = Field(None, ge=1, description="Give up waiting for a GPU deployment run after this long (None = wait).")
+    timeout_seconds: int | None = Field(
+        None, ge=1, description="Give up waiting for a GPU deployment run after this long (None = wait)."
+    )
 
 
 class PipelineConfig(_Stage):
@@ -206,7 +390,9 @@ class PipelineConfig(_Stage):
     @model_validator(mode="after")
     def _check_weights(self) -> PipelineConfig:
         if self.layering.backend in ("u2net", "u2netp") and self.layering.weights is None:
-            raise ValueError(f"layering.backend={self.layering.backend} needs layering.weights (a local .pth or .safetensors file)")
+            raise ValueError(
+                f"layering.backend={self.layering.backend} needs layering.weights (a local .pth or .safetensors file)"
+            )
         return self
 
 

@@ -28,7 +28,9 @@ def _task_states(flow_run_id) -> list[tuple[str, str]]:
 
     async def read(run_id):
         async with get_client() as client:
-            runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
+            runs = await client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id]))
+            )
         out = []
         for r in runs:
             child = r.state.state_details.child_flow_run_id if r.state else None

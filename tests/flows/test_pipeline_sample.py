@@ -28,7 +28,10 @@ def demo_run(sample_series, tmp_path_factory):
     cfg.training.device = "cpu"
     cfg.training.characters = ["char000"]
     state = pipeline_flow(
-        str(sample_series / "episodes"), str(ws), cfg, ground_truth_dir=str(sample_series / "ground_truth"),
+        str(sample_series / "episodes"),
+        str(ws),
+        cfg,
+        ground_truth_dir=str(sample_series / "ground_truth"),
         return_state=True,
     )
     assert state.is_completed(), state.message
@@ -84,5 +87,8 @@ def test_rerun_is_cached(demo_run, sample_series):
     assert state.is_completed()
     second = json.loads((ws / "summary.json").read_text())
     assert second["stages"]["frames"]["kept"] == first["stages"]["frames"]["kept"]
-    assert second["stages"]["layers"] == {**first["stages"]["layers"], "seconds": second["stages"]["layers"]["seconds"]}
+    assert second["stages"]["layers"] == {
+        **first["stages"]["layers"],
+        "seconds": second["stages"]["layers"]["seconds"],
+    }
     assert second["stages"]["layers"]["seconds"] < first["stages"]["layers"]["seconds"]

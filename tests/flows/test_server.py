@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from yokai_pipeline import synthetic
-from yokai_pipeline.config import FramesConfig, LayeringConfig, PipelineConfig
+from yokai_pipeline.config import FramesConfig, LayeringConfig
 
 if TYPE_CHECKING:
     from tests.flows.server_fixtures import PrefectServer
@@ -79,8 +79,8 @@ def test_ui_custom_run_form_shows_parameter_descriptions(prefect_server, deploye
         "Parameters",
         "episodes_dir",
         "workspace",
-        # the pydantic config: its docstring, a stage's docstring and fields' descriptions
-        (PipelineConfig.__doc__ or "").strip(),
+        # the pydantic config: a stage's docstring and fields' descriptions (the config parameter's
+        # own description comes from the flow docstring's Args, in `top`)
         (FramesConfig.__doc__ or "").strip(),
         FramesConfig.model_fields["analysis_width"].description,
         LayeringConfig.model_fields["backend"].description,
