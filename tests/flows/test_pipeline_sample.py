@@ -92,3 +92,33 @@ def test_rerun_is_cached(demo_run, sample_series):
         "seconds": second["stages"]["layers"]["seconds"],
     }
     assert second["stages"]["layers"]["seconds"] < first["stages"]["layers"]["seconds"]
+
+
+def test_third_episode_joins_existing_clusters_incrementally(demo_run, sample_series, tmp_path):
+    """Episodes 1-2 clustered, then episode 3 assigned: old ids unchanged, new layers land right."""
+    import shutil
+
+    from yokai_pipeline import clustering, synthetic
+    from yokai_pipeline.config import ClusteringConfig
+    from yokai_pipeline.workspace import Workspace
+
+    src, _ = demo_run
+    ws = Workspace(tmp_path / "ws")
+    for part in ("episodes", "layered_frames", "embeddings"):
+        shutil.copytree(src / part, ws.root / part)
+    cfg = ClusteringConfig()
+    clustering.cluster_layers(ws, ["ep01", "ep02"], cfg)
+    before = {m["layer_id"]: m["cluster"] for m in clustering.read_clusters(ws)["members"]}
+
+    stats = clustering.assign_incremental(ws, ["ep03"], cfg)
+    doc = clustering.read_clusters(ws)
+    after = {m["layer_id"]: m["cluster"] for m in doc["members"]}
+    assert all(after[k] == v for k, v in before.items()), "existing members were renumbered"
+    new = [m for m in doc["members"] if m["episode_id"] == "ep03"]
+    assert new and stats["new_layers"] == len(new)
+    labels = synthetic.ground_truth_labels(new, sample_series / "ground_truth")
+    quality = clustering.evaluate_clusters(new, labels)
+    assert quality["purity"] >= 0.95, quality
+    # and the clusters the new layers joined are the ones holding the same characters already
+    truth_all = synthetic.ground_truth_labels(doc["members"], sample_series / "ground_truth")
+    assert clustering.evaluate_clusters(doc["members"], truth_all)["purity"] >= 0.95
