@@ -7,9 +7,9 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from yokai_pipeline.commands import progress_bars
 from yokai_pipeline.config import AugmentConfig
 
 console = Console(stderr=True)
@@ -45,21 +45,8 @@ def augment(
     except ValueError as exc:
         console.print(f"[red]invalid option:[/red] {exc}")
         raise typer.Exit(2) from exc
-    bars: dict[str, Any] = {}
     try:
-        with Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=console,
-        ) as prog:
-
-            def sink(name: str, done: int, total: int) -> None:
-                if name not in bars:
-                    bars[name] = prog.add_task(name, total=total)
-                prog.update(bars[name], completed=done, total=total)
-
+        with progress_bars(console) as sink:
             summary = augment_clusters(
                 clusters, output_dir, cfg, analysis=cluster_analysis, selection=selection, progress=sink
             )

@@ -7,9 +7,9 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from yokai_pipeline.commands import progress_bars
 from yokai_pipeline.config import CaptionConfig
 
 console = Console(stderr=True)
@@ -51,21 +51,8 @@ def caption(
     except ValueError as exc:
         console.print(f"[red]invalid option:[/red] {exc}")
         raise typer.Exit(2) from exc
-    bars: dict[str, Any] = {}
     try:
-        with Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=console,
-        ) as prog:
-
-            def sink(name: str, done: int, total: int) -> None:
-                if name not in bars:
-                    bars[name] = prog.add_task(name, total=total)
-                prog.update(bars[name], completed=done, total=total)
-
+        with progress_bars(console) as sink:
             summary = caption_clusters(
                 directory, cfg, analysis=cluster_analysis, selection=selection, progress=sink
             )

@@ -9,9 +9,9 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from yokai_pipeline.commands import progress_bars
 from yokai_pipeline.config import PipelineConfig, load_config
 
 console = Console(stderr=True)
@@ -51,21 +51,7 @@ def run_pipeline(
     from flows.pipeline import pipeline_flow
     from yokai_pipeline import progress as progress_mod
 
-    bars: dict[str, Any] = {}
-    with Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=False,
-    ) as prog:
-
-        def sink(label: str, done: int, total: int) -> None:
-            if label not in bars:
-                bars[label] = prog.add_task(label, total=total)
-            prog.update(bars[label], completed=done, total=total)
-
+    with progress_bars(console) as sink:
         progress_mod.set_sink(sink)
         try:
             state = pipeline_flow(
