@@ -20,7 +20,9 @@ Outputs (docs/data-formats.md): ``episodes/<id>/frames/*.png``, ``frames.jsonl``
 from __future__ import annotations
 
 import math
+import queue
 import shutil
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -50,6 +52,45 @@ def episode_id_for(video: str | Path) -> str:
 
 # --------------------------------------------------------------------------------------
 # Small pure per-image functions
+
+
+def decoded_frames(cap: Any, depth: int = 8) -> Any:
+    """Yield ``(frame, position_msec)`` from a cv2.VideoCapture, decoding on a reader thread.
+
+    OpenCV releases the GIL while decoding, so the reader overlaps decode with the caller's
+    per-frame analysis; the bounded queue keeps at most ``depth`` frames in memory.
+    """
+    q: queue.Queue[Any] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def reader() -> None:
+        try:
+            while not stop.is_set():
+                ok, frame = cap.read()
+                if not ok or frame is None:
+                    break
+                q.put((frame, cap.get(cv2.CAP_PROP_POS_MSEC)))
+        except Exception as exc:  # handed to the consumer, raised there
+            q.put(exc)
+        finally:
+            q.put(done)
+
+    thread = threading.Thread(target=reader, name="frames-decode", daemon=True)
+    thread.start()
+    try:
+        while (item := q.get()) is not done:
+            if isinstance(item, Exception):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a reader waiting on a full queue
+            try:
+                q.get(timeout=0.1)
+            except queue.Empty:
+                pass
+        thread.join()
 
 
 def analysis_image(frame: np.ndarray, width: int) -> np.ndarray:
@@ -343,10 +384,7 @@ def _scan(
         last_ts = -1.0
         closed: _Shot | None = None  # previous shot, kept open until the current one is long enough
         current: _Shot | None = None
-        while True:
-            ok, frame = cap.read()
-            if not ok or frame is None:
-                break
+        for frame, pos_msec in decoded_frames(cap):
             if frame.ndim == 2:
                 frame = cv2.cvtColor(frame, cv2.COLOR_GRAY2BGR)
             elif frame.shape[2] == 4:
@@ -355,7 +393,7 @@ def _scan(
                 size = (frame.shape[1], frame.shape[0])
             idx = decoded
             decoded += 1
-            ts = cap.get(cv2.CAP_PROP_POS_MSEC) / 1000.0
+            ts = pos_msec / 1000.0
             if not math.isfinite(ts) or ts < 0 or (ts <= last_ts and idx > 0):
                 # containers without timestamps: fall back to the nominal rate
                 ts = idx / fps if fps else float(idx)
