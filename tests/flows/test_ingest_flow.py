@@ -106,3 +106,21 @@ def test_ingest_runs_each_new_episode_once_and_waits_for_growing_files(tiny_seri
 
     statuses = sorted(rec["status"] for rec in load_registry(ws)["episodes"].values())
     assert statuses == ["done", "done", "released"]
+
+
+def test_cli_ingest_processes_a_new_episode_once(tiny_series, tmp_path):
+    """`yokai ingest INBOX --workspace W`: one new episode the first time, none the second."""
+    from typer.testing import CliRunner
+
+    from yokai_pipeline.cli import app
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    shutil.copy(tiny_series / "episodes" / "ep01.mp4", inbox / "ep01.mp4")
+    args = ["ingest", str(inbox), "--workspace", str(tmp_path / "ws"), "--stable-seconds", "0"]
+    first = CliRunner().invoke(app, args)
+    assert first.exit_code == 0, first.output
+    assert "1 new episode(s), 1 processed" in first.output
+    second = CliRunner().invoke(app, args)
+    assert second.exit_code == 0, second.output
+    assert "0 new episode(s), 0 processed" in second.output
