@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from yokai_pipeline.commands.run import _prepare_prefect_env, build_config
+from yokai_pipeline.commands.run import build_config, exit_unless_completed, prepare_prefect_env
 
 console = Console(stderr=True)
 
@@ -26,22 +26,13 @@ def register(app: typer.Typer) -> None:
         ] = 30.0,
     ) -> None:
         """Process each new, completely written episode in INBOX once, then update the datasets."""
-        try:
-            cfg = build_config(config, None, None, None)
-        except Exception as exc:
-            console.print(f"[red]invalid configuration:[/red] {exc}")
-            raise typer.Exit(2) from exc
+        cfg = build_config(config, None, None, None)
         ws = workspace.resolve()
-        _prepare_prefect_env(ws)
+        prepare_prefect_env(ws)
         from flows.ingest import ingest_flow
 
         state = ingest_flow(inbox, str(ws), cfg, stable_seconds=stable_seconds, return_state=True)
-        if not state.is_completed():
-            try:
-                state.result()
-            except Exception as exc:
-                console.print(f"[red]ingest failed:[/red] {exc}")
-            raise typer.Exit(1)
+        exit_unless_completed(state, "ingest")
         res = state.result()
         console.print(
             f"{len(res['new'])} new episode(s), {len(res['done'])} processed, {len(res['skipped'])} skipped; "

@@ -17,7 +17,7 @@ from yokai_pipeline.config import PipelineConfig, load_config
 console = Console(stderr=True)
 
 
-def _prepare_prefect_env(workspace: Path) -> None:
+def prepare_prefect_env(workspace: Path) -> None:
     # Results live in the workspace so a re-run finds them (Cached) and deleting the workspace resets it.
     os.environ.setdefault("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(workspace / ".prefect" / "results"))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -26,16 +26,33 @@ def _prepare_prefect_env(workspace: Path) -> None:
 def build_config(
     config_file: Path | None, backend: str | None, weights: Path | None, embedder: str | None
 ) -> PipelineConfig:
-    """Config file first, then the command-line overrides; validated before any work starts."""
-    cfg = load_config(config_file)
-    data = cfg.model_dump()
-    if backend:
-        data["layering"]["backend"] = backend
-    if weights:
-        data["layering"]["weights"] = weights
-    if embedder:
-        data["embedding"]["backend"] = embedder
-    return PipelineConfig.model_validate(data)
+    """Config file first, then the command-line overrides; validated before any work starts.
+
+    An unreadable or invalid configuration ends the command with exit status 2.
+    """
+    try:
+        data = load_config(config_file).model_dump()
+        if backend:
+            data["layering"]["backend"] = backend
+        if weights:
+            data["layering"]["weights"] = weights
+        if embedder:
+            data["embedding"]["backend"] = embedder
+        return PipelineConfig.model_validate(data)
+    except Exception as exc:
+        console.print(f"[red]invalid configuration:[/red] {exc}")
+        raise typer.Exit(2) from exc
+
+
+def exit_unless_completed(state: Any, what: str) -> None:
+    """End the command with exit status 1 and the flow's own error when ``state`` is not Completed."""
+    if state.is_completed():
+        return
+    try:
+        state.result()
+    except Exception as exc:
+        console.print(f"[red]{what} failed:[/red] {exc}")
+    raise typer.Exit(1)
 
 
 def run_pipeline(
@@ -47,7 +64,7 @@ def run_pipeline(
 ) -> dict[str, Any]:
     """Run the pipeline flow with a progress bar; returns the summary."""
     workspace = workspace.resolve()
-    _prepare_prefect_env(workspace)
+    prepare_prefect_env(workspace)
     from flows.pipeline import pipeline_flow
     from yokai_pipeline import progress as progress_mod
 
@@ -68,12 +85,7 @@ def run_pipeline(
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     if summary:
         print_summary(summary, workspace)
-    if not state.is_completed():
-        try:
-            state.result()
-        except Exception as exc:
-            console.print(f"[red]pipeline failed:[/red] {exc}")
-        raise typer.Exit(1)
+    exit_unless_completed(state, "pipeline")
     return summary
 
 
@@ -164,11 +176,7 @@ def register(app: typer.Typer) -> None:
         ] = None,
     ) -> None:
         """Run the pipeline on a folder of episodes."""
-        try:
-            cfg = build_config(config, backend, weights, embedder)
-        except Exception as exc:
-            console.print(f"[red]invalid configuration:[/red] {exc}")
-            raise typer.Exit(2) from exc
+        cfg = build_config(config, backend, weights, embedder)
         run_pipeline(episodes_dir, workspace, cfg, ground_truth)
 
     @app.command()
