@@ -1,9 +1,10 @@
 """Frame extraction: streaming decode, shot detection, sharp-frame picking, near-duplicate removal.
 
-One pass over the video with ``cv2.VideoCapture`` (any container FFmpeg reads). Per frame we
-keep only a downscaled analysis image; the full-resolution frames held in memory are a
-bounded set of candidates of the (at most two) shots still open, so memory does not grow
-with the episode length.
+One pass over the video with PyAV (any container FFmpeg reads), FFmpeg decoding on all cores.
+Per frame only small analysis images are computed, straight from the decoder's YUV planes
+(no full-size colour conversion) on a few threads; a frame becomes full-size RGB pixels only
+if it is kept. The frames held in memory are a bounded set of candidates of the (at most
+two) shots still open plus a few chunks in flight, so memory does not grow with the episode.
 
 - Shots: a hard cut is a large HSV-histogram distance between consecutive downscaled frames.
   Shots shorter than ``min_shot_frames`` are merged into the previous shot (flashes, glitches).
@@ -20,12 +21,13 @@ Outputs (docs/data-formats.md): ``episodes/<id>/frames/*.png``, ``frames.jsonl``
 from __future__ import annotations
 
 import math
+import os
 import queue
 import shutil
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,8 +41,11 @@ from yokai_pipeline.config import FramesConfig
 from yokai_pipeline.errors import BadInputError
 from yokai_pipeline.workspace import Workspace
 
-ALGORITHM_VERSION = 1
+ALGORITHM_VERSION = 2  # 2: PyAV decode, analysis on the YUV planes
 _SHARPNESS_WIDTH = 320  # sharpness is measured at this width at most: enough to rank blur, cheap at 4K
+_YUV420 = frozenset({"yuv420p", "yuvj420p"})  # what nearly every H.264/HEVC/AV1 8-bit episode decodes to
+_CHUNK = 8  # frames per analysis task: amortises the hand-off, bounds frames in flight
+_FEATURE_WORKERS = max(1, min(4, (os.cpu_count() or 2) - 1))
 _MAX_PENDING_WRITES = 8  # PNG encodes overlap decoding in threads; bounded so frames don't pile up
 _PROGRESS_EVERY = 48
 
@@ -54,23 +59,125 @@ def episode_id_for(video: str | Path) -> str:
 # Small pure per-image functions
 
 
-def decoded_frames(cap: Any, depth: int = 8) -> Any:
-    """Yield ``(frame, position_msec)`` from a cv2.VideoCapture, decoding on a reader thread.
+def analysis_image(frame: np.ndarray, width: int) -> np.ndarray:
+    """Downscale a BGR frame to ``width`` px wide (aspect kept) for shot detection."""
+    h, w = frame.shape[:2]
+    if w <= width:
+        return frame
+    # bilinear, not INTER_AREA: 7x cheaper, and a histogram does not mind the aliasing
+    return cv2.resize(frame, (width, max(1, round(h * width / w))), interpolation=cv2.INTER_LINEAR)
 
-    OpenCV releases the GIL while decoding, so the reader overlaps decode with the caller's
-    per-frame analysis; the bounded queue keeps at most ``depth`` frames in memory.
+
+def _scaled_size(w: int, h: int, width: int) -> tuple[int, int]:
+    """(width, height) of a ``w`` x ``h`` image scaled to at most ``width`` wide, even sides."""
+    if w <= width:
+        return w - w % 2 or w, h - h % 2 or h
+    return width - width % 2, max(2, round(h * width / w / 2) * 2)
+
+
+def yuv420_analysis_images(
+    y: np.ndarray, u: np.ndarray, v: np.ndarray, hist_width: int, sharp_width: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Small BGR image (for the histogram) and small grey image (for sharpness) of a YUV 4:2:0 frame.
+
+    Works on the decoder's planes directly: only the downscaled pixels are converted to BGR,
+    so a 1080p frame costs a few small resizes instead of a full-size colour conversion.
     """
-    q: queue.Queue[Any] = queue.Queue(maxsize=depth)
+    h, w = y.shape
+    sw, sh = _scaled_size(w, h, sharp_width)
+    grey = cv2.resize(y, (sw, sh), interpolation=cv2.INTER_LINEAR) if (sw, sh) != (w, h) else y
+    hw, hh = _scaled_size(w, h, hist_width)
+    i420 = np.empty((hh * 3 // 2, hw), np.uint8)
+    i420[:hh] = cv2.resize(grey, (hw, hh), interpolation=cv2.INTER_LINEAR)
+    chroma = i420[hh:].reshape(2, hh // 2, hw // 2)
+    chroma[0] = cv2.resize(u, (hw // 2, hh // 2), interpolation=cv2.INTER_LINEAR)
+    chroma[1] = cv2.resize(v, (hw // 2, hh // 2), interpolation=cv2.INTER_LINEAR)
+    return cv2.cvtColor(i420, cv2.COLOR_YUV2BGR_I420), grey
+
+
+def _plane(plane: Any) -> np.ndarray:
+    """A zero-copy uint8 view of one plane of an av.VideoFrame (rows may be padded)."""
+    rows = np.frombuffer(plane, np.uint8, count=plane.height * plane.line_size)
+    return rows.reshape(plane.height, plane.line_size)[:, : plane.width]
+
+
+def frame_features(frame: Any, hist_width: int) -> tuple[np.ndarray, float, np.ndarray]:
+    """Histogram (shot detection), sharpness and small grey image (phash) of an ``av.VideoFrame``."""
+    if frame.format.name in _YUV420:
+        small, grey = yuv420_analysis_images(*(_plane(p) for p in frame.planes), hist_width, _SHARPNESS_WIDTH)
+    else:  # 10-bit, 4:2:2, 4:4:4, RGB, grey...: let FFmpeg convert the whole frame
+        bgr = frame.to_ndarray(format="bgr24")
+        grey_full = cv2.cvtColor(analysis_image(bgr, _SHARPNESS_WIDTH), cv2.COLOR_BGR2GRAY)
+        small, grey = analysis_image(bgr, hist_width), grey_full
+    return colour_histogram(small), sharpness(grey), grey
+
+
+def frame_pixels(frame: Any, max_side: int = 0, format: str = "rgb24") -> np.ndarray:
+    """Pixels of a decoded ``av.VideoFrame``, downscaled so the longer side is at most ``max_side``."""
+    img = frame.to_ndarray(format=format)
+    h, w = img.shape[:2]
+    if max_side and max(h, w) > max_side:
+        img = cv2.resize(img, _capped_size(w, h, max_side), interpolation=cv2.INTER_AREA)
+    return img
+
+
+def _capped_size(w: int, h: int, max_side: int) -> tuple[int, int]:
+    if not max_side or max(h, w) <= max_side:
+        return w, h
+    s = max_side / max(h, w)
+    return max(1, round(w * s)), max(1, round(h * s))
+
+
+def _save_frame(dest: Path, frame: Any, max_side: int) -> Path:
+    # the full-size colour conversion happens here, on a writer thread, for kept frames only
+    return fsio.atomic_write_bytes(dest, fsio.encode_png(frame_pixels(frame, max_side, "bgr24")))
+
+
+@dataclass
+class DecodedFrame:
+    """One decoded frame with what shot detection and frame picking need."""
+
+    index: int
+    timestamp: float | None  # presentation time in seconds from the container, if any
+    frame: Any  # the av.VideoFrame; converted to pixels only if the frame is kept
+    hist: np.ndarray
+    sharpness: float
+    thumb: np.ndarray  # small grey image, for the perceptual hash
+
+
+def analysed_frames(
+    container: Any, stream: Any, hist_width: int, workers: int = _FEATURE_WORKERS
+) -> Iterator[DecodedFrame]:
+    """Decode ``stream`` and yield every frame in order with its histogram and sharpness.
+
+    FFmpeg decodes on its own threads (frame threading); a reader thread feeds chunks of
+    decoded frames to ``workers`` analysis threads (OpenCV releases the GIL), so decoding and
+    analysis overlap and the analysis scales with cores. At most about
+    ``(workers + 2) * _CHUNK`` frames are in flight.
+
+    Raises:
+        av.FFmpegError: decoding failed (raised here, in the caller's thread).
+    """
+    pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="frames-analyse")
+    q: queue.Queue[Any] = queue.Queue(maxsize=max(1, workers) + 1)
     stop = threading.Event()
     done = object()
 
+    def analyse(chunk: list[Any]) -> list[tuple[Any, float | None, np.ndarray, float, np.ndarray]]:
+        return [(f, f.time, *frame_features(f, hist_width)) for f in chunk]
+
     def reader() -> None:
         try:
-            while not stop.is_set():
-                ok, frame = cap.read()
-                if not ok or frame is None:
-                    break
-                q.put((frame, cap.get(cv2.CAP_PROP_POS_MSEC)))
+            chunk: list[Any] = []
+            for f in container.decode(stream):
+                if stop.is_set():
+                    return
+                chunk.append(f)
+                if len(chunk) == _CHUNK:
+                    q.put(pool.submit(analyse, chunk))
+                    chunk = []
+            if chunk:
+                q.put(pool.submit(analyse, chunk))
         except Exception as exc:  # handed to the consumer, raised there
             q.put(exc)
         finally:
@@ -78,11 +185,14 @@ def decoded_frames(cap: Any, depth: int = 8) -> Any:
 
     thread = threading.Thread(target=reader, name="frames-decode", daemon=True)
     thread.start()
+    index = 0
     try:
         while (item := q.get()) is not done:
             if isinstance(item, Exception):
                 raise item
-            yield item
+            for f, ts, hist, sharp, thumb in item.result():
+                yield DecodedFrame(index, ts, f, hist, sharp, thumb)
+                index += 1
     finally:
         stop.set()
         while thread.is_alive():  # unblock a reader waiting on a full queue
@@ -91,15 +201,7 @@ def decoded_frames(cap: Any, depth: int = 8) -> Any:
             except queue.Empty:
                 pass
         thread.join()
-
-
-def analysis_image(frame: np.ndarray, width: int) -> np.ndarray:
-    """Downscale a BGR frame to ``width`` px wide (aspect kept) for shot detection."""
-    h, w = frame.shape[:2]
-    if w <= width:
-        return frame
-    # bilinear, not INTER_AREA: 7x cheaper, and a histogram does not mind the aliasing
-    return cv2.resize(frame, (width, max(1, round(h * width / w))), interpolation=cv2.INTER_LINEAR)
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def colour_histogram(small_bgr: np.ndarray) -> np.ndarray:
@@ -129,13 +231,17 @@ def sharpness(frame_bgr: np.ndarray) -> float:
     return float(std[0, 0]) ** 2
 
 
-def perceptual_hash(frame_bgr: np.ndarray) -> str:
-    """64-bit DCT perceptual hash as 16 hex digits (imagehash.phash)."""
+def perceptual_hash(image: np.ndarray) -> str:
+    """64-bit DCT perceptual hash of a grey or RGB image as 16 hex digits (imagehash.phash).
+
+    phash looks only at the lowest 8x8 DCT frequencies of a 32x32 grey image, so hashing the
+    small analysis image gives the hash of the full frame at a fraction of the cost.
+    """
     import imagehash
     from PIL import Image
 
-    small = cv2.resize(frame_bgr, (64, 64), interpolation=cv2.INTER_AREA)
-    return str(imagehash.phash(Image.fromarray(cv2.cvtColor(small, cv2.COLOR_BGR2RGB))))
+    small = cv2.resize(image, (64, 64), interpolation=cv2.INTER_AREA)
+    return str(imagehash.phash(Image.fromarray(small)))
 
 
 def hamming(a: str, b: str) -> int:
@@ -181,7 +287,8 @@ class _Candidate:
     index: int
     timestamp: float
     sharpness: float
-    frame: np.ndarray  # full-resolution BGR
+    frame: Any  # the decoded av.VideoFrame; see frame_pixels
+    thumb: np.ndarray | None = None  # small grey image, for the perceptual hash
 
 
 @dataclass
@@ -197,7 +304,7 @@ class _Shot:
         key = (cand.index - self.start) // self.bin_width
         cur = self.bins.get(key)
         if cur is None or cand.sharpness > cur.sharpness:
-            # no copy: VideoCapture.read() returns a fresh array for every frame
+            # a reference, not a copy: the decoder hands out a new frame every time
             self.bins[key] = cand
         while len(self.bins) > max_bins:
             self.bin_width *= 2
@@ -252,20 +359,28 @@ def _config_key(cfg: FramesConfig, reference_hashes: Sequence[str]) -> str:
     )
 
 
-def _open_video(video: Path) -> cv2.VideoCapture:
+def _open_video(video: Path) -> tuple[Any, Any]:
+    """(container, video stream) of an episode file; a file FFmpeg cannot read -> BadInputError."""
+    import av
+
     if not video.exists():
         raise BadInputError(video, "file does not exist")
     if not video.is_file():
         raise BadInputError(video, "not a regular file")
     if video.stat().st_size == 0:
         raise BadInputError(video, "file is empty (0 bytes)")
-    cap = cv2.VideoCapture(str(video))
-    if not cap.isOpened():
-        cap.release()
+    try:
+        container = av.open(str(video))
+    except (av.FFmpegError, UnicodeDecodeError) as exc:
         raise BadInputError(
-            video, "not a readable video (FFmpeg via OpenCV cannot open it; corrupt or not a video)"
-        )
-    return cap
+            video, f"not a readable video (FFmpeg cannot open it; corrupt or not a video: {exc})"
+        ) from exc
+    if not container.streams.video:
+        container.close()
+        raise BadInputError(video, "not a readable video (no video stream; audio-only or a data file)")
+    stream = container.streams.video[0]
+    stream.thread_type = "AUTO"  # frame + slice threads: FFmpeg decodes on every core
+    return container, stream
 
 
 def extract_frames(
@@ -300,7 +415,7 @@ def extract_frames(
     ep_dir = workspace.episode_dir(episode_id)
     stats_path = ep_dir / "extract.json"
     manifest = workspace.frames_manifest(episode_id)
-    cap = _open_video(video)
+    container, stream = _open_video(video)
     try:
         sha = fsio.file_sha256(video)
         key = _config_key(cfg, reference_hashes)
@@ -310,17 +425,16 @@ def extract_frames(
             except (OSError, ValueError):
                 old = None
             if isinstance(old, dict) and old.get("video_sha256") == sha and old.get("config_hash") == key:
-                cap.release()
                 return {**old, "skipped": True}
         frames_dir = ep_dir / "frames"
         if frames_dir.exists():  # outputs of another config or a killed run
             shutil.rmtree(frames_dir)
         stats_path.unlink(missing_ok=True)
         rows, stats = _scan(
-            video, cap, workspace, episode_id, frames_dir, cfg, list(reference_hashes), progress
+            video, container, stream, workspace, episode_id, frames_dir, cfg, list(reference_hashes), progress
         )
     finally:
-        cap.release()
+        container.close()
     fsio.write_jsonl(manifest, rows)
     stats.update(
         episode=video.name,
@@ -336,7 +450,8 @@ def extract_frames(
 
 def _scan(
     video: Path,
-    cap: cv2.VideoCapture,
+    container: Any,
+    stream: Any,
     workspace: Workspace,
     episode_id: str,
     frames_dir: Path,
@@ -344,11 +459,13 @@ def _scan(
     references: list[str],
     progress: Callable[[int, int], None] | None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    fps = float(cap.get(cv2.CAP_PROP_FPS) or 0.0)
+    import av
+
+    rate = stream.average_rate or stream.guessed_rate
+    fps = float(rate) if rate else 0.0
     if not math.isfinite(fps) or fps <= 0 or fps > 1000:
         fps = 0.0
-    total = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
-    total = max(total, 0)
+    total = max(int(stream.frames or 0), 0)
     max_bins = max(6, 3 * cfg.frames_per_shot)
     kept_rows: list[dict[str, Any]] = []
     kept_hashes = HashIndex()
@@ -362,7 +479,7 @@ def _scan(
         shot_starts.append(shot.start)
         for cand in shot.pick(cfg.frames_per_shot):
             counters["candidates"] += 1
-            h = perceptual_hash(cand.frame)
+            h = perceptual_hash(cand.thumb)
             if reference_index.near(h, cfg.dedup_hamming):
                 counters["dropped_cross"] += 1
                 continue
@@ -370,69 +487,71 @@ def _scan(
                 counters["dropped_within"] += 1
                 continue
             kept_hashes.add(h)
-            row, frame = _frame_row(workspace, video, episode_id, frames_dir, cand, shot_id, h, cfg.max_side)
+            row = _frame_row(workspace, video, episode_id, frames_dir, cand, shot_id, h, cfg.max_side)
             kept_rows.append(row)
-            pending.append(writer.submit(fsio.save_image, workspace.abs(row["path"]), frame))
+            pending.append(writer.submit(_save_frame, workspace.abs(row["path"]), cand.frame, cfg.max_side))
             while len(pending) > _MAX_PENDING_WRITES:
                 pending.popleft().result()
 
-    writer = ThreadPoolExecutor(max_workers=2, thread_name_prefix="frames-png")
+    writer = ThreadPoolExecutor(max_workers=_FEATURE_WORKERS, thread_name_prefix="frames-png")
     pending: deque[Future] = deque()
+    decoded = 0
+    prev_hist: np.ndarray | None = None
+    last_ts = -1.0
+    closed: _Shot | None = None  # previous shot, kept open until the current one is long enough
+    current: _Shot | None = None
     try:
-        decoded = 0
-        prev_hist: np.ndarray | None = None
-        last_ts = -1.0
-        closed: _Shot | None = None  # previous shot, kept open until the current one is long enough
-        current: _Shot | None = None
-        for frame, pos_msec in decoded_frames(cap):
-            if frame.ndim == 2:
-                frame = cv2.cvtColor(frame, cv2.COLOR_GRAY2BGR)
-            elif frame.shape[2] == 4:
-                frame = cv2.cvtColor(frame, cv2.COLOR_BGRA2BGR)
-            if size is None:
-                size = (frame.shape[1], frame.shape[0])
-            idx = decoded
-            decoded += 1
-            ts = pos_msec / 1000.0
-            if not math.isfinite(ts) or ts < 0 or (ts <= last_ts and idx > 0):
-                # containers without timestamps: fall back to the nominal rate
-                ts = idx / fps if fps else float(idx)
-            last_ts = ts
-            # one resize of the full frame feeds both measures (the full-size resize is the costly one)
-            base = analysis_image(frame, max(cfg.analysis_width, _SHARPNESS_WIDTH))
-            hist = colour_histogram(analysis_image(base, cfg.analysis_width))
-            cut = prev_hist is not None and histogram_distance(prev_hist, hist) >= cfg.shot_threshold
-            if current is None:
-                current = _Shot(start=idx)
-            elif cut:
-                if idx - current.start < cfg.min_shot_frames:
-                    if closed is not None:  # a flash: merge it into the previous shot
+        try:
+            for item in analysed_frames(container, stream, cfg.analysis_width):
+                if size is None:
+                    size = (item.frame.width, item.frame.height)
+                idx = item.index
+                decoded += 1
+                ts = item.timestamp
+                if ts is None or not math.isfinite(ts) or ts < 0 or (ts <= last_ts and idx > 0):
+                    # containers without timestamps: fall back to the nominal rate
+                    ts = idx / fps if fps else float(idx)
+                last_ts = ts
+                hist = item.hist
+                cut = prev_hist is not None and histogram_distance(prev_hist, hist) >= cfg.shot_threshold
+                if current is None:
+                    current = _Shot(start=idx)
+                elif cut:
+                    if idx - current.start < cfg.min_shot_frames:
+                        if closed is not None:  # a flash: merge it into the previous shot
+                            current.end = idx
+                            closed.absorb(current, max_bins)
+                            back = (
+                                closed.last_hist is not None
+                                and histogram_distance(closed.last_hist, hist) < cfg.shot_threshold
+                            )
+                            if back:
+                                current, closed = closed, None  # back to the same scene: one shot
+                            else:
+                                current = _Shot(start=idx)
+                        # else: a too-short first segment simply joins the shot that follows
+                    else:
                         current.end = idx
-                        closed.absorb(current, max_bins)
-                        back = (
-                            closed.last_hist is not None
-                            and histogram_distance(closed.last_hist, hist) < cfg.shot_threshold
-                        )
-                        if back:
-                            current, closed = closed, None  # back to the same scene: one shot
-                        else:
-                            current = _Shot(start=idx)
-                    # else: a too-short first segment simply joins the shot that follows
-                else:
-                    current.end = idx
-                    current.last_hist = prev_hist
-                    if closed is not None:
-                        finalise(closed)
-                    closed, current = current, _Shot(start=idx)
-            elif closed is not None and idx - current.start + 1 >= cfg.min_shot_frames:
-                finalise(closed)
-                closed = None
-            prev_hist = hist
-            current.offer(
-                _Candidate(idx, ts, sharpness(analysis_image(base, _SHARPNESS_WIDTH)), frame), max_bins
-            )
-            if progress is not None and decoded % _PROGRESS_EVERY == 0:
-                progress(decoded, max(total, decoded))
+                        current.last_hist = prev_hist
+                        if closed is not None:
+                            finalise(closed)
+                        closed, current = current, _Shot(start=idx)
+                elif closed is not None and idx - current.start + 1 >= cfg.min_shot_frames:
+                    finalise(closed)
+                    closed = None
+                prev_hist = hist
+                current.offer(_Candidate(idx, ts, item.sharpness, item.frame, item.thumb), max_bins)
+                if progress is not None and decoded % _PROGRESS_EVERY == 0:
+                    progress(decoded, max(total, decoded))
+        except av.FFmpegError as exc:
+            if decoded == 0:
+                raise BadInputError(
+                    video, f"not a readable video (no frame could be decoded: {exc})"
+                ) from exc
+            of = f" of {total}" if total else ""
+            raise BadInputError(
+                video, f"truncated or corrupt: decoding failed after {decoded}{of} frames ({exc})"
+            ) from exc
         if decoded == 0:
             raise BadInputError(
                 video, "no video frames could be decoded (audio-only, empty stream or corrupt)"
@@ -479,14 +598,9 @@ def _frame_row(
     shot_id: int,
     phash: str,
     max_side: int,
-) -> tuple[dict[str, Any], np.ndarray]:
-    """The manifest row of a kept frame and the RGB image to write at its path."""
-    frame = cand.frame
-    h, w = frame.shape[:2]
-    if max_side and max(h, w) > max_side:
-        s = max_side / max(h, w)
-        frame = cv2.resize(frame, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA)
-        h, w = frame.shape[:2]
+) -> dict[str, Any]:
+    """The manifest row of a kept frame (its size after the ``max_side`` cap)."""
+    w, h = _capped_size(cand.frame.width, cand.frame.height, max_side)
     path = frames_dir / f"{episode_id}_f{cand.index:06d}.png"
     row = {
         "episode": video.name,
@@ -500,7 +614,7 @@ def _frame_row(
         "height": h,
         "path": workspace.rel(path),
     }
-    return row, cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+    return row
 
 
 def read_frame_hashes(manifest_path: str | Path) -> list[str]:

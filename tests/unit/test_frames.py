@@ -330,3 +330,67 @@ def test_default_series_end_to_end(sample_series, tmp_path):
     assert by_tier == {t: {"human", "yokai"} for t in "SABCD"}, counts
     rare = [counts[c.id] for c in synthetic.CHARACTERS if tier(counts[c.id]) == "D"]
     assert all(5 <= n <= 15 for n in rare)
+
+
+def _encode(path: Path, frames_bgr: list[np.ndarray], codec: str, pix_fmt: str, fps: int = 24) -> Path:
+    import av
+
+    h, w = frames_bgr[0].shape[:2]
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream(codec, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = w, h, pix_fmt
+        for img in frames_bgr:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="bgr24")):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    return path
+
+
+def test_analysis_on_yuv_planes_matches_a_full_colour_conversion(series):
+    """The fast path (small images straight from the decoder's planes) makes the cut decisions
+    a full BGR conversion would, and ranks sharpness the same way."""
+    import av
+
+    fast, full = [], []
+    with av.open(str(series.episodes[0])) as c:
+        for f in c.decode(video=0):
+            assert f.format.name == "yuv420p"
+            fast.append(frames.frame_features(f, 160)[:2])
+            bgr = f.to_ndarray(format="bgr24")
+            full.append((frames.colour_histogram(frames.analysis_image(bgr, 160)), frames.sharpness(bgr)))
+            if len(fast) == 200:
+                break
+    cfg = FramesConfig()
+
+    def cuts(feats: list) -> list[int]:
+        d = [frames.histogram_distance(a[0], b[0]) for a, b in zip(feats, feats[1:], strict=False)]
+        return [i + 1 for i, v in enumerate(d) if v >= cfg.shot_threshold]
+
+    assert cuts(fast) == cuts(full) and len(cuts(full)) >= 3
+    ranks = lambda v: np.argsort(np.argsort(v))  # noqa: E731
+    rho = np.corrcoef(ranks([a[1] for a in fast]), ranks([b[1] for b in full]))[0, 1]
+    assert rho > 0.8, rho
+
+
+@pytest.mark.parametrize(
+    "codec,pix_fmt,size",
+    [("libx264", "yuv420p", (202, 114)), ("libx264", "yuv444p", (160, 120)), ("ffv1", "bgr0", (160, 120))],
+)
+def test_any_pixel_format_and_odd_row_padding_find_the_cuts(tmp_path, codec, pix_fmt, size):
+    """4:4:4 and RGB streams take the full-conversion path; a width whose rows the decoder pads
+    takes the plane path with strided views. All three find the same two cuts."""
+    w, h = size
+    scenes = [
+        _scene(c, 20, w, h, seed=k) for k, c in enumerate([(200, 40, 40), (40, 200, 40), (40, 40, 200)])
+    ]
+    video = _encode(tmp_path / f"v_{pix_fmt}.mkv", [f for s in scenes for f in s], codec, pix_fmt)
+    ws = Workspace(tmp_path / "ws")
+    stats = frames.extract_frames(video, ws, FramesConfig(dedup_hamming=0))
+    assert stats["decoded"] == 60
+    assert stats["shot_starts"] == [0, 20, 40]
+    rows = fsio.read_jsonl(ws.frames_manifest(frames.episode_id_for(video)))
+    img = np.asarray(Image.open(ws.abs(rows[0]["path"])))
+    assert img.shape == (h, w, 3)
+    # the kept frame's colours are the scene's (RGB on disk; scenes were written as BGR)
+    assert np.abs(img[5, 5].astype(int) - np.array([40, 40, 200])).max() < 12
