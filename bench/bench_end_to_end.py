@@ -38,7 +38,10 @@ def main() -> None:
     ap.add_argument("--clip-model", default="ViT-B-32")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--compile", action="store_true")
-    ap.add_argument("--workers", type=int, default=8, help="processes rendering the source series")
+    ap.add_argument(
+        "--workers", type=int, default=4, help="processes rendering and encoding the source series"
+    )
+    ap.add_argument("--distinct", type=int, default=4, help="distinct 2-minute series in the episode")
     ap.add_argument("--workdir", type=Path, default=None, help="reuses an episode generated there before")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
@@ -50,6 +53,7 @@ def main() -> None:
         args.minutes,
         width,
         height,
+        distinct=args.distinct,
         workers=args.workers,
     )
     n_frames, t_bare = bare_decode_av(video)
