@@ -14,9 +14,14 @@ from a safetensors file. Rows:
 - ``ours model``: ``predict_masks`` on uint8 batches already on the device (normalise,
   bf16 autocast + channels_last + folded batch norms on CUDA, fp32 on CPU, min-max).
 - ``ours masks``: decoded frames in host memory -> batched model (pinned-memory prefetch
-  thread) -> 1-bit mask PNGs written by worker threads: "decoded frames to written masks".
+  thread; on CUDA batches queued ahead, masks thresholded on the GPU and downloaded
+  asynchronously) -> 1-bit mask PNGs written by ``--workers`` threads, a few masks per
+  task: "decoded frames to written masks".
 - ``ours stage``: ``segment_layers`` from frame PNGs on disk to every output (masks,
-  RGBA character crops, inpainted backgrounds).
+  RGBA character crops, inpainted backgrounds), with ``--workers`` worker processes cutting
+  and writing the layers (and as many threads decoding frames for the model). The stage is
+  warmed up on a few frames first (worker start-up, shapes), and that time is printed.
+  ``--stage-threads`` adds the same stage with the work in threads (``worker_processes`` off).
 
 ``--compile`` adds the ``torch.compile`` variants (compile time is reported separately).
 """
@@ -24,10 +29,13 @@ from a safetensors file. Rows:
 from __future__ import annotations
 
 import argparse
+import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -40,6 +48,17 @@ from yokai_pipeline import layering, synthetic  # noqa: E402
 from yokai_pipeline.config import LayeringConfig  # noqa: E402
 from yokai_pipeline.fsio import atomic_write_bytes  # noqa: E402
 from yokai_pipeline.workspace import Workspace  # noqa: E402
+
+NO_FSYNC_ENV = "YOKAI_BENCH_NO_FSYNC"
+
+
+def no_fsync() -> None:
+    """Diagnostic: make os.fsync a no-op (what per-file fsync costs)."""
+    os.fsync = lambda fd: None
+
+
+if os.environ.get(NO_FSYNC_ENV):
+    no_fsync()
 
 
 def sample_frames(work: Path) -> list[np.ndarray]:
@@ -82,10 +101,16 @@ def timed(fn, *args, **kwargs) -> float:
 
 
 def bench_stage(rows: list[dict], work: Path, cfg: LayeringConfig, tag: str) -> float:
-    """Seconds for segment_layers over all rows into a fresh layer tree (frames are shared)."""
-    ws = Workspace(work)
-    import shutil
+    """Seconds for segment_layers over all rows into a fresh layer tree (frames are shared).
 
+    A warm-up call on a few frames first starts the worker processes (kept for the process,
+    as in a long-lived GPU worker) and runs the model on the frame size.
+    """
+    ws = Workspace(work)
+    shutil.rmtree(ws.layered_frames, ignore_errors=True)
+    warm = rows[: min(len(rows), max(2 * cfg.num_workers, cfg.batch_size) + 1)]
+    t = timed(layering.segment_layers, warm, ws, cfg)
+    print(f"  [{tag}] warm-up ({len(warm)} frames, worker start-up): {t:.2f} s", flush=True)
     shutil.rmtree(ws.layered_frames, ignore_errors=True)
     t = timed(layering.segment_layers, rows, ws, cfg)
     n_layers = sum(1 for _ in (ws.layered_frames / "character" / "bench").glob("*.png"))
@@ -96,22 +121,28 @@ def bench_stage(rows: list[dict], work: Path, cfg: LayeringConfig, tag: str) -> 
 def bench_masks(
     seg: layering.U2NetSegmenter, frames: list[np.ndarray], n: int, out: Path, workers: int
 ) -> float:
-    """Decoded frames in memory -> model -> 1-bit mask PNGs on disk; seconds."""
-    out.mkdir(parents=True, exist_ok=True)
-    thr = 127
+    """Decoded frames in memory -> model -> 1-bit mask PNGs on disk; seconds.
 
-    def write(i: int, mask: np.ndarray) -> None:
-        atomic_write_bytes(
-            out / f"m{i:06d}.png", layering._encode_png(((mask > thr) * 255).astype(np.uint8), True)
-        )
+    Masks come back thresholded (0/255, on the device); each batch is split into about
+    ``workers`` write tasks.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+
+    def write(first: int, masks: np.ndarray) -> None:
+        for j, m in enumerate(masks):
+            atomic_write_bytes(out / f"m{first + j:06d}.png", layering._encode_png(m, True))
 
     t0 = time.perf_counter()
     with ThreadPoolExecutor(workers) as pool:
-        futs = [
-            pool.submit(write, i, m)
-            for i, _, m in seg.predict_stream((i, frames[i % len(frames)]) for i in range(n))
-        ]
-        for f in futs:
+        pending: deque = deque()
+        items = ((i, frames[i % len(frames)]) for i in range(n))
+        for pairs, masks in seg.predict_batches(items, binarize_above=127):
+            per = -(-len(pairs) // workers)
+            for s in range(0, len(pairs), per):
+                pending.append(pool.submit(write, pairs[s][0], masks[s : s + per]))
+            while len(pending) > 4 * workers:  # writers behind: hold the model back
+                pending.popleft().result()
+        for f in pending:
             f.result()
     return time.perf_counter() - t0
 
@@ -184,8 +215,16 @@ def bench_models(args, frames, rows, work: Path, results: list) -> None:
                 backend=variant, weights=weights, device=device, batch_size=args.batch_size,
                 num_workers=args.workers, compile=compiled,
             )  # fmt: skip
-            t = bench_stage(rows[:n], work / "ws", cfg, f"{variant} stage")
-            results.append((variant, "ours stage", label + ", all layers", n, n / t, n / t / naive))
+            for procs in [True, False] if args.stage_threads else [True]:
+                cfg = cfg.model_copy(update={"worker_processes": procs})
+                how = stage_workers(cfg, n)
+                t = bench_stage(rows[:n], work / "ws", cfg, f"{variant} stage, {how}")
+                results.append((variant, "ours stage", f"{label}, {how}", n, n / t, n / t / naive))
+
+
+def stage_workers(cfg: LayeringConfig, n: int) -> str:
+    """How segment_layers will run the per-frame work: "N processes" or "N threads"."""
+    return f"{cfg.num_workers} {'processes' if layering._use_processes(cfg, n) else 'threads'}"
 
 
 class Results(list):
@@ -218,7 +257,16 @@ def main() -> None:
     ap.add_argument(
         "--batch-size", type=int, default=None, help="U2Net batch (default 128 on CUDA, 4 on CPU)"
     )
-    ap.add_argument("--workers", type=int, default=None, help="decode/write threads (default: CPU count)")
+    ap.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="stage: worker processes cutting/writing layers, and decode threads; masks: writer threads "
+        "(default: CPU count)",
+    )
+    ap.add_argument(
+        "--stage-threads", action="store_true", help="also measure the stage with its work in threads"
+    )
     ap.add_argument("--device", default="auto")
     ap.add_argument("--compile", action="store_true", help="also measure torch.compile (CUDA)")
     ap.add_argument("--compiled-only", action="store_true", help="with --compile: skip the eager rows")
@@ -231,11 +279,10 @@ def main() -> None:
     if args.cv2_threads is not None:
         cv2.setNumThreads(args.cv2_threads)
     if args.no_fsync:
-        import os as _os
-
-        _os.fsync = lambda fd: None
-
-    import os
+        # Through the environment so that the stage's worker processes, which import this
+        # script as their __main__ module, skip it too.
+        os.environ[NO_FSYNC_ENV] = "1"
+        no_fsync()
 
     cuda = False
     try:
@@ -257,7 +304,7 @@ def main() -> None:
     rows = write_frame_pngs(frames, max(args.frames, n_off), Workspace(work / "ws"), args.workers)
     size = f"{frames[0].shape[1]}x{frames[0].shape[0]}"
     print(f"{len(frames)} distinct {size} frames; device: {device_name}; torch {torch_version}; "
-          f"{args.workers} worker threads; {os.cpu_count()} CPUs; cv2 threads {cv2.getNumThreads()}; "
+          f"{args.workers} workers; {os.cpu_count()} CPUs; cv2 threads {cv2.getNumThreads()}; "
           f"fsync {'off (diagnostic)' if args.no_fsync else 'on'}", flush=True)  # fmt: skip
 
     results = Results()
@@ -268,9 +315,11 @@ def main() -> None:
     results.append(
         ("offline", "masks only", "1 thread, in memory", n_off, n_off / (time.perf_counter() - t0), None)
     )
-    cfg = LayeringConfig(num_workers=args.workers)
-    t = bench_stage(rows[:n_off], work / "ws", cfg, "offline stage")
-    results.append(("offline", "ours stage", f"{args.workers} threads, all layers", n_off, n_off / t, None))
+    for procs in [True, False] if args.stage_threads else [True]:
+        cfg = LayeringConfig(num_workers=args.workers, worker_processes=procs)
+        how = stage_workers(cfg, n_off)
+        t = bench_stage(rows[:n_off], work / "ws", cfg, f"offline stage, {how}")
+        results.append(("offline", "ours stage", f"{how}, all layers", n_off, n_off / t, None))
 
     if args.models:
         bench_models(args, frames, rows, work, results)

@@ -73,6 +73,11 @@ class LayeringConfig(_Stage):
     num_workers: int = Field(
         4, ge=1, le=128, description="CPU threads decoding frames and writing layers (overlap the model)."
     )
+    worker_processes: bool = Field(
+        True,
+        description="With num_workers >= 3: cut, inpaint and write layers in that many worker processes "
+        "(no shared GIL; started once per process) instead of threads.",
+    )
     compile: bool = Field(
         False, description="torch.compile the U2Net model (CUDA; slow first batch, faster afterwards)."
     )

@@ -15,16 +15,21 @@ a chunk of frame-manifest rows and writes (docs/data-formats.md)::
     layered_frames/masks/<ep>/<ep>_f{idx:06d}.png                1-bit foreground mask
 
 The mask is written last, so a frame whose mask and background exist is complete and is
-skipped on re-run (its rows are rebuilt from the mask).
+skipped on re-run (its rows are rebuilt from the mask). The per-frame CPU work (cutting,
+inpainting, PNG encoding, writing) runs in worker processes kept for the life of the process
+(threads for fewer than 3 workers or with ``worker_processes`` off); the outputs are the same.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
+import os
 import queue
 import threading
+from collections import deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -119,11 +124,15 @@ class U2NetSegmenter:
     """U^2-Net / U^2-NetP saliency masks, batched.
 
     On CUDA: bf16 autocast, channels_last, cuDNN autotuning, optional ``torch.compile``;
-    frames are stacked into pinned host memory by a prefetch thread while the previous batch
-    runs, and only the thresholdable uint8 masks come back. On CPU: fp32.
+    a prefetch thread stacks frames into pinned host memory, uploads and downloads run on
+    side streams, and up to :attr:`ahead` batches are queued on the GPU before the host
+    waits for the oldest one's masks, so the GPU does not idle while results are handed
+    out. Only uint8 masks come back. On CPU: fp32, one batch at a time.
     """
 
     batched = True
+    #: Batches queued on the GPU beyond the one whose masks are being handed out.
+    ahead = 2
 
     def __init__(
         self,
@@ -140,27 +149,82 @@ class U2NetSegmenter:
         self.compile = compile
         self.model = load_u2net(weights, variant, device=self.device, compile=compile)
 
-    def _run(self, batch: Any) -> Any:
-        """uint8 NHWC host tensor -> uint8 [N, H, W] host masks (0-255)."""
+    @property
+    def _cuda(self) -> bool:
+        return self.device.startswith("cuda")
+
+    def _launch(self, batch: Any, binarize_above: int | None = None, streams: Any = None) -> Any:
+        """Queue one uint8 NHWC host batch; :meth:`_collect` gives its uint8 [N, H, W] masks.
+
+        On CUDA nothing here waits for the GPU: the upload from pinned memory runs on
+        ``streams[0]``, the download of the masks into pinned memory on ``streams[1]``, and
+        the returned handle holds an event that marks the masks ready. On CPU the masks are
+        computed before returning.
+        """
         import torch
 
         from yokai_pipeline.models.u2net import predict_masks
 
         n = batch.shape[0]
-        if self.compile and n < self.batch_size:
-            # Pad the last batch: a new shape would make torch.compile recompile.
-            pad = batch.new_zeros((self.batch_size - n, *batch.shape[1:]))
-            batch = torch.cat([batch, pad])
-        masks = predict_masks(self.model, batch)
-        return masks[:n].mul(255).round_().to(dtype=torch.uint8).cpu().numpy()
+        with torch.inference_mode():
+            if not self._cuda:
+                return self._to_u8(predict_masks(self.model, self._pad(batch))[:n], binarize_above).numpy()
+            up, down = streams
+            main = torch.cuda.current_stream(self.device)
+            with torch.cuda.stream(up):
+                x = batch.to(self.device, non_blocking=True)
+            main.wait_stream(up)
+            x.record_stream(main)  # allocated on the upload stream, read on the main one
+            u8 = self._to_u8(predict_masks(self.model, self._pad(x))[:n], binarize_above)
+            host = torch.empty(u8.shape, dtype=torch.uint8, pin_memory=True)
+            down.wait_stream(main)
+            with torch.cuda.stream(down):
+                host.copy_(u8, non_blocking=True)
+                ready = torch.cuda.Event(blocking=True)  # sleep, not spin: the CPU has work to do
+                ready.record(down)
+            u8.record_stream(down)
+            return host, ready
+
+    @staticmethod
+    def _collect(handle: Any) -> np.ndarray:
+        if isinstance(handle, np.ndarray):
+            return handle
+        host, ready = handle
+        ready.synchronize()
+        return host.numpy()
+
+    def _pad(self, batch: Any) -> Any:
+        """Pad a short batch to ``batch_size`` under ``torch.compile``: a new shape would recompile."""
+        import torch
+
+        n = batch.shape[0]
+        if not self.compile or n >= self.batch_size:
+            return batch
+        return torch.cat([batch, batch.new_zeros((self.batch_size - n, *batch.shape[1:]))])
+
+    @staticmethod
+    def _to_u8(masks: Any, binarize_above: int | None) -> Any:
+        import torch
+
+        u8 = masks.mul(255).round_().to(dtype=torch.uint8)
+        if binarize_above is not None:
+            u8 = (u8 > binarize_above).to(torch.uint8).mul_(255)
+        return u8
+
+    def _run(self, batch: Any) -> np.ndarray:
+        """uint8 NHWC host tensor -> uint8 [N, H, W] host masks (0-255), synchronously."""
+        return self._collect(self._launch(batch, None, self._streams()))
+
+    def _streams(self) -> Any:
+        import torch
+
+        return (torch.cuda.Stream(self.device), torch.cuda.Stream(self.device)) if self._cuda else None
 
     def _stack(self, images: list[np.ndarray]) -> Any:
         import torch
 
         h, w = images[0].shape[:2]
-        out = torch.empty(
-            (len(images), h, w, 3), dtype=torch.uint8, pin_memory=self.device.startswith("cuda")
-        )
+        out = torch.empty((len(images), h, w, 3), dtype=torch.uint8, pin_memory=self._cuda)
         arr = out.numpy()
         for i, im in enumerate(images):
             arr[i] = im
@@ -170,15 +234,10 @@ class U2NetSegmenter:
         """Masks as uint8 0-255 (what the stage writes; a quarter of the float transfer)."""
         out: list[np.ndarray | None] = [None] * len(images)
         # Frames of different sizes go in separate batches (they cannot be stacked).
-        by_size: dict[tuple[int, int], list[int]] = {}
-        for i, im in enumerate(images):
-            by_size.setdefault(im.shape[:2], []).append(i)
-        for idx in by_size.values():
-            for s in range(0, len(idx), self.batch_size):
-                part = idx[s : s + self.batch_size]
-                masks = self._run(self._stack([images[i] for i in part]))
-                for j, i in enumerate(part):
-                    out[i] = masks[j]
+        order = sorted(range(len(images)), key=lambda i: images[i].shape[:2])
+        for pairs, masks in self.predict_batches((i, images[i]) for i in order):
+            for (i, _), m in zip(pairs, masks, strict=True):
+                out[i] = m
         return out  # type: ignore[return-value]
 
     def predict(self, images: list[np.ndarray]) -> list[np.ndarray]:
@@ -187,10 +246,28 @@ class U2NetSegmenter:
     def predict_stream(
         self, items: Iterable[tuple[Any, np.ndarray]]
     ) -> Iterator[tuple[Any, np.ndarray, np.ndarray]]:
-        """(key, frame) pairs -> (key, frame, uint8 mask), batching with a prefetch thread.
+        """(key, frame) pairs -> (key, frame, uint8 mask), in order (see :meth:`predict_batches`)."""
+        for pairs, masks in self.predict_batches(items):
+            for (key, im), m in zip(pairs, masks, strict=True):
+                yield key, im, m
 
-        The thread pulls decoded frames and stacks the next batch into pinned memory while
-        the model runs the current one.
+    def predict_batches(
+        self, items: Iterable[tuple[Any, np.ndarray]], *, binarize_above: int | None = None
+    ) -> Iterator[tuple[list[tuple[Any, np.ndarray]], np.ndarray]]:
+        """(key, frame) pairs -> one (pairs, uint8 masks [n, H, W]) per model batch, in order.
+
+        Consecutive frames of one size form a batch of up to ``batch_size``. A prefetch thread
+        pulls the frames and stacks the next batch into pinned memory while the GPU runs
+        earlier ones; on CUDA, batches are queued :attr:`ahead` deep before the host waits.
+        The masks of one batch share a pinned buffer that lives as long as any of them.
+
+        Args:
+            items: (key, RGB uint8 HxWx3 frame) pairs; ``items`` is consumed by another thread.
+            binarize_above: if set, masks come back as 0/255, 255 where the 0-255 mask
+                exceeds it (thresholded on the device: cheaper than on the host).
+
+        Yields:
+            (the batch's (key, frame) pairs, its masks).
         """
         q: queue.Queue = queue.Queue(maxsize=2)
         stop = threading.Event()
@@ -216,6 +293,9 @@ class U2NetSegmenter:
 
         t = threading.Thread(target=producer, name="u2net-prefetch", daemon=True)
         t.start()
+        streams = self._streams()
+        ahead = self.ahead if self._cuda else 0  # on CPU a launch is the whole computation
+        queued: deque = deque()
         try:
             while True:
                 got = q.get()
@@ -224,9 +304,13 @@ class U2NetSegmenter:
                 if isinstance(got, BaseException):
                     raise got
                 buf, batch = got
-                masks = self._run(batch)
-                for (key, im), m in zip(buf, masks, strict=True):
-                    yield key, im, m
+                queued.append((buf, self._launch(batch, binarize_above, streams)))
+                while len(queued) > ahead:
+                    pairs, handle = queued.popleft()
+                    yield pairs, self._collect(handle)
+            while queued:
+                pairs, handle = queued.popleft()
+                yield pairs, self._collect(handle)
         finally:
             stop.set()
             while t.is_alive():  # unblock a producer waiting on a full queue
@@ -544,25 +628,287 @@ def _existing_rows(ws: Workspace, row: dict, cfg: LayeringConfig) -> list[dict] 
     return _rows_for(ws, row, layers, (w, h), paths)
 
 
+#: Most frames in one decode or write task: enough that a task's overhead (a future; for a
+#: worker process also a pickle round trip) is small next to the 5-70 ms of work per frame,
+#: few enough that one model batch still spreads over every worker.
+MAX_TASK_FRAMES = 8
+
+
+def _task_frames(n: int, tasks: int) -> int:
+    """Frames per task to split ``n`` frames into about ``tasks`` tasks."""
+    return max(1, min(MAX_TASK_FRAMES, -(-n // max(1, tasks))))
+
+
+def _read_chunk(ws: Workspace, items: list[tuple[int, dict]]) -> list[tuple[int, dict, Any]]:
+    out: list[tuple[int, dict, Any]] = []
+    for i, row in items:
+        try:
+            out.append((i, row, read_frame(ws.abs(row["path"]))))
+        except Exception as exc:  # noqa: BLE001 - recorded per frame by the caller
+            out.append((i, row, exc))
+    return out
+
+
 def _decoded(
-    ws: Workspace, items: list[tuple[int, dict]], pool: ThreadPoolExecutor, lookahead: int
+    ws: Workspace, items: list[tuple[int, dict]], pool: ThreadPoolExecutor, lookahead: int, per_task: int = 1
 ) -> Iterator[tuple[int, dict, Any]]:
-    """(index, row, RGB frame or the exception) in order, decoding up to ``lookahead`` frames ahead."""
-    pending: list[tuple[int, dict, Future]] = []
-    it = iter(items)
-    for i, row in it:
-        pending.append((i, row, pool.submit(read_frame, ws.abs(row["path"]))))
-        if len(pending) >= lookahead:
+    """(index, row, RGB frame or the exception) in order, decoding up to ``lookahead`` frames ahead.
+
+    ``cv2.imdecode`` releases the GIL, so threads decode in parallel.
+    """
+    chunks = iter([items[s : s + per_task] for s in range(0, len(items), per_task)])
+    pending: deque[Future] = deque()
+    ahead = max(1, lookahead // per_task)
+    for chunk in chunks:
+        pending.append(pool.submit(_read_chunk, ws, chunk))
+        if len(pending) >= ahead:
             break
     while pending:
-        i, row, fut = pending.pop(0)
-        nxt = next(it, None)
+        done = pending.popleft().result()
+        nxt = next(chunks, None)
         if nxt is not None:
-            pending.append((nxt[0], nxt[1], pool.submit(read_frame, ws.abs(nxt[1]["path"]))))
+            pending.append(pool.submit(_read_chunk, ws, nxt))
+        yield from done
+
+
+def _mask_for(segmenter: Segmenter, img: np.ndarray) -> np.ndarray:
+    if isinstance(segmenter, OfflineSegmenter):
+        return segmenter.segment(img, drop_small=False)  # _layers_and_mask drops them (one pass less)
+    return _mask_u8(segmenter.predict([img])[0])
+
+
+def _layer_chunk(
+    ws: Workspace, cfg: LayeringConfig, items: list[tuple], segmenter: Segmenter | None = None
+) -> list[tuple[int, list[dict] | None, BaseException | None]]:
+    """Cut and write the layers of a few frames; a frame's failure is returned, not raised.
+
+    Args:
+        ws: the workspace.
+        cfg: layering configuration.
+        items: (index, row, RGB frame or None to read it from ``row["path"]``, uint8 mask or
+            None to segment the frame with ``segmenter``).
+        segmenter: for frames without a mask (default: :func:`get_segmenter` of ``cfg``).
+
+    Returns:
+        (index, layer rows or None, exception or None) per item.
+    """
+    out: list[tuple[int, list[dict] | None, BaseException | None]] = []
+    for i, row, img, mask in items:
         try:
-            yield i, row, fut.result()
-        except Exception as exc:  # noqa: BLE001 - recorded per frame by the caller
-            yield i, row, exc
+            if img is None:
+                img = read_frame(ws.abs(row["path"]))
+            if mask is None:
+                mask = _mask_for(segmenter or get_segmenter(cfg), img)
+            out.append((i, _write_frame(ws, row, img, mask, cfg), None))
+        except Exception as exc:  # noqa: BLE001 - one bad frame never loses the chunk
+            out.append((i, None, exc))
+    return out
+
+
+class _WorkerError(Exception):
+    """An exception from a worker process, reduced to its failure record (always picklable)."""
+
+    def __init__(self, record: str, message: str):
+        super().__init__(message)
+        self.record = record
+
+
+def _layer_chunk_in_worker(ws: Workspace, cfg: LayeringConfig, items: list[tuple]) -> list[tuple]:
+    """:func:`_layer_chunk` in a worker process, its failures made picklable.
+
+    BadInputError does not survive pickling (its constructor takes two arguments), and an
+    arbitrary exception may not either; a failure travels as plain strings instead.
+    """
+    out = []
+    for i, rows, exc in _layer_chunk(ws, cfg, items):
+        if isinstance(exc, BadInputError):
+            exc = ("bad", exc.path, exc.problem)
+        elif exc is not None:
+            exc = ("error", f"{type(exc).__name__}: {exc}", str(exc))
+        out.append((i, rows, exc))
+    return out
+
+
+def _from_worker(failure: tuple | None) -> BaseException | None:
+    if failure is None:
+        return None
+    kind, a, b = failure
+    return BadInputError(a, b) if kind == "bad" else _WorkerError(a, b)
+
+
+def _worker_init(parent: int) -> None:
+    """Set up a layering worker process: one OpenCV thread, and exit when ``parent`` is gone."""
+    cv2.setNumThreads(1)  # the pool is the parallelism; OpenCV's own threads would oversubscribe
+    _keep_heap()
+    threading.Thread(target=_exit_with, args=(parent,), name="parent-watch", daemon=True).start()
+
+
+def _exit_with(parent: int) -> None:
+    """Exit this process once process ``parent`` has exited.
+
+    A parent killed outright (kill -9) cannot stop its pool, and a forkserver child is not
+    orphaned by it either (its parent is the forkserver, which stays up while its children
+    hold its pipe): without this the workers would wait for work forever.
+    """
+    import select
+    import time
+
+    try:
+        fd = os.pidfd_open(parent)  # readable once the process exits (Linux 5.3+)
+    except (AttributeError, OSError):
+        fd = None
+    if fd is not None:
+        select.select([fd], [], [])
+    else:
+        while True:
+            try:
+                os.kill(parent, 0)
+            except ProcessLookupError:
+                break
+            except PermissionError:  # alive, someone else's (cannot be ours, but never mind)
+                pass
+            time.sleep(1.0)
+    os._exit(0)
+
+
+def _keep_heap() -> None:
+    """Stop glibc handing a frame's freed buffers back to the OS after every frame.
+
+    A fresh worker starts with small mmap/trim thresholds, so each frame's multi-megabyte
+    buffers were mapped, page-faulted (~1,200 faults a 640x360 frame) and unmapped again:
+    +15% CPU per frame against a warmed-up parent process. Elsewhere than glibc: a no-op.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    mallopt(m_mmap_threshold, 32 << 20)  # glibc's ceiling on 64-bit
+    mallopt(m_trim_threshold, 256 << 20)
+
+
+_pools: dict[int, ProcessPoolExecutor] = {}
+_pools_lock = threading.Lock()
+_pools_atexit = False
+
+
+def _process_pool(workers: int) -> ProcessPoolExecutor:
+    """The pool of ``workers`` layering processes, started on first use and kept for the process.
+
+    A long-lived GPU worker pays the start-up once (the forkserver's imports, ~0.5 s; then a
+    fork per worker as work arrives). Workers come from the forkserver (spawn where there is
+    none), never ``fork``: the parent may hold a CUDA context.
+    """
+    global _pools_atexit
+    with _pools_lock:
+        pool = _pools.get(workers)
+        if pool is None:
+            import multiprocessing
+
+            method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+            ctx = multiprocessing.get_context(method)
+            if method == "forkserver":
+                # Imported once in the server (if it is not running yet), not in every worker.
+                ctx.set_forkserver_preload(["__main__", __name__])
+            pool = ProcessPoolExecutor(
+                workers,
+                mp_context=ctx,
+                initializer=_worker_init,
+                initargs=(os.getpid(),),
+            )
+            try:
+                # Start a worker now: a platform that cannot run them fails here, not mid-chunk.
+                pool.submit(os.getpid).result(timeout=120)
+            except BaseException:
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
+            _pools[workers] = pool
+            if not _pools_atexit:
+                atexit.register(_shutdown_pools)
+                _pools_atexit = True
+        return pool
+
+
+def _discard_pool(pool: ProcessPoolExecutor) -> None:
+    with _pools_lock:
+        for key in [k for k, p in _pools.items() if p is pool]:
+            del _pools[key]
+    pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _shutdown_pools() -> None:
+    with _pools_lock:
+        pools = list(_pools.values())
+        _pools.clear()
+    for pool in pools:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+#: Fewest workers for which the per-frame work goes to processes. That work (~18 ms a
+#: 640x360 frame, ~65 ms at 1080p: decode, connected components, crops, inpaint, PNG encodes,
+#: fsync) holds the GIL for ~3-5 ms of it (profiled), so threads stop scaling at 4-5 cores
+#: (134 frames/s on 16); with two workers threads do as well as processes and need no start-up.
+PROCESS_MIN_WORKERS = 3
+
+
+def _use_processes(cfg: LayeringConfig, n_frames: int) -> bool:
+    """Whether cutting and writing the layers goes to worker processes rather than threads.
+
+    Yes from :data:`PROCESS_MIN_WORKERS` workers and more than one frame per worker (the
+    pool then outlives the call), unless ``cfg.worker_processes`` is off.
+    """
+    return cfg.worker_processes and cfg.num_workers >= PROCESS_MIN_WORKERS and n_frames > cfg.num_workers
+
+
+class _Tasks:
+    """Layer-writing tasks in flight (threads or worker processes), collected in submission order."""
+
+    def __init__(self, ws: Workspace, cfg: LayeringConfig, pool: Any, processes: bool):
+        self.ws, self.cfg, self.pool, self.processes = ws, cfg, pool, processes
+        self.pending: deque[tuple[list[tuple], Future]] = deque()
+        self.pending_frames = 0
+        self.results: dict[int, list[dict]] = {}
+        self.failures: list[tuple[int, dict, BaseException]] = []
+
+    def submit(self, items: list[tuple], segmenter: Segmenter | None = None) -> None:
+        if self.processes:
+            fut = self.pool.submit(_layer_chunk_in_worker, self.ws, self.cfg, items)
+        else:
+            fut = self.pool.submit(_layer_chunk, self.ws, self.cfg, items, segmenter)
+        self.pending.append((items, fut))
+        self.pending_frames += len(items)
+
+    def failed(self, i: int, row: dict, exc: BaseException) -> None:
+        self.failures.append((i, row, exc))
+
+    def drain(self, limit: int) -> None:
+        """Collect finished tasks; block on the oldest while more than ``limit`` frames are pending."""
+        from concurrent.futures.process import BrokenProcessPool
+
+        while self.pending and (self.pending_frames > limit or self.pending[0][1].done()):
+            items, fut = self.pending.popleft()
+            self.pending_frames -= len(items)
+            try:
+                done = fut.result()
+                if self.processes:
+                    done = [(i, rows, _from_worker(failure)) for i, rows, failure in done]
+            except BrokenProcessPool as exc:
+                _discard_pool(self.pool)
+                raise RuntimeError(
+                    "a layering worker process died (out of memory?); frames already written are kept"
+                ) from exc
+            except Exception as exc:  # noqa: BLE001 - one bad task never loses the chunk
+                done = [(it[0], None, exc) for it in items]
+            rows_of = {it[0]: it[1] for it in items}
+            for i, rows, exc in done:
+                if exc is None:
+                    self.results[i] = rows
+                else:
+                    self.failures.append((i, rows_of[i], exc))
 
 
 def segment_layers(frame_rows: list[dict], workspace: Workspace, cfg: LayeringConfig) -> list[dict]:
@@ -571,6 +917,12 @@ def segment_layers(frame_rows: list[dict], workspace: Workspace, cfg: LayeringCo
     Frames already complete from an earlier run are not redone. A frame that cannot be read
     is recorded in ``layered_frames/failures/<ep>/<stem>.json`` and skipped; the chunk fails
     only if every frame in it failed.
+
+    With 3 or more ``num_workers`` and more frames than workers, the per-frame CPU work (cutting,
+    inpainting, PNG encoding, writing) runs in a pool of worker processes kept for the life
+    of the process; with the offline backend the workers also read and segment the frames.
+    For U2Net, threads here decode the frames for the model and the workers get each frame
+    with its mask (sending a 640x360 frame costs ~0.3 ms, decoding its PNG again ~3 ms).
 
     Args:
         frame_rows: frame manifest rows (``frames.jsonl``).
@@ -583,6 +935,7 @@ def segment_layers(frame_rows: list[dict], workspace: Workspace, cfg: LayeringCo
 
     Raises:
         BadInputError: every frame of a non-empty chunk failed (names the first one).
+        RuntimeError: a worker process died (the frames written so far are kept).
     """
     ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace)
     results: dict[int, list[dict]] = {}
@@ -593,41 +946,59 @@ def segment_layers(frame_rows: list[dict], workspace: Workspace, cfg: LayeringCo
             todo.append((i, row))
         else:
             results[i] = done
-    failures: list[tuple[dict, BaseException]] = []
+    failures: list[tuple[int, dict, BaseException]] = []
     if todo:
         segmenter = get_segmenter(cfg)
         workers = max(1, cfg.num_workers)
-        rows_by_index = dict(todo)
-        with ThreadPoolExecutor(workers, thread_name_prefix="layering") as pool:
-            writes: list[tuple[int, dict, Future]] = []
-            decoded = _decoded(ws, todo, pool, lookahead=max(2 * cfg.batch_size, 2 * workers))
+        model = getattr(segmenter, "batched", False) and hasattr(segmenter, "predict_batches")
+        # Other segmenters live in this process only.
+        processes = (model or isinstance(segmenter, OfflineSegmenter)) and _use_processes(cfg, len(todo))
+        pool = None
+        if processes:
+            try:
+                pool = _process_pool(workers)
+            except Exception as exc:  # noqa: BLE001 - e.g. no POSIX semaphores: threads still work
+                log.warning(
+                    "layering in threads: cannot start worker processes (%s: %s)", type(exc).__name__, exc
+                )
+                processes = False
+        with ThreadPoolExecutor(workers, thread_name_prefix="layering") as threads:
+            tasks = _Tasks(ws, cfg, pool or threads, processes)
+            if model:
+                # Decoding (threads), the model (this thread) and writing (tasks) overlap.
+                rows_by_index = dict(todo)
+                per = _task_frames(cfg.batch_size, workers)
+                decoded = _decoded(ws, todo, threads, max(2 * cfg.batch_size, 2 * workers * per), per)
 
-            def good_frames() -> Iterator[tuple[int, np.ndarray]]:
-                for i, row, img in decoded:
-                    if isinstance(img, BaseException):
-                        failures.append((row, img))
-                    else:
-                        yield i, img
+                def good_frames() -> Iterator[tuple[int, np.ndarray]]:
+                    for i, row, img in decoded:
+                        if isinstance(img, BaseException):
+                            tasks.failed(i, row, img)
+                        else:
+                            yield i, img
 
-            if getattr(segmenter, "batched", False) and hasattr(segmenter, "predict_stream"):
-                # Decoding (pool), the model (this thread) and writing (pool) overlap.
-                for i, img, mask in segmenter.predict_stream(good_frames()):
-                    row = rows_by_index[i]
-                    writes.append((i, row, pool.submit(_write_frame, ws, row, img, mask, cfg)))
-                    _drain(writes, results, failures, limit=4 * workers + cfg.batch_size)
+                for pairs, masks in segmenter.predict_batches(good_frames()):
+                    for s in range(0, len(pairs), per):
+                        part = pairs[s : s + per]
+                        tasks.submit(
+                            [(i, rows_by_index[i], img, masks[s + j]) for j, (i, img) in enumerate(part)]
+                        )
+                    tasks.drain(limit=2 * cfg.batch_size + 4 * workers)
             else:
-                for i, img in good_frames():
-                    row = rows_by_index[i]
-                    writes.append((i, row, pool.submit(_segment_and_write, segmenter, ws, row, img, cfg)))
-                    _drain(writes, results, failures, limit=2 * workers)
-            _drain(writes, results, failures, limit=0)
-    for row, exc in failures:
+                # The tasks read, segment and write: nothing here needs the pixels.
+                per = _task_frames(len(todo), 2 * workers)
+                for s in range(0, len(todo), per):
+                    items = [(i, row, None, None) for i, row in todo[s : s + per]]
+                    tasks.submit(items, None if processes else segmenter)
+            tasks.drain(limit=0)
+        results.update(tasks.results)
+        failures = sorted(tasks.failures, key=lambda f: f[0])
+    for _, row, exc in failures:
         path = ws.abs(row["path"])
         log.warning("layering skipped %s: %s", path, exc)
-        problem = exc.problem if isinstance(exc, BadInputError) else f"{type(exc).__name__}: {exc}"
-        atomic_write_json(_paths(ws, row)["failure"], {"frame_path": row["path"], "error": problem})
+        atomic_write_json(_paths(ws, row)["failure"], {"frame_path": row["path"], "error": _problem(exc)})
     if todo and len(failures) == len(todo) and not results:
-        row, exc = failures[0]
+        _, row, exc = failures[0]
         problem = exc.problem if isinstance(exc, BadInputError) else str(exc)
         raise BadInputError(
             ws.abs(row["path"]), f"{problem} (and all {len(failures)} frames of this chunk failed)"
@@ -635,24 +1006,13 @@ def segment_layers(frame_rows: list[dict], workspace: Workspace, cfg: LayeringCo
     return [r for i in sorted(results) for r in results[i]]
 
 
-def _segment_and_write(
-    segmenter: Segmenter, ws: Workspace, row: dict, img: np.ndarray, cfg: LayeringConfig
-) -> list[dict]:
-    if isinstance(segmenter, OfflineSegmenter):
-        mask = segmenter.segment(img, drop_small=False)  # _layers_and_mask drops them (one pass less)
-    else:
-        mask = _mask_u8(segmenter.predict([img])[0])
-    return _write_frame(ws, row, img, mask, cfg)
-
-
-def _drain(writes: list, results: dict, failures: list, limit: int) -> None:
-    """Collect finished writes; block on the oldest while more than ``limit`` are pending."""
-    while writes and (len(writes) > limit or writes[0][2].done()):
-        i, row, fut = writes.pop(0)
-        try:
-            results[i] = fut.result()
-        except Exception as exc:  # noqa: BLE001 - one bad frame never loses the chunk
-            failures.append((row, exc))
+def _problem(exc: BaseException) -> str:
+    """What a frame's failure record says."""
+    if isinstance(exc, BadInputError):
+        return exc.problem
+    if isinstance(exc, _WorkerError):
+        return exc.record
+    return f"{type(exc).__name__}: {exc}"
 
 
 def write_layer_manifest(workspace: Workspace, episode_id: str, rows: list[dict]) -> Path:

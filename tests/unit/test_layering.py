@@ -250,3 +250,183 @@ def test_u2net_backend_end_to_end_with_random_weights(series, tmp_path, monkeypa
     frame = layering.read_frame(ws.abs(rows[0]["path"]))
     (m,) = seg.predict([frame])
     assert m.shape == (360, 640) and m.dtype == np.float32 and 0 <= m.min() and m.max() <= 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker processes vs threads; the batched U2Net stream
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tiny_u2netp(tmp_path, monkeypatch) -> Path:
+    """Weights of a tiny U^2-NetP-shaped network (64x64 input), registered as ``u2netp``."""
+    torch = pytest.importorskip("torch")
+    from yokai_pipeline.models import u2net
+
+    tiny = u2net.U2NetSpec(
+        encoder=((7, 3, 4, 8), (6, 8, 4, 8), (5, 8, 4, 8), (4, 8, 4, 8), (0, 8, 4, 8), (0, 8, 4, 8)),
+        decoder=((0, 16, 4, 8), (4, 16, 4, 8), (5, 16, 4, 8), (6, 16, 4, 8), (7, 16, 4, 8)),
+        side_channels=(8,) * 6,
+        preprocess=u2net.U2NetPreprocess(input_size=64),
+    )
+    monkeypatch.setitem(u2net.SPECS, "u2netp", tiny)
+    torch.manual_seed(0)
+    return u2net.save_u2net_safetensors(u2net.build_u2net("u2netp").eval(), tmp_path / "tiny.safetensors")
+
+
+def _tree(ws: Workspace) -> dict[str, bytes]:
+    return {
+        p.relative_to(ws.layered_frames).as_posix(): p.read_bytes()
+        for p in sorted(ws.layered_frames.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _spy_pool(monkeypatch) -> list[int]:
+    started = []
+    real = layering._process_pool
+    monkeypatch.setattr(layering, "_process_pool", lambda n: started.append(n) or real(n))
+    return started
+
+
+@pytest.mark.parametrize("backend", ["offline", "u2netp"])
+def test_worker_processes_write_the_same_files_as_threads(series, tmp_path, monkeypatch, backend, request):
+    extra = {}
+    if backend == "u2netp":
+        extra = {"weights": request.getfixturevalue("tiny_u2netp"), "device": "cpu", "batch_size": 3}
+    started = _spy_pool(monkeypatch)
+    out = {}
+    for mode in ("threads", "processes"):
+        ws = Workspace(tmp_path / mode)
+        rows = _write_frames(series, ws, step=24, limit=7)
+        bad = ws.abs(rows[2]["path"])
+        bad.write_bytes(bad.read_bytes()[:300])  # a truncated frame: recorded the same way
+        cfg = LayeringConfig(backend=backend, num_workers=3, worker_processes=mode == "processes", **extra)
+        out[mode] = (layering.segment_layers(rows, ws, cfg), _tree(ws))
+    assert started == [3], "the process path was not taken"
+    (rows_t, files_t), (rows_p, files_p) = out["threads"], out["processes"]
+    assert rows_p == rows_t
+    assert files_p.keys() == files_t.keys()
+    assert [k for k in files_t if files_p[k] != files_t[k]] == []
+    assert "failures/ep01/ep01_f000048.json" in files_t
+    assert sum(k.startswith("character/") for k in files_t) >= 6
+
+
+def test_worker_processes_skip_finished_frames(series, tmp_path, monkeypatch):
+    started = _spy_pool(monkeypatch)
+    ws = Workspace(tmp_path)
+    rows = _write_frames(series, ws, step=24, limit=6)
+    cfg = LayeringConfig(num_workers=3)
+    first = layering.segment_layers(rows, ws, cfg)
+
+    def stamps() -> dict[str, tuple[int, int]]:
+        # An atomic rewrite renames a new file into place: a new inode.
+        return {k: ((st := (ws.layered_frames / k).stat()).st_ino, st.st_mtime_ns) for k in _tree(ws)}
+
+    before = stamps()
+    assert layering.segment_layers(rows, ws, cfg) == first
+    assert stamps() == before
+    redo = [f"masks/ep01/ep01_f{r['frame_index']:06d}.png" for r in rows[1:5]]
+    for k in redo:
+        (ws.layered_frames / k).unlink()
+    assert layering.segment_layers(rows, ws, cfg) == first
+    after = stamps()
+    changed = {k for k in after if after[k] != before.get(k)}
+    assert set(redo) <= changed
+    assert all(f"_f{r['frame_index']:06d}" not in k for k in changed for r in (rows[0], rows[5]))
+    assert started and started[0] == 3
+
+
+def test_worker_processes_name_the_file_when_every_frame_fails(series, tmp_path, monkeypatch):
+    started = _spy_pool(monkeypatch)
+    ws = Workspace(tmp_path)
+    rows = _write_frames(series, ws, step=48, limit=4)
+    for r in rows:
+        ws.abs(r["path"]).write_bytes(b"")
+    with pytest.raises(BadInputError, match=r"ep01_f000000\.png: not a decodable image .*all 4 frames"):
+        layering.segment_layers(rows, ws, LayeringConfig(num_workers=3))
+    assert started == [3]
+    rec = read_jsonl_one(ws.abs("layered_frames/failures/ep01/ep01_f000096.json"))
+    assert rec == {
+        "frame_path": rows[2]["path"],
+        "error": "not a decodable image (empty, truncated or corrupt)",
+    }
+
+
+def test_layering_falls_back_to_threads_when_processes_cannot_start(series, tmp_path, monkeypatch, caplog):
+    def no_processes(n):
+        raise OSError("no POSIX semaphores here")
+
+    monkeypatch.setattr(layering, "_process_pool", no_processes)
+    ws = Workspace(tmp_path)
+    rows = _write_frames(series, ws, step=24, limit=5)
+    out = layering.segment_layers(rows, ws, LayeringConfig(num_workers=3))
+    assert {r["frame_index"] for r in out} == {r["frame_index"] for r in rows}
+    assert "cannot start worker processes" in caplog.text
+
+
+def test_u2net_batches_stream_and_binarize(tiny_u2netp):
+    seg = layering.U2NetSegmenter(tiny_u2netp, "u2netp", device="cpu", batch_size=3)
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (40, 56, 3), np.uint8) for _ in range(5)]
+    images += [rng.integers(0, 256, (32, 48, 3), np.uint8) for _ in range(2)]
+    u8 = seg.predict_u8(images)
+    assert [m.shape for m in u8] == [(40, 56)] * 5 + [(32, 48)] * 2 and u8[0].dtype == np.uint8
+    # Consecutive frames of one size share a batch; a size change starts a new one.
+    batches = list(seg.predict_batches(enumerate(images)))
+    assert [[k for k, _ in pairs] for pairs, _ in batches] == [[0, 1, 2], [3, 4], [5, 6]]
+    for pairs, masks in batches:
+        for (k, im), m in zip(pairs, masks, strict=True):
+            assert im is images[k] and np.array_equal(m, u8[k])
+    streamed = list(seg.predict_stream(enumerate(images)))
+    assert [k for k, _, _ in streamed] == list(range(7))
+    assert all(np.array_equal(m, u8[k]) for k, _, m in streamed)
+    binary = [m for _, masks in seg.predict_batches(enumerate(images), binarize_above=127) for m in masks]
+    assert all(np.array_equal(b, (m > 127).astype(np.uint8) * 255) for b, m in zip(binary, u8, strict=True))
+
+
+def test_u2net_compile_padding_keeps_the_masks(tiny_u2netp):
+    seg = layering.U2NetSegmenter(tiny_u2netp, "u2netp", device="cpu", batch_size=4)
+    rng = np.random.default_rng(1)
+    images = [rng.integers(0, 256, (40, 56, 3), np.uint8) for _ in range(3)]
+    plain = seg.predict_u8(images)
+    seg.compile = True  # pads the short batch to batch_size as under torch.compile
+    assert seg._pad(seg._stack(images)).shape[0] == 4
+    padded = seg.predict_u8(images)
+    assert all(np.abs(a.astype(int) - b).max() <= 1 for a, b in zip(plain, padded, strict=True))
+
+
+def test_a_producer_error_reaches_the_consumer(tiny_u2netp):
+    seg = layering.U2NetSegmenter(tiny_u2netp, "u2netp", device="cpu", batch_size=2)
+
+    def items():
+        yield 0, np.zeros((40, 56, 3), np.uint8)
+        raise OSError("disk went away")
+
+    with pytest.raises(OSError, match="disk went away"):
+        list(seg.predict_batches(items()))
+
+
+@pytest.mark.gpu
+def test_pipelined_cuda_masks_equal_one_batch_at_a_time(tiny_u2netp):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    seg = layering.U2NetSegmenter(tiny_u2netp, "u2netp", device="cuda", batch_size=4)
+    rng = np.random.default_rng(2)
+    images = [rng.integers(0, 256, (90, 160, 3), np.uint8) for _ in range(11)]
+    images += [rng.integers(0, 256, (72, 128, 3), np.uint8) for _ in range(3)]
+    # The same batches, each waited for before the next is queued.
+    parts = [images[0:4], images[4:8], images[8:11], images[11:]]
+    expected = [m.astype(int) for part in parts for m in seg._run(seg._stack(part))]
+    got = [m.copy() for _, masks in seg.predict_batches(enumerate(images)) for m in masks]
+    assert len(got) == len(expected) == 14
+    # Same kernels on the same shapes: equal up to cuDNN's choice of algorithm.
+    assert max(int(np.abs(a - b).max()) for a, b in zip(expected, got, strict=True)) <= 1
+    binary = [
+        m.copy() for _, masks in seg.predict_batches(enumerate(images), binarize_above=127) for m in masks
+    ]
+    for b, m in zip(binary, expected, strict=True):
+        assert set(np.unique(b)) <= {0, 255}
+        differ = b != np.where(m > 127, 255, 0)
+        assert not differ.any() or np.abs(m[differ] - 127.5).max() <= 1.5

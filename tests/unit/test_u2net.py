@@ -125,6 +125,18 @@ def test_predict_masks_shape_range_and_determinism(tmp_path):
     assert float(small.min()) == pytest.approx(0.0, abs=1e-6) and float(small.max()) == pytest.approx(1.0)
 
 
+def test_normalisation_tensors_are_made_once_per_device(tmp_path, monkeypatch):
+    # Made per call they would be a blocking host-to-device copy on CUDA (stalls the pipeline).
+    st = u2net.save_u2net_safetensors(_random_model("u2netp", seed=2), tmp_path / "w.safetensors")
+    model = u2net.load_u2net(st, "u2netp", device="cpu")
+    monkeypatch.setattr(u2net, "_norm_cache", {})
+    first = u2net.predict_masks(model, _images(1), input_size=64)
+    ((mean, std),) = u2net._norm_cache.values()
+    assert torch.equal(u2net.predict_masks(model, _images(1), input_size=64), first)
+    assert list(u2net._norm_cache.values()) == [(mean, std)]
+    assert mean.shape == std.shape == (1, 3, 1, 1)
+
+
 def test_wrong_variant_is_rejected_with_the_file_named(tmp_path):
     st = u2net.save_u2net_safetensors(_random_model("u2netp"), tmp_path / "small.safetensors")
     with pytest.raises(BadInputError) as err:

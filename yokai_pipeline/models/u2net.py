@@ -395,6 +395,27 @@ def _model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+_norm_cache: dict[tuple, tuple[Any, Any]] = {}
+
+
+def _norm_tensors(pre: U2NetPreprocess, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet mean/std as [1, 3, 1, 1] tensors on ``device``, made once per device.
+
+    Building them per call would copy from pageable host memory, which on CUDA waits for
+    the stream: the host could then not queue the next batch while the GPU runs this one.
+    """
+    key = (str(device), pre.mean, pre.std)
+    got = _norm_cache.get(key)
+    if got is None:
+        torch = _torch()
+        got = (
+            torch.tensor(pre.mean, device=device).view(1, 3, 1, 1),
+            torch.tensor(pre.std, device=device).view(1, 3, 1, 1),
+        )
+        _norm_cache[key] = got
+    return got
+
+
 def predict_masks(
     model: torch.nn.Module, batch: torch.Tensor, *, resize_back: bool = True, input_size: int | None = None
 ) -> torch.Tensor:
@@ -429,8 +450,7 @@ def predict_masks(
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
         # Official normalisation: divide by the image maximum, then ImageNet mean/std.
         x = x / x.amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-6)
-        mean = torch.tensor(pre.mean, device=device).view(1, 3, 1, 1)
-        std = torch.tensor(pre.std, device=device).view(1, 3, 1, 1)
+        mean, std = _norm_tensors(pre, device)
         x = (x - mean) / std
         if cuda:
             x = x.contiguous(memory_format=torch.channels_last)
