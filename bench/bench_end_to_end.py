@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -38,6 +39,9 @@ def main() -> None:
     ap.add_argument("--clip-model", default="ViT-B-32")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--compile", action="store_true")
+    cores = os.cpu_count() or 2
+    ap.add_argument("--layer-workers", type=int, default=cores, help="layering worker processes")
+    ap.add_argument("--embed-workers", type=int, default=max(1, cores - 2), help="embedding decode workers")
     ap.add_argument(
         "--workers", type=int, default=4, help="processes rendering and encoding the source series"
     )
@@ -58,14 +62,25 @@ def main() -> None:
     )
     n_frames, t_bare = bare_decode_av(video)
 
-    lcfg = LayeringConfig(backend=args.layering, batch_size=args.batch_size, compile=args.compile)
+    lcfg = LayeringConfig(
+        backend=args.layering,
+        batch_size=args.batch_size,
+        compile=args.compile,
+        num_workers=args.layer_workers,
+    )
     if args.layering != "offline":
         from yokai_pipeline.models import u2net
 
         weights = work / f"{args.layering}.safetensors"
         u2net.save_u2net_safetensors(u2net.build_u2net(args.layering), weights)
         lcfg = lcfg.model_copy(update={"weights": weights})
-    ecfg = EmbeddingConfig(backend=args.embedding, model=args.clip_model, pretrained=None, batch_size=256)
+    ecfg = EmbeddingConfig(
+        backend=args.embedding,
+        model=args.clip_model,
+        pretrained=None,
+        batch_size=256,
+        num_workers=args.embed_workers,
+    )
     t0 = time.perf_counter()
     layering.get_segmenter(lcfg)
     embedding.get_embedder(ecfg)

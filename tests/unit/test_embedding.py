@@ -5,13 +5,17 @@ CLIP is tested with tiny random models built from an open_clip config (nothing d
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import time
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from yokai_pipeline import embedding
 from yokai_pipeline.config import EmbeddingConfig
 from yokai_pipeline.embedding import (
     OFFLINE_DIM,
@@ -20,6 +24,7 @@ from yokai_pipeline.embedding import (
     embed_layers,
     get_embedder,
     load_embeddings,
+    shutdown_decode_pools,
     sidecar_path,
 )
 from yokai_pipeline.errors import BadInputError, ConfigError
@@ -175,6 +180,126 @@ def test_clip_unknown_model_or_tag_is_a_config_error_without_downloading():
         )
 
 
+def soft_layer(w: int, h: int, seed: int) -> Image.Image:
+    """A ``w`` x ``h`` RGBA layer with a soft matte edge and grain, like a segmented video frame."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    rgba = cv2.resize(
+        render_character(seed % len(CHARACTERS), scale=2.0), (w, h), interpolation=cv2.INTER_LINEAR
+    )
+    rgba[..., 3] = cv2.GaussianBlur(rgba[..., 3], (5, 5), 1.5)
+    rgba[..., :3] = np.clip(rgba[..., :3] + rng.normal(0, 3, rgba[..., :3].shape), 0, 255).astype(np.uint8)
+    return Image.fromarray(rgba, "RGBA")
+
+
+LAYER_SHAPES = [(150, 420), (600, 170), (40, 70), (1300, 900), (224, 224), (225, 500), (3, 400)]
+
+
+@pytest.mark.parametrize(
+    ("resize_mode", "interpolation", "size"),
+    [("shortest", "bicubic", 224), ("shortest", "bicubic", 336), ("squash", "bilinear", 256)],
+)
+def test_clip_fast_preprocessing_matches_open_clip_pil_transform(resize_mode, interpolation, size):
+    """The decode workers' one-call resize + crop against open_clip's own eval transform.
+
+    ("shortest", "bicubic", 224) is ViT-B-32's (and ViT-L-14's) preprocess; squash + bilinear
+    is the SigLIP family's. Pixels may differ only where Pillow picks another order for its
+    two resampling passes (a uint8 rounding at hard edges).
+    """
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    from yokai_pipeline.models.clip import resize_plan, split_preprocess
+
+    pp = PreprocessCfg(size=size, interpolation=interpolation, resize_mode=resize_mode)
+    pil_transform, mean, std = split_preprocess(image_transform_v2(pp, is_train=False))
+    assert mean == pp.mean and std == pp.std
+    plan = resize_plan(pil_transform)
+    assert plan is not None
+    for i, (w, h) in enumerate(LAYER_SHAPES):
+        layer = soft_layer(w, h, i)
+        ref = np.asarray(pil_transform(composite_on_background(layer)), dtype=np.int16)
+        got = embedding._preprocess(layer, plan, None, (size, size)).astype(np.int16)
+        assert got.shape == ref.shape == (size, size, 3)
+        diff = np.abs(got - ref)
+        assert diff.mean() < 0.5 and (diff > 2).mean() < 0.005 and diff.max() <= 24, (
+            (w, h),
+            diff.mean(),
+            diff.max(),
+        )
+
+
+def test_clip_preprocess_that_the_plan_cannot_express_falls_back_to_open_clip(tmp_path):
+    """resize_mode 'longest' (ResizeKeepRatio + CenterCropOrPad): the workers run the PIL transform."""
+    from yokai_pipeline.models.clip import load_clip
+
+    d = tmp_path / "longest"
+    d.mkdir()
+    cfg_json = json.loads(json.dumps(TINY_CLIP))
+    cfg_json["preprocess_cfg"]["resize_mode"] = "longest"
+    (d / "open_clip_config.json").write_text(json.dumps(cfg_json))
+    bundle = load_clip(f"local-dir:{d}", None, "cpu")
+    assert bundle.resize_plan is None
+    layers = [soft_layer(w, h, i) for i, (w, h) in enumerate(LAYER_SHAPES[:4])]
+    paths = []
+    for i, im in enumerate(layers):
+        paths.append(tmp_path / f"l{i}.png")
+        im.save(paths[-1])
+    emb = get_embedder(clip_cfg(d, batch_size=3))
+    with contextlib.closing(emb.pixel_batches(layers)) as batches:
+        pixels = np.concatenate([p.copy() for _, p, _ in batches])
+    for im, got in zip(layers, pixels, strict=True):
+        np.testing.assert_array_equal(got, np.asarray(bundle.pil_transform(composite_on_background(im))))
+    inline = emb.embed(layers)
+    np.testing.assert_allclose(
+        get_embedder(clip_cfg(d, batch_size=3, num_workers=2)).embed(paths), inline, atol=1e-5
+    )
+
+
+class _KillsTheWorker:
+    """Unpickling this in a decode worker ends that process, as the OOM killer would."""
+
+    def __reduce__(self):
+        return (os._exit, (3,))
+
+
+def test_clip_decode_pool_is_reused_and_survives_bad_files_and_dead_workers(tiny_clip_dir, tmp_path):
+    paths = []
+    for i, im in enumerate(crops(8)):
+        paths.append(tmp_path / f"c{i}.png")
+        im.save(paths[-1])
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG broken")
+    ref = get_embedder(clip_cfg(tiny_clip_dir, batch_size=3)).embed(paths)
+    emb = get_embedder(clip_cfg(tiny_clip_dir, batch_size=3, num_workers=2))
+    np.testing.assert_allclose(emb.embed(paths), ref, atol=1e-5)
+    pids = [p.pid for p in embedding._decode_pool(2).procs]
+
+    # A bad file aborts the call mid-stream; the tasks still running are waited for, so the next
+    # call on the same workers is not fed stale rows.
+    with pytest.raises(BadInputError, match="broken.png"):
+        emb.embed([*paths[:4], bad, *paths[4:]])
+    np.testing.assert_allclose(emb.embed(paths), ref, atol=1e-5)
+    assert [p.pid for p in embedding._decode_pool(2).procs] == pids  # same processes, no restart
+
+    # A worker dying mid-call is an error, not a hang; the next call gets a fresh pool.
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match="died"):
+        emb.embed([*paths, _KillsTheWorker()])
+    assert time.monotonic() - t0 < 30
+    np.testing.assert_allclose(emb.embed(paths), ref, atol=1e-5)
+    # ... and so does one killed between calls
+    os.kill(embedding._decode_pool(2).procs[0].pid, signal.SIGKILL)
+    embedding._decode_pool(2).procs[0].join(10)
+    np.testing.assert_allclose(emb.embed(paths), ref, atol=1e-5)
+
+    procs = embedding._decode_pool(2).procs
+    shutdown_decode_pools()
+    assert not any(p.is_alive() for p in procs)
+    np.testing.assert_allclose(emb.embed(paths), ref, atol=1e-5)  # restarts on demand
+    shutdown_decode_pools()
+
+
 @pytest.mark.slow
 def test_clip_vit_b32_random_weights_small_batch():
     out = get_embedder(
@@ -195,6 +320,30 @@ def test_clip_on_cuda_bf16_matches_cpu_fp32(tiny_clip_dir):
     gpu = gpu_embedder.embed(images)
     assert gpu.dtype == np.float32
     assert np.min(np.sum(cpu * gpu, axis=1)) > 0.99  # bf16 autocast: close, not equal
+
+
+@pytest.mark.gpu
+def test_clip_on_cuda_from_png_files_through_the_decode_pool(tiny_clip_dir, tmp_path):
+    """Pinned staging, asynchronous copies and the copy throttle over several batches, with a bad file."""
+    paths = []
+    for i, im in enumerate(crops(20)):
+        paths.append(tmp_path / f"c{i}.png")
+        im.save(paths[-1])
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG broken")
+    cpu_embedder = get_embedder(clip_cfg(tiny_clip_dir))
+    gpu_embedder = get_embedder(clip_cfg(tiny_clip_dir, device="cuda", batch_size=4, num_workers=2))
+    gpu_embedder.bundle.model.load_state_dict(cpu_embedder.bundle.model.state_dict())
+    cpu = cpu_embedder.embed(paths)
+    errors: list = []
+    gpu = gpu_embedder.embed([*paths[:7], bad, *paths[7:]], errors=errors)
+    assert [i for i, _ in errors] == [7] and not gpu[7].any()
+    gpu = np.delete(gpu, 7, axis=0)
+    assert np.min(np.sum(cpu * gpu, axis=1)) > 0.99
+    with pytest.raises(BadInputError, match="broken.png"):
+        gpu_embedder.embed([*paths, bad])
+    again = gpu_embedder.embed(paths)  # same pool after an aborted call; batches now split differently
+    assert np.min(np.sum(again * gpu, axis=1)) > 0.999
 
 
 # ----------------------------------------------------------------------------- stage
