@@ -36,6 +36,7 @@ from typing import Any, Protocol
 import cv2
 import numpy as np
 
+from yokai_pipeline import fsio
 from yokai_pipeline.config import LayeringConfig
 from yokai_pipeline.errors import BadInputError, ConfigError
 from yokai_pipeline.fsio import atomic_write_bytes, atomic_write_json, read_jsonl, write_jsonl
@@ -522,17 +523,10 @@ def _paths(ws: Workspace, row: dict) -> dict[str, Path]:
 
 
 def _encode_png(img: np.ndarray, bilevel: bool = False) -> bytes:
+    """PNG bytes of an RGB/RGBA/grey image (fsio.encode_png takes OpenCV's channel order)."""
     if img.ndim == 3:
         img = cv2.cvtColor(img, cv2.COLOR_RGB2BGR if img.shape[2] == 3 else cv2.COLOR_RGBA2BGRA)
-    # Level 1 with the "up" filter only: half the time of libpng's adaptive filter choice,
-    # same size on flat-colour frames.
-    params = [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_UP]
-    if bilevel:
-        params += [cv2.IMWRITE_PNG_BILEVEL, 1]
-    ok, buf = cv2.imencode(".png", img, params)
-    if not ok:  # pragma: no cover - OpenCV only fails here on impossible shapes
-        raise RuntimeError("PNG encoding failed")
-    return buf.tobytes()
+    return fsio.encode_png(img, bilevel=bilevel)
 
 
 def read_frame(path: str | Path) -> np.ndarray:
