@@ -76,22 +76,18 @@ def make_layers(folder: Path, n: int, distinct: int = 400, realistic: bool = Tru
     return paths
 
 
-def time_offline(cfg: EmbeddingConfig, paths: list[Path], warmup: int) -> float:
-    emb = get_embedder(cfg)
-    emb.embed(paths[:warmup])
-    t0 = time.perf_counter()
-    out = emb.embed(paths)
-    seconds = time.perf_counter() - t0
-    assert out.shape[0] == len(paths) and np.allclose(np.linalg.norm(out, axis=1), 1, atol=1e-3)
-    return len(paths) / seconds
-
-
 def time_call(emb, paths: list[Path]) -> float:
     t0 = time.perf_counter()
     out = emb.embed(paths)
     seconds = time.perf_counter() - t0
     assert out.shape[0] == len(paths) and np.allclose(np.linalg.norm(out, axis=1), 1, atol=1e-3)
     return len(paths) / seconds
+
+
+def time_offline(cfg: EmbeddingConfig, paths: list[Path], warmup: int) -> float:
+    emb = get_embedder(cfg)
+    emb.embed(paths[:warmup])
+    return time_call(emb, paths)
 
 
 def time_input(emb, paths: list[Path]) -> float:

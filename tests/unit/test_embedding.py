@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -263,13 +264,19 @@ class _KillsTheWorker:
         return (os._exit, (3,))
 
 
-def test_clip_decode_pool_is_reused_and_survives_bad_files_and_dead_workers(tiny_clip_dir, tmp_path):
+def _png_files(folder: Path, n: int) -> tuple[list[Path], Path]:
+    """``n`` layer crops saved as PNG files, and a broken PNG next to them."""
     paths = []
-    for i, im in enumerate(crops(8)):
-        paths.append(tmp_path / f"c{i}.png")
+    for i, im in enumerate(crops(n)):
+        paths.append(folder / f"c{i}.png")
         im.save(paths[-1])
-    bad = tmp_path / "broken.png"
+    bad = folder / "broken.png"
     bad.write_bytes(b"\x89PNG broken")
+    return paths, bad
+
+
+def test_clip_decode_pool_is_reused_and_survives_bad_files_and_dead_workers(tiny_clip_dir, tmp_path):
+    paths, bad = _png_files(tmp_path, 8)
     ref = get_embedder(clip_cfg(tiny_clip_dir, batch_size=3)).embed(paths)
     emb = get_embedder(clip_cfg(tiny_clip_dir, batch_size=3, num_workers=2))
     np.testing.assert_allclose(emb.embed(paths), ref, atol=1e-5)
@@ -325,12 +332,7 @@ def test_clip_on_cuda_bf16_matches_cpu_fp32(tiny_clip_dir):
 @pytest.mark.gpu
 def test_clip_on_cuda_from_png_files_through_the_decode_pool(tiny_clip_dir, tmp_path):
     """Pinned staging, asynchronous copies and the copy throttle over several batches, with a bad file."""
-    paths = []
-    for i, im in enumerate(crops(20)):
-        paths.append(tmp_path / f"c{i}.png")
-        im.save(paths[-1])
-    bad = tmp_path / "broken.png"
-    bad.write_bytes(b"\x89PNG broken")
+    paths, bad = _png_files(tmp_path, 20)
     cpu_embedder = get_embedder(clip_cfg(tiny_clip_dir))
     gpu_embedder = get_embedder(clip_cfg(tiny_clip_dir, device="cuda", batch_size=4, num_workers=2))
     gpu_embedder.bundle.model.load_state_dict(cpu_embedder.bundle.model.state_dict())

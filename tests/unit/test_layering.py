@@ -221,11 +221,12 @@ def test_layers_from_mask_drops_specks_and_inpaints():
     assert np.abs(bg.astype(int) - (90, 160, 220)).max() <= 6  # outline painted out with the flat colour
 
 
-def test_u2net_backend_end_to_end_with_random_weights(series, tmp_path, monkeypatch):
+@pytest.fixture
+def tiny_u2netp(tmp_path, monkeypatch) -> Path:
+    """Weights of a tiny U^2-NetP-shaped network (64x64 input), registered as ``u2netp``."""
     torch = pytest.importorskip("torch")
     from yokai_pipeline.models import u2net
 
-    # A tiny U^2-NetP-shaped network (widths 4/8, 64x64 input) keeps the CPU test fast; same code path.
     tiny = u2net.U2NetSpec(
         encoder=((7, 3, 4, 8), (6, 8, 4, 8), (5, 8, 4, 8), (4, 8, 4, 8), (0, 8, 4, 8), (0, 8, 4, 8)),
         decoder=((0, 16, 4, 8), (4, 16, 4, 8), (5, 16, 4, 8), (6, 16, 4, 8), (7, 16, 4, 8)),
@@ -234,7 +235,12 @@ def test_u2net_backend_end_to_end_with_random_weights(series, tmp_path, monkeypa
     )
     monkeypatch.setitem(u2net.SPECS, "u2netp", tiny)
     torch.manual_seed(0)
-    weights = u2net.save_u2net_safetensors(u2net.build_u2net("u2netp").eval(), tmp_path / "tiny.safetensors")
+    return u2net.save_u2net_safetensors(u2net.build_u2net("u2netp").eval(), tmp_path / "tiny.safetensors")
+
+
+def test_u2net_backend_end_to_end_with_random_weights(series, tmp_path, tiny_u2netp):
+    # A tiny U^2-NetP-shaped network (widths 4/8, 64x64 input) keeps the CPU test fast; same code path.
+    weights = tiny_u2netp
     ws = Workspace(tmp_path / "ws")
     rows = _write_frames(series, ws, step=48, limit=3)
     cfg = LayeringConfig(backend="u2netp", weights=weights, device="cpu", batch_size=2)
@@ -255,23 +261,6 @@ def test_u2net_backend_end_to_end_with_random_weights(series, tmp_path, monkeypa
 # ---------------------------------------------------------------------------------------------
 # Worker processes vs threads; the batched U2Net stream
 # ---------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def tiny_u2netp(tmp_path, monkeypatch) -> Path:
-    """Weights of a tiny U^2-NetP-shaped network (64x64 input), registered as ``u2netp``."""
-    torch = pytest.importorskip("torch")
-    from yokai_pipeline.models import u2net
-
-    tiny = u2net.U2NetSpec(
-        encoder=((7, 3, 4, 8), (6, 8, 4, 8), (5, 8, 4, 8), (4, 8, 4, 8), (0, 8, 4, 8), (0, 8, 4, 8)),
-        decoder=((0, 16, 4, 8), (4, 16, 4, 8), (5, 16, 4, 8), (6, 16, 4, 8), (7, 16, 4, 8)),
-        side_channels=(8,) * 6,
-        preprocess=u2net.U2NetPreprocess(input_size=64),
-    )
-    monkeypatch.setitem(u2net.SPECS, "u2netp", tiny)
-    torch.manual_seed(0)
-    return u2net.save_u2net_safetensors(u2net.build_u2net("u2netp").eval(), tmp_path / "tiny.safetensors")
 
 
 def _tree(ws: Workspace) -> dict[str, bytes]:
