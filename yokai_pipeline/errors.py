@@ -17,6 +17,11 @@ class BadInputError(YokaiError):
         self.problem = problem
         super().__init__(f"{self.path}: {problem}")
 
+    def __reduce__(self) -> tuple:
+        # Exception pickling replays __init__ with self.args (the one message): give it both parts,
+        # so the error survives a trip from a worker process.
+        return type(self), (self.path, self.problem)
+
 
 class ConfigError(YokaiError):
     """A setting is missing or wrong; the message says what to set."""

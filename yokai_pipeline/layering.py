@@ -700,34 +700,24 @@ def _layer_chunk(
 
 
 class _WorkerError(Exception):
-    """An exception from a worker process, reduced to its failure record (always picklable)."""
+    """An exception from a worker process reduced to strings (an arbitrary exception may not pickle)."""
 
     def __init__(self, record: str, message: str):
         super().__init__(message)
         self.record = record
 
+    def __reduce__(self) -> tuple:
+        return type(self), (self.record, str(self))
+
 
 def _layer_chunk_in_worker(ws: Workspace, cfg: LayeringConfig, items: list[tuple]) -> list[tuple]:
-    """:func:`_layer_chunk` in a worker process, its failures made picklable.
-
-    BadInputError does not survive pickling (its constructor takes two arguments), and an
-    arbitrary exception may not either; a failure travels as plain strings instead.
-    """
+    """:func:`_layer_chunk` in a worker process, its failures made picklable."""
     out = []
     for i, rows, exc in _layer_chunk(ws, cfg, items):
-        if isinstance(exc, BadInputError):
-            exc = ("bad", exc.path, exc.problem)
-        elif exc is not None:
-            exc = ("error", f"{type(exc).__name__}: {exc}", str(exc))
+        if exc is not None and not isinstance(exc, BadInputError):
+            exc = _WorkerError(f"{type(exc).__name__}: {exc}", str(exc))
         out.append((i, rows, exc))
     return out
-
-
-def _from_worker(failure: tuple | None) -> BaseException | None:
-    if failure is None:
-        return None
-    kind, a, b = failure
-    return BadInputError(a, b) if kind == "bad" else _WorkerError(a, b)
 
 
 def _worker_init(parent: int) -> None:
@@ -888,8 +878,6 @@ class _Tasks:
             self.pending_frames -= len(items)
             try:
                 done = fut.result()
-                if self.processes:
-                    done = [(i, rows, _from_worker(failure)) for i, rows, failure in done]
             except BrokenProcessPool as exc:
                 _discard_pool(self.pool)
                 raise RuntimeError(
