@@ -106,9 +106,10 @@ def frame_features(frame: Any, hist_width: int) -> tuple[np.ndarray, float, np.n
     if frame.format.name in _YUV420:
         small, grey = yuv420_analysis_images(*(_plane(p) for p in frame.planes), hist_width, _SHARPNESS_WIDTH)
     else:  # 10-bit, 4:2:2, 4:4:4, RGB, grey...: let FFmpeg convert the whole frame
-        bgr = frame.to_ndarray(format="bgr24")
-        grey_full = cv2.cvtColor(analysis_image(bgr, _SHARPNESS_WIDTH), cv2.COLOR_BGR2GRAY)
-        small, grey = analysis_image(bgr, hist_width), grey_full
+        # one resize of the full frame feeds both small images (the full-size resize is the costly one)
+        base = analysis_image(frame.to_ndarray(format="bgr24"), max(hist_width, _SHARPNESS_WIDTH))
+        small = analysis_image(base, hist_width)
+        grey = cv2.cvtColor(analysis_image(base, _SHARPNESS_WIDTH), cv2.COLOR_BGR2GRAY)
     return colour_histogram(small), sharpness(grey), grey
 
 
