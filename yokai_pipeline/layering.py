@@ -784,6 +784,8 @@ def _detect(
         else None
     )
     found = detection.detect_offline(img, stack, det)
+    if not det.plate_fill:
+        found.plate = found.plate_seen = None
     if mask is None:
         return found, None
     mask = _mask_u8(mask)
