@@ -96,7 +96,13 @@ def pipeline_flow(
             stages = ds.result()
         else:
             problems.append(f"dataset flow: {_state_error(ds)}")
-    if config.training.enabled and "packaging" in stages:
+    validated = stages.get("validation", {}).get("passed", False)
+    if config.training.enabled and "packaging" in stages and not validated:
+        # the guide: validate to 100% first; training on invalid data wastes GPU hours
+        problems.append(
+            f"training not started: the training data failed validation. Report: {ws.validation_report}"
+        )
+    elif config.training.enabled and "packaging" in stages:
         params = {"workspace": workspace, "config": config, "evidence_steps": evidence_steps}
         tr = run_heavy_state(training_flow, "training", params, config)
         if tr["ok"]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger, unmapped
 
 from tasks.training import evidence_task, train_task
+from yokai_pipeline import validation
 from yokai_pipeline.config import PipelineConfig
 from yokai_pipeline.errors import YokaiError
 from yokai_pipeline.fsio import read_json
@@ -37,6 +38,9 @@ def training_flow(
     """
     log = get_run_logger()
     cfg = config.training
+    ws = Workspace(workspace)
+    # the guide: validate to 100% first; raises naming the report when it failed or is missing
+    validation.require_passed(ws.validation_report, ws.training_data / "characters")
     chars = packaged_characters(workspace, cfg.characters)
     futures = train_task.map([c["config"] for c in chars], [c["name"] for c in chars], unmapped(cfg))
     results, failed = {}, {}
