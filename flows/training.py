@@ -36,11 +36,11 @@ def training_flow(
 
     The `gpu` tag's concurrency limit (one slot per GPU) queues the characters on the GPUs.
     """
-    log = get_run_logger()
-    cfg = config.training
     ws = Workspace(workspace)
     # the guide: validate to 100% first; raises naming the report when it failed or is missing
     validation.require_passed(ws.validation_report, ws.training_data / "characters")
+    log = get_run_logger()
+    cfg = config.training
     chars = packaged_characters(workspace, cfg.characters)
     futures = train_task.map([c["config"] for c in chars], [c["name"] for c in chars], unmapped(cfg))
     results, failed = {}, {}

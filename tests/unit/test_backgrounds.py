@@ -109,7 +109,9 @@ def _greedy_reference(emb: np.ndarray, threshold: float) -> list[int]:
 
 
 @pytest.mark.parametrize("block", [1, 7, 64, 4096])
-def test_blocked_dedup_equals_the_greedy_rule(block):
+def test_dedup_equals_the_greedy_rule(block):
+    from yokai_pipeline.backgrounds import dedup_indexed
+
     rng = np.random.default_rng(3)
     base = rng.normal(size=(60, 16)).astype(np.float32)
     # near-copies of earlier rows, some within one block, some across blocks
@@ -119,7 +121,27 @@ def test_blocked_dedup_equals_the_greedy_rule(block):
     for threshold in (0.9, 0.95, 0.99):
         expected = _greedy_reference(emb, threshold)
         assert dedup_embeddings(emb, threshold, block=block) == expected
+        assert dedup_embeddings(emb, threshold, exact_max=0) == dedup_indexed(emb, threshold) == expected
         assert 60 <= len(expected) < 200 or threshold == 0.99
+
+
+def test_indexed_dedup_finds_pairs_right_at_the_threshold():
+    from yokai_pipeline.backgrounds import dedup_exact, dedup_indexed
+
+    rng = np.random.default_rng(5)
+    dim, n_pairs = 512, 2000
+    base = rng.normal(size=(4000, dim)).astype(np.float32)
+    base /= np.linalg.norm(base, axis=1, keepdims=True)
+    # a partner at cosine 0.951 for the first 2000 rows: u = c * v + sqrt(1 - c^2) * w, w orthogonal to v
+    v = base[:n_pairs]
+    w = rng.normal(size=(n_pairs, dim)).astype(np.float32)
+    w -= (w * v).sum(axis=1, keepdims=True) * v
+    w /= np.linalg.norm(w, axis=1, keepdims=True)
+    partners = 0.951 * v + np.sqrt(1 - 0.951**2) * w
+    emb = np.concatenate([base, partners.astype(np.float32)])
+    assert np.allclose((emb[:n_pairs] * emb[4000:]).sum(axis=1), 0.951, atol=1e-4)
+    kept = dedup_indexed(emb, 0.95)
+    assert kept == dedup_exact(emb, 0.95) == list(range(4000))  # every planted partner found
 
 
 def test_low_resolution_backgrounds_are_left_out_and_listed(layers, tmp_path):
