@@ -30,7 +30,7 @@ from yokai_pipeline.kohya import (
     default_models_dir,
     launch_command,
     load_image,
-    resolution_problem,
+    low_resolution_drop,
     upscale_min_side,
     write_toml,
 )
@@ -503,9 +503,9 @@ def _embed_usable(
         except (OSError, ValueError, Image.DecompressionBombError):
             usable.append(i)  # the embedder's decode reports it
             continue
-        problem = resolution_problem(size, pk)
-        if problem and pk.low_resolution == "drop":
-            low_res.append({"path": str(p), "size": list(size), "problem": problem})
+        dropped = low_resolution_drop(p, size, pk)
+        if dropped:
+            low_res.append(dropped)
         else:
             usable.append(i)
     cand = [paths[i] for i in usable]

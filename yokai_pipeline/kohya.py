@@ -722,12 +722,20 @@ def _usable_images(
         except BadInputError as exc:
             skipped.append({"path": exc.path, "problem": exc.problem})
             continue
-        problem = resolution_problem(size, cfg)
-        if problem and cfg.low_resolution == "drop":
-            low_res.append({"path": str(p), "size": list(size), "problem": problem})
+        dropped = low_resolution_drop(p, size, cfg)
+        if dropped:
+            low_res.append(dropped)
         else:
             paths.append(p)
     return paths, low_res
+
+
+def low_resolution_drop(path: Path, size: tuple[int, int], cfg: PackagingConfig) -> dict[str, Any] | None:
+    """The record of an image left out as below ``min_resolution`` (``low_resolution="drop"``), or None."""
+    problem = resolution_problem(size, cfg)
+    if problem is None or cfg.low_resolution != "drop":
+        return None
+    return {"path": str(path), "size": list(size), "problem": problem}
 
 
 def configs_path(out_dir: Path, filename: str) -> Path:
