@@ -1181,15 +1181,9 @@ def _layout(
         facing = 1 if rng.random() < 0.5 else -1
         lo_x = MARGIN + lane * (lane_w + GAP)
         hi_x = lo_x + lane_w
-        scale = float(rng.uniform(0.75, 1.55))
-        while True:
-            scale = round(scale * 20) / 20
-            left, right, up, down = _envelope(cid, scale, facing, variant)
-            if left + right <= lane_w - 2 and up + down <= height - 2 * MARGIN - 2:
-                break
-            scale -= 0.05
-            if scale < 0.3:
-                raise ValueError(f"frame {width}x{height} too small for {k} characters")
+        scale, (left, right, up, down) = _fit_scale(
+            cid, facing, float(rng.uniform(0.75, 1.55)), lane_w, height, variant
+        )
         xmin, xmax = lo_x + left, hi_x - right
         room = xmax - xmin
         drift = min(room, max(40.0, n * rng.uniform(2.0, 4.0)))
