@@ -485,7 +485,7 @@ def detect_yolo(
 # Stack I/O
 # ---------------------------------------------------------------------------------------------
 
-_stacks: OrderedDict[str, np.ndarray] = OrderedDict()
+_stacks: OrderedDict[str, tuple[np.ndarray, np.ndarray]] = OrderedDict()
 _stacks_lock = threading.Lock()
 
 
