@@ -405,8 +405,13 @@ def _figure_cells(
     keep = hit >= frac * np.maximum(total, 1)
     keep[0] = False
     fg = keep[cells] & blobs
-    near = cv2.dilate(fg.view(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (13, 13))) > 0
-    return fg | (line & blobs & near)
+    # outlines stay unless they only border dropped cells (a prop's lines); thin parts drawn
+    # all in line art (limbs, tails) border no cell at all and stay
+    dropped = blobs & (cells > 0) & ~fg
+    disk = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (13, 13))
+    near_kept = cv2.dilate(fg.view(np.uint8), disk) > 0
+    near_dropped = cv2.dilate(dropped.view(np.uint8), disk) > 0
+    return fg | (line & blobs & (near_kept | ~near_dropped))
 
 
 # ---------------------------------------------------------------------------------------------
