@@ -86,8 +86,10 @@ class LayeringConfig(_Stage):
 class EmbeddingConfig(_Stage):
     """Image embeddings for identity clustering."""
 
-    backend: Literal["offline", "clip"] = Field(
-        "offline", description="offline: colour+shape descriptor, no weights. clip: open_clip model."
+    backend: Literal["offline", "clip", "ccip"] = Field(
+        "offline",
+        description="offline: colour+shape descriptor, no weights. clip: open_clip model. "
+        "ccip: deepghs' CCIP anime character-identity model (ONNX); clustering then uses its metric and threshold.",
     )
     model: str = Field("ViT-B-32", description="open_clip model name (clip backend).")
     pretrained: str | None = Field(
@@ -96,6 +98,17 @@ class EmbeddingConfig(_Stage):
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
     batch_size: int = Field(64, ge=1, le=4096, description="Images per forward pass.")
     num_workers: int = Field(2, ge=0, le=64, description="Decoding threads feeding the model.")
+    ccip_model: str = Field(
+        "deepghs/ccip_onnx",
+        description="ccip backend: a folder with model_feat.onnx, model_metrics.onnx and metrics.json, "
+        "or deepghs/ccip_onnx[/<model name>] in the local Hugging Face cache (never downloaded).",
+    )
+    ccip_threshold: float | None = Field(
+        None,
+        gt=0,
+        lt=2,
+        description="ccip backend: same-character difference threshold (None = the model's metrics.json).",
+    )
 
 
 class ClusteringConfig(_Stage):

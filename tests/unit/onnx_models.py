@@ -69,25 +69,35 @@ def yolo_detector(
 
 
 def ccip_feature(path: Path, size: int = 384, dim: int = 768, seed: int = 0) -> Path:
-    """CCIP's feature model signature: ``input`` [N, 3, 384, 384] -> ``output`` [N, 768]."""
+    """CCIP's feature model signature: ``input`` [N, 3, 384, 384] -> ``output`` [N, 768].
+
+    Random weights with one property that makes identity tests meaningful: 1x1 colour filters
+    that answer 0 on the white CCIP puts behind a layer, then a mean over the image, so a
+    character's feature direction depends on its colours and not on its size or position.
+    """
     rng = np.random.default_rng(seed)
-    k = size // 12
+    k = 64
+    w = rng.normal(0, 1.0, (k, 3, 1, 1)).astype(np.float32)
+    white = (1.0 - np.array([0.48145466, 0.4578275, 0.40821073])) / np.array(
+        [0.26862954, 0.26130258, 0.27577711]
+    )
+    bias = -(w[:, :, 0, 0] @ white).astype(np.float32)
     nodes = [
-        helper.make_node("Conv", ["input", "w"], ["c"], kernel_shape=[k, k], strides=[k, k]),
+        helper.make_node("Conv", ["input", "w", "b"], ["c"], kernel_shape=[1, 1]),
         helper.make_node("Relu", ["c"], ["r"]),
         helper.make_node("GlobalAveragePool", ["r"], ["g"]),
         helper.make_node("Flatten", ["g"], ["f"]),
-        helper.make_node("MatMul", ["f", "proj"], ["output"]),
+        # Centred over the filters: what all colours share would otherwise dominate every feature.
+        helper.make_node("ReduceMean", ["f"], ["fm"], axes=[1], keepdims=1),
+        helper.make_node("Sub", ["f", "fm"], ["fc"]),
+        helper.make_node("MatMul", ["fc", "proj"], ["output"]),
     ]
     graph = helper.make_graph(
         nodes,
         "tiny_ccip_feat",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, size, size])],
         [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", dim])],
-        [
-            _init("w", rng.normal(0, 0.05, (32, 3, k, k)).astype(np.float32)),
-            _init("proj", rng.normal(0, 1.0, (32, dim)).astype(np.float32)),
-        ],
+        [_init("w", w), _init("b", bias), _init("proj", rng.normal(0, 1.0, (k, dim)).astype(np.float32))],
     )
     return _save(graph, path)
 
