@@ -51,12 +51,15 @@ class FramesConfig(_Stage):
 class LayeringConfig(_Stage):
     """Character/background layering (segmentation)."""
 
-    backend: Literal["offline", "u2net", "u2netp"] = Field(
-        "offline", description="offline: line-art segmenter, no weights. u2net/u2netp: neural saliency model."
+    backend: Literal["offline", "u2net", "u2netp", "isnet"] = Field(
+        "offline",
+        description="offline: line-art segmenter, no weights. u2net/u2netp: neural saliency model. "
+        "isnet: skytnt/anime-segmentation's anime IS-Net (isnetis, rembg's isnet-anime).",
     )
     weights: Path | None = Field(
         None,
-        description="Local U2Net weight file (.pth state dict or .safetensors); required for u2net/u2netp.",
+        description="Local weight file: U2Net .pth / .safetensors for u2net/u2netp; isnetis.ckpt "
+        "(or its net state dict as .pth / .safetensors) for isnet. Required for the neural backends.",
     )
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
     batch_size: int = Field(16, ge=1, le=1024, description="Images per forward pass on the GPU.")
@@ -407,7 +410,7 @@ class PipelineConfig(_Stage):
 
     @model_validator(mode="after")
     def _check_weights(self) -> PipelineConfig:
-        if self.layering.backend in ("u2net", "u2netp") and self.layering.weights is None:
+        if self.layering.backend in ("u2net", "u2netp", "isnet") and self.layering.weights is None:
             raise ValueError(
                 f"layering.backend={self.layering.backend} needs layering.weights (a local .pth or .safetensors file)"
             )
