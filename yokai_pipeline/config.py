@@ -210,6 +210,31 @@ class SelectionConfig(_Stage):
     )
 
 
+class NamingConfig(_Stage):
+    """Reference naming (`yokai name`): clusters take the names of matching reference images."""
+
+    max_distance: float | None = Field(
+        None,
+        gt=0,
+        lt=2,
+        description="Identity distance within which a reference names a cluster (None = the CCIP threshold "
+        "for ccip embeddings, cosine_max_distance otherwise).",
+    )
+    cosine_max_distance: float = Field(
+        0.25, gt=0, lt=2, description="Default cosine-distance threshold for offline / CLIP embeddings."
+    )
+    representatives: int = Field(
+        16, ge=1, le=256, description="Members per cluster compared with the references."
+    )
+    seed_clusters: bool = Field(
+        True,
+        description="A reference that names no cluster gathers matching noise layers into a new cluster.",
+    )
+    min_seed_layers: int = Field(
+        2, ge=1, description="Fewest matching noise layers that make a seeded cluster."
+    )
+
+
 class AugmentConfig(_Stage):
     """Augmentation of small clusters."""
 
@@ -407,6 +432,7 @@ class PipelineConfig(_Stage):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
+    naming: NamingConfig = Field(default_factory=NamingConfig)
 
     @model_validator(mode="after")
     def _check_weights(self) -> PipelineConfig:
