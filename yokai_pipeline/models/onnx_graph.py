@@ -85,6 +85,61 @@ def input_shape(model: Any) -> list[int | None]:
     return [d.dim_value if d.HasField("dim_value") else None for d in dims]
 
 
+def constants_as_initializers(model: Any) -> Any:
+    """A copy of the graph with tensor ``Constant`` nodes and ``Identity`` copies of weights as initializers.
+
+    onnx2torch reads conv weights and biases only from initializers; exporters leave some as
+    Constant nodes, or (torch's TorchScript exporter, for equal tensors) as Identity nodes of
+    one shared initializer.
+    """
+    import onnx
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    inits = {t.name: t for t in out.graph.initializer}
+    keep = []
+    for node in out.graph.node:
+        value = next((a for a in node.attribute if a.name == "value"), None)
+        src = None
+        if node.op_type == "Constant" and value is not None and len(node.attribute) == 1:
+            src = value.t
+        elif node.op_type == "Identity" and node.input[0] in inits:
+            src = inits[node.input[0]]
+        if src is None:
+            keep.append(node)
+            continue
+        tensor = onnx.TensorProto()
+        tensor.CopyFrom(src)
+        tensor.name = node.output[0]
+        out.graph.initializer.append(tensor)
+        inits[tensor.name] = tensor
+    del out.graph.node[:]
+    out.graph.node.extend(keep)
+    return with_inferred_shapes(out)
+
+
+def with_inferred_shapes(model: Any) -> Any:
+    """The graph with value_info from shape inference run at batch 1.
+
+    onnx2torch takes some static sizes (LayerNormalization's normalised shape) from value_info.
+    With a dynamic batch, the exporters' Shape -> Reshape chains leave those unknown; inferring
+    at batch 1 fills in the per-sample sizes. The graph's own input keeps its dynamic batch,
+    and reshapes still compute their sizes from the real input at run time.
+    """
+    import onnx
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    for inp in probe.graph.input:
+        dims = inp.type.tensor_type.shape.dim
+        if dims and not dims[0].HasField("dim_value"):
+            dims[0].dim_value = 1
+    inferred = onnx.shape_inference.infer_shapes(probe, data_prop=True)
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(inferred.graph.value_info)
+    return model
+
+
 def resolve_torch_device(device: str | None) -> str:
     if device in (None, "auto"):
         try:
@@ -162,7 +217,7 @@ class OnnxModel:
                 "the torch path of ONNX models needs torch and onnx2torch: pip install onnx2torch"
             ) from exc
         try:
-            module = convert(self.graph)
+            module = convert(constants_as_initializers(self.graph))
         except Exception as exc:  # noqa: BLE001
             raise BadInputError(self.path, f"cannot convert to torch ({type(exc).__name__}: {exc})") from exc
         return module.eval().to(self.device)
