@@ -308,7 +308,7 @@ def cosine_metric():  # noqa: ANN201 - torch is imported lazily
 
     class CosineMetric(torch.nn.Module):
         def forward(self, x):
-            u = torch.nn.functional.normalize(x, dim=1)
+            u = x / x.norm(dim=1, keepdim=True)  # F.normalize exports a Clip onnx2torch cannot convert
             return 1 - u @ u.T
 
     return CosineMetric().eval()
