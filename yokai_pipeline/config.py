@@ -84,6 +84,13 @@ class LayeringConfig(_Stage):
     compile: bool = Field(
         False, description="torch.compile the U2Net model (CUDA; slow first batch, faster afterwards)."
     )
+    isnet_input_size: int = Field(
+        1024,
+        ge=32,
+        le=2048,
+        multiple_of=32,
+        description="isnet backend: square side frames are letterboxed to (upstream trains and infers at 1024).",
+    )
 
 
 class EmbeddingConfig(_Stage):

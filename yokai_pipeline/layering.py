@@ -336,7 +336,12 @@ class ISNetSegmenter(U2NetSegmenter):
     """
 
     def __init__(
-        self, weights: str | Path, device: str = "auto", batch_size: int = 16, compile: bool = False
+        self,
+        weights: str | Path,
+        device: str = "auto",
+        batch_size: int = 16,
+        compile: bool = False,
+        input_size: int = 1024,
     ):
         from yokai_pipeline.models.isnet import load_isnet
         from yokai_pipeline.models.u2net import resolve_device
@@ -344,12 +349,13 @@ class ISNetSegmenter(U2NetSegmenter):
         self.device = resolve_device(device)
         self.batch_size = batch_size
         self.compile = compile
+        self.input_size = input_size
         self.model = load_isnet(weights, device=self.device, compile=compile)
 
     def _masks(self, x: Any) -> Any:
         from yokai_pipeline.models.isnet import predict_masks
 
-        return predict_masks(self.model, x)
+        return predict_masks(self.model, x, input_size=self.input_size)
 
 
 _segmenters: dict[str, Any] = {}
@@ -359,7 +365,7 @@ _segmenters_lock = threading.Lock()
 def get_segmenter(cfg: LayeringConfig) -> Segmenter:
     """The segmenter for ``cfg.backend``, memoised per process and configuration."""
     key = cfg.model_dump_json(
-        include={"backend", "weights", "device", "batch_size", "compile", "min_area_frac"}
+        include={"backend", "weights", "device", "batch_size", "compile", "min_area_frac", "isnet_input_size"}
     )
     with _segmenters_lock:
         if key not in _segmenters:
@@ -371,7 +377,9 @@ def get_segmenter(cfg: LayeringConfig) -> Segmenter:
                         f"layering.backend={cfg.backend} needs layering.weights (a .pth, .ckpt or .safetensors file)"
                     )
                 if cfg.backend == "isnet":
-                    _segmenters[key] = ISNetSegmenter(cfg.weights, cfg.device, cfg.batch_size, cfg.compile)
+                    _segmenters[key] = ISNetSegmenter(
+                        cfg.weights, cfg.device, cfg.batch_size, cfg.compile, cfg.isnet_input_size
+                    )
                 else:
                     _segmenters[key] = U2NetSegmenter(
                         cfg.weights, cfg.backend, cfg.device, cfg.batch_size, cfg.compile

@@ -132,12 +132,13 @@ def test_isnet_backend_segments_through_the_layering_stage_machinery(tmp_path):
 
     path = tmp_path / "isnetis.pth"
     torch.save(_tiny().state_dict(), path)
-    cfg = LayeringConfig(backend="isnet", weights=path, device="cpu", batch_size=2)
+    assert LayeringConfig().isnet_input_size == 1024  # upstream's size by default
+    # 64: upstream's 1024 takes minutes on 2 CPU cores.
+    cfg = LayeringConfig(backend="isnet", weights=path, device="cpu", batch_size=2, isnet_input_size=64)
     seg = layering.get_segmenter(cfg)
-    assert isinstance(seg, layering.ISNetSegmenter) and seg.model.preprocess.input_size == 1024
-    seg.model.preprocess = isnet.ISNetPreprocess(input_size=64)  # upstream's 1024 is minutes on 2 CPU cores
+    assert isinstance(seg, layering.ISNetSegmenter) and seg.input_size == 64
     frames = [np.random.default_rng(i).integers(0, 256, (36, 64, 3), dtype=np.uint8) for i in range(3)]
     masks = seg.predict_u8(frames)
     assert [m.shape for m in masks] == [(36, 64)] * 3 and all(m.dtype == np.uint8 for m in masks)
-    ref = isnet.predict_masks(seg.model, torch.from_numpy(frames[1])[None])[0]
+    ref = isnet.predict_masks(seg.model, torch.from_numpy(frames[1])[None], input_size=64)[0]
     np.testing.assert_allclose(masks[1], (ref * 255).round().numpy(), atol=1)
