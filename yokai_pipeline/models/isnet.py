@@ -135,8 +135,6 @@ def checkpoint_state(state: dict[str, Any], path: str | Path) -> dict[str, Any]:
     ``isnetis.ckpt`` keeps them under ``net.`` beside the training-only ``gt_encoder.``;
     ``export.py --to only_net_state_dict`` writes them bare.
     """
-    if isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
     if any(k.startswith("net.") for k in state):
         return {k[4:]: v for k, v in state.items() if k.startswith("net.")}
     if any(k.startswith("gt_encoder.") for k in state):
@@ -146,29 +144,13 @@ def checkpoint_state(state: dict[str, Any], path: str | Path) -> dict[str, Any]:
 
 def read_isnet_state(path: str | Path) -> dict[str, Any]:
     """Read IS-Net weights (``.ckpt`` / ``.pth`` with ``weights_only=True``, or ``.safetensors``)."""
-    torch = u2net._torch()
-    path = Path(path)
-    if not path.is_file():
-        raise BadInputError(path, "IS-Net weight file not found")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path), device="cpu")
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any reader failure means the same thing to the user
-        raise BadInputError(
-            path,
-            f"cannot read IS-Net weights ({type(exc).__name__}: {exc}); a Lightning checkpoint that "
-            "weights_only refuses can be converted once with anime-segmentation's export.py --to only_net_state_dict",
-        ) from exc
-    if not isinstance(state, dict):
-        raise BadInputError(path, "is not a state dict")
-    state = checkpoint_state(state, path)
-    if not all(hasattr(v, "shape") for v in state.values()):
-        raise BadInputError(path, "is not a state dict of tensors")
-    return {k.removeprefix("module."): v for k, v in state.items()}
+    return u2net.read_state_dict(
+        path,
+        "IS-Net",
+        select=checkpoint_state,
+        hint="; a Lightning checkpoint that weights_only refuses can be converted once with "
+        "anime-segmentation's export.py --to only_net_state_dict",
+    )
 
 
 _cache: dict[tuple, Any] = {}
