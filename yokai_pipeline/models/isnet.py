@@ -163,15 +163,9 @@ def load_isnet(path: str | Path, device: str | None = "auto", *, compile: bool =
     Raises:
         BadInputError: the file is missing, unreadable, or not an ISNetDIS state dict.
     """
-    torch = u2net._torch()
     path = Path(path).resolve()
     device = u2net.resolve_device(device)
-    try:
-        st = path.stat()
-        stamp: tuple | None = (st.st_size, st.st_mtime_ns)
-    except OSError:
-        stamp = None
-    key = (str(path), stamp, device, compile)
+    key = (str(path), u2net.file_stamp(path), device, compile)
     with _cache_lock:
         if key not in _cache:
             state = read_isnet_state(path)
@@ -182,15 +176,7 @@ def load_isnet(path: str | Path, device: str | None = "auto", *, compile: bool =
             )
             model = build_isnet(width)
             u2net.load_state_dict_strict(model, state, path)
-            model.eval().to(device)
-            if device.startswith("cuda"):
-                torch.backends.cudnn.benchmark = True
-                model.to(memory_format=torch.channels_last)
-            if compile:
-                compiled = torch.compile(model, dynamic=False)
-                compiled.preprocess = model.preprocess
-                model = compiled
-            _cache[key] = model
+            _cache[key] = u2net.prepare_for_inference(model.eval(), device, compile)
         return _cache[key]
 
 

@@ -356,15 +356,9 @@ def load_u2net(
     Raises:
         BadInputError: the file is missing, unreadable, or not a state dict of ``variant``.
     """
-    torch = _torch()
     path = Path(path).resolve()
     device = resolve_device(device)
-    try:
-        st = path.stat()
-        stamp = (st.st_size, st.st_mtime_ns)
-    except OSError:
-        stamp = None
-    key = (str(path), stamp, variant, device, str(dtype), fuse_bn, compile)
+    key = (str(path), file_stamp(path), variant, device, str(dtype), fuse_bn, compile)
     with _cache_lock:
         if key in _cache:
             return _cache[key]
@@ -376,17 +370,33 @@ def load_u2net(
         model.fused_only = True
         if dtype is not None:
             model.to(dtype=dtype)
-        model.to(device)
-        if device.startswith("cuda"):
-            # Fixed 320x320 inputs: let cuDNN pick the fastest kernels once.
-            torch.backends.cudnn.benchmark = True
-            model.to(memory_format=torch.channels_last)
-        if compile:
-            compiled = torch.compile(model, dynamic=False)
-            compiled.preprocess = model.preprocess
-            model = compiled
+        model = prepare_for_inference(model, device, compile)
         _cache[key] = model
         return model
+
+
+def file_stamp(path: Path) -> tuple[int, int] | None:
+    """(size, mtime) of a weight file, so a replaced file is loaded again; None when unreadable."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
+def prepare_for_inference(model: torch.nn.Module, device: str, compile: bool) -> torch.nn.Module:
+    """Move an eval-mode model to ``device``; on CUDA channels_last + cuDNN autotuning; optional compile."""
+    torch = _torch()
+    model.to(device)
+    if device.startswith("cuda"):
+        # Fixed input sizes: let cuDNN pick the fastest kernels once.
+        torch.backends.cudnn.benchmark = True
+        model.to(memory_format=torch.channels_last)
+    if compile:
+        compiled = torch.compile(model, dynamic=False)
+        compiled.preprocess = model.preprocess
+        model = compiled
+    return model
 
 
 def save_u2net_safetensors(model: torch.nn.Module, path: str | Path) -> Path:
