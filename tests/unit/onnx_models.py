@@ -119,3 +119,14 @@ def ccip_metric(path: Path, dim: int = 768) -> Path:
         [_init("one", np.array(1.0, dtype=np.float32))],
     )
     return _save(graph, path)
+
+
+def fake_hub_cache(root: Path, repo_id: str, filename: str, src: Path) -> Path:
+    """Put ``src`` where huggingface_hub's cache keeps ``repo_id/filename``: refs/main -> snapshots/<commit>/."""
+    repo = root / ("models--" + repo_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    dest = repo / "snapshots" / ("0" * 40) / filename
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_bytes(Path(src).read_bytes())
+    return dest

@@ -82,6 +82,22 @@ def test_features_differences_and_threshold_from_the_model_folder(ccip_dir):
     assert ccip_mod.load_ccip(ccip_dir, device="cpu", threshold=0.2).threshold == 0.2
 
 
+def test_hub_reference_finds_the_three_files_in_the_local_cache(ccip_dir, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    for f in (ccip_mod.FEATURE_FILE, ccip_mod.METRIC_FILE, ccip_mod.METRICS_JSON):
+        onnx_models.fake_hub_cache(
+            tmp_path / "hub", ccip_mod.REPO_ID, f"{ccip_mod.DEFAULT_MODEL}/{f}", ccip_dir / f
+        )
+    model = ccip_mod.load_ccip(ccip_mod.REPO_ID, device="cpu")
+    assert model.threshold == THRESHOLD and model.name == ccip_mod.DEFAULT_MODEL
+    with pytest.raises(
+        BadInputError, match="deepghs/ccip_onnx/other-model/model_feat.onnx.*Hugging Face cache"
+    ):
+        ccip_mod.load_ccip("deepghs/ccip_onnx/other-model", device="cpu")
+
+
 def test_onnxruntime_and_torch_paths_agree(ccip_dir):
     pytest.importorskip("onnx2torch", reason="the torch path needs onnx2torch")
     rng = np.random.default_rng(1)
@@ -220,3 +236,12 @@ def test_ccip_embedder_reports_unreadable_layers(ccip_dir, tmp_path):
     assert errors and errors[0][0] == 1 and "broken.png" in errors[0][1]
     with pytest.raises(BadInputError, match="broken.png"):
         emb.embed([bad])
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_features_match_onnxruntime(ccip_dir):
+    rng = np.random.default_rng(2)
+    imgs = [rng.integers(0, 256, (64, 48, 3), dtype=np.uint8) for _ in range(6)]
+    a = ccip_mod.load_ccip(ccip_dir, device="cpu", runtime="onnxruntime").features(imgs)
+    b = ccip_mod.load_ccip(ccip_dir, device="cuda", batch_size=4).features(imgs)
+    np.testing.assert_allclose(b, a, rtol=0, atol=0.02 * np.abs(a).max())

@@ -104,27 +104,24 @@ def test_fixed_batch_graph_runs_image_by_image(tmp_path):
     assert len(d.detect(_frames(3))) == 3
 
 
-def _fake_hub_cache(root, repo_id: str, filename: str, src) -> None:
-    """The layout huggingface_hub's cache uses: refs/main -> snapshots/<commit>/<file>."""
-    repo = root / ("models--" + repo_id.replace("/", "--"))
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text("0" * 40)
-    dest = repo / "snapshots" / ("0" * 40) / filename
-    dest.parent.mkdir(parents=True)
-    dest.write_bytes(src.read_bytes())
-
-
 def test_hub_reference_is_found_in_the_local_cache_only(tmp_path, monkeypatch):
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     model = onnx_models.yolo_detector(tmp_path / "m.onnx")
-    _fake_hub_cache(tmp_path / "hub", "deepghs/anime_head_detection", "head_detect_v2.0_s/model.onnx", model)
+    onnx_models.fake_hub_cache(
+        tmp_path / "hub", "deepghs/anime_head_detection", "head_detect_v2.0_s/model.onnx", model
+    )
     d = det.load_detector("deepghs/anime_head_detection", "head", device="cpu")
     assert d.conf_threshold == 0.4 and d.iou_threshold == 0.7  # imgutils' head defaults
     assert d.model.path.name == "model.onnx"
     with pytest.raises(BadInputError, match="deepghs/anime_person_detection/person_detect_v1.1_m/model.onnx"):
         det.load_detector("deepghs/anime_person_detection")
+    # A file path inside the repo works the same way.
+    d2 = det.load_detector("deepghs/anime_head_detection/head_detect_v2.0_s/model.onnx", "head", device="cpu")
+    assert d2.model.path == d.model.path
+    with pytest.raises(BadInputError, match="weights/model.onnx: model file not found"):
+        det.load_detector("weights/model.onnx")
 
 
 def test_missing_wrong_and_uncached_model_files_name_themselves(tmp_path):
@@ -137,3 +134,15 @@ def test_missing_wrong_and_uncached_model_files_name_themselves(tmp_path):
     ccip = onnx_models.ccip_metric(tmp_path / "metric.onnx")
     with pytest.raises(BadInputError, match="metric.onnx.*not a YOLO detector"):
         det.load_detector(ccip)
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_torch_path_matches_onnxruntime(tmp_path):
+    path = onnx_models.yolo_detector(tmp_path / "model.onnx", imgsz=64, n_classes=2, seed=3)
+    frames = _frames(4, seed=1)
+    ort = det.load_detector(path, "person", device="cpu", runtime="onnxruntime")
+    gpu = det.load_detector(path, "person", device="cuda", batch_size=4)
+    assert gpu.runtime == "torch"  # CUDA picks the torch path
+    # bf16 keeps ~3 significant digits: 2% of the output scale.
+    a, b = ort.raw(frames), gpu.raw(frames)
+    np.testing.assert_allclose(b, a, rtol=0, atol=0.02 * np.abs(a).max())

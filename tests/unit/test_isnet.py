@@ -142,3 +142,12 @@ def test_isnet_backend_segments_through_the_layering_stage_machinery(tmp_path):
     assert [m.shape for m in masks] == [(36, 64)] * 3 and all(m.dtype == np.uint8 for m in masks)
     ref = isnet.predict_masks(seg.model, torch.from_numpy(frames[1])[None], input_size=64)[0]
     np.testing.assert_allclose(masks[1], (ref * 255).round().numpy(), atol=1)
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_masks_match_cpu_fp32():
+    model = _tiny()
+    img = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (2, 72, 128, 3), dtype=np.uint8))
+    cpu = isnet.predict_masks(model, img, input_size=128)
+    gpu = isnet.predict_masks(model.to("cuda"), img.to("cuda"), input_size=128).cpu()
+    assert float((cpu - gpu).abs().max()) < 0.05

@@ -41,7 +41,9 @@ def resolve_model_file(source: str | Path, default_file: str | None = None) -> P
         return path.resolve()
     text = str(source)
     parts = text.strip("/").split("/")
-    if path.suffix or len(parts) < 2 or text.startswith((".", "/", "~")):
+    # owner/repo, or owner/repo/<file in the repo>; "./x", "/x", "~/x" and "dir/file.onnx" are local paths.
+    local = text.startswith((".", "/", "~")) or len(parts) < 2 or (len(parts) == 2 and bool(path.suffix))
+    if local:
         raise BadInputError(source, "model file not found")
     repo_id, filename = "/".join(parts[:2]), "/".join(parts[2:]) or default_file
     if not filename:
@@ -54,8 +56,8 @@ def resolve_model_file(source: str | Path, default_file: str | None = None) -> P
     if not isinstance(found, str) or not Path(found).is_file():
         raise BadInputError(
             f"{repo_id}/{filename}",
-            "not in the local Hugging Face cache (downloads are never made here; fetch it with "
-            f"`huggingface-cli download {repo_id} {filename}` or pass a local file)",
+            "no such local file, and not in the local Hugging Face cache (downloads are never made here; "
+            f"fetch it with `huggingface-cli download {repo_id} {filename}` or pass a local file)",
         )
     return Path(found)
 
