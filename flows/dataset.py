@@ -92,7 +92,7 @@ def _build_datasets(
         "seconds": round(time.perf_counter() - t0, 3),
     }
     timed("captions", run_heavy, caption_flow, "caption", {"workspace": workspace, "config": config}, config)
-    pkg = timed("packaging", package_task, workspace, config.packaging)
+    pkg = timed("packaging", package_task, workspace, config.packaging, config.training)
     report = timed("validation", validate_task, workspace, config.packaging.resolution)
     if config.backgrounds.enabled:
         timed("backgrounds", backgrounds_task, workspace, config.backgrounds, config.packaging)
