@@ -11,6 +11,7 @@ from rich.console import Console
 
 from yokai_pipeline.config import PackagingConfig, TrainingConfig, load_config
 from yokai_pipeline.errors import BadInputError
+from yokai_pipeline.training.families import get_family
 
 console = Console(stderr=True)
 
@@ -100,8 +101,9 @@ def register(app: typer.Typer) -> None:
             if multi_concept:
                 data["multi_concept"] = True
             cfg = PackagingConfig.model_validate(data)
-            training = full.training.model_copy()
+            training = full.training
             if family:
+                get_family(family)  # names the bad value and the known families
                 training = TrainingConfig.model_validate({**full.training.model_dump(), "family": family})
         except Exception as exc:
             console.print(f"[red]invalid configuration:[/red] {exc}")
