@@ -55,6 +55,19 @@ def test_tiny_sdxl_trains_unet_only_with_cached_text_encoder_outputs(tmp_path, t
     assert [e["epoch"] for e in val["epochs"]] == [1, 2] and all(e["val_loss"] > 0 for e in val["epochs"])
     assert [p["step"] for p in progress if "val_loss" not in p] == [1, 2, 3, 4]
 
+    # evidence: every epoch's checkpoint sampled by the SDXL pipeline, the page marks the best epoch
+    from PIL import Image
+
+    from yokai_pipeline import checkpoints
+
+    report = checkpoints.render_checkpoint_evidence(cfg, device="cpu", num_inference_steps=2)
+    assert report["family"] == "sdxl" and report["epochs"] == [1, 2]
+    assert len(report["images"]) == 4 and all(Path(p).is_file() for p in report["images"])
+    with Image.open(report["images"][0]) as im:
+        assert im.size == (32, 32)
+    html = Path(report["html"]).read_text(encoding="utf-8")
+    assert "(sdxl)" in html and 'class="best"' in html and f"epoch {report['best_epoch']}" in html
+
 
 def test_sdxl_batches_carry_size_and_crop_conditioning(tmp_path, tiny_sdxl):
     from yokai_pipeline.training.loop import load_batch, prepare_state
