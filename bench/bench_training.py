@@ -97,10 +97,25 @@ def write_dataset(
     return path
 
 
+def sd_vae(sample_size: int, scaling_factor: float) -> object:
+    """The SD / SDXL VAE shape (both use the same architecture; SDXL rescales latents by 0.13025)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=[128, 256, 512, 512],
+        down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        latent_channels=4,
+        layers_per_block=2,
+        sample_size=sample_size,
+        scaling_factor=scaling_factor,
+    )
+
+
 def sd15_sized_model() -> training.BaseModel:
     """SD-1.5-shaped UNet / VAE / text encoder with random weights, and the byte-level tokenizer."""
     import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(0)
@@ -111,14 +126,7 @@ def sd15_sized_model() -> training.BaseModel:
         attention_head_dim=8,
         layers_per_block=2,
     )
-    vae = AutoencoderKL(
-        block_out_channels=[128, 256, 512, 512],
-        down_block_types=["DownEncoderBlock2D"] * 4,
-        up_block_types=["UpDecoderBlock2D"] * 4,
-        latent_channels=4,
-        layers_per_block=2,
-        sample_size=512,
-    )
+    vae = sd_vae(512, 0.18215)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             hidden_size=768,
@@ -152,7 +160,7 @@ def _tokenizer() -> object:
 def sdxl_sized_model() -> training.BaseModel:
     """SDXL-base-shaped UNet / VAE / two text encoders with random weights (sizes of SDXL 1.0's configs)."""
     import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(0)
@@ -170,15 +178,7 @@ def sdxl_sized_model() -> training.BaseModel:
             norm_num_groups=32,
         )
     )
-    vae = AutoencoderKL(
-        block_out_channels=[128, 256, 512, 512],
-        down_block_types=["DownEncoderBlock2D"] * 4,
-        up_block_types=["UpDecoderBlock2D"] * 4,
-        latent_channels=4,
-        layers_per_block=2,
-        sample_size=1024,
-        scaling_factor=0.13025,
-    )
+    vae = sd_vae(1024, 0.13025)
     ids = {"bos_token_id": 512, "eos_token_id": 513, "pad_token_id": 513, "vocab_size": 49408}
     te1 = CLIPTextModel(
         CLIPTextConfig(

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.test_training import make_character
+from tests.unit.test_training import make_character, one_thread  # noqa: F401 (autouse fixture)
 from yokai_pipeline import training
 
 pytest.importorskip("diffusers", reason="the built-in trainer needs diffusers (pip install diffusers peft)")
@@ -38,16 +38,6 @@ ATTENTION_WEIGHTS = ("proj_in.weight", "proj_out.weight")
 TRANSFORMER_WEIGHTS = tuple(
     f"{a}.{m}.weight" for a in ("attn1", "attn2") for m in ("to_q", "to_k", "to_v", "to_out.0")
 ) + ("ff.net.0.proj.weight", "ff.net.2.weight")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _train(root: Path, model_dir: Path, family: str, extra: dict) -> Path:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from tests.unit.test_training import make_character
+from tests.unit.test_training import make_character, one_thread  # noqa: F401 (autouse fixture)
 from yokai_pipeline import training
 from yokai_pipeline.errors import BadInputError, ConfigError
 
@@ -17,16 +17,6 @@ pytest.importorskip("diffusers", reason="the built-in trainer needs diffusers (p
 pytest.importorskip("peft", reason="the built-in trainer needs peft (pip install diffusers peft)")
 
 SDXL_ARGS = {"network_train_unet_only": True, "cache_text_encoder_outputs": True, "no_half_vae": True}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import math
 import random
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 from yokai_pipeline.errors import BadInputError
 from yokai_pipeline.training.buckets import make_bucket_resolutions, select_bucket
 from yokai_pipeline.training.captions import read_caption
-from yokai_pipeline.training.kohya_args import _resolution, resolve_config_path
+from yokai_pipeline.training.kohya_args import _resolution, read_toml, resolve_config_path
 
 log = logging.getLogger(__name__)
 
@@ -112,12 +111,7 @@ def read_dataset_config(args: dict[str, Any], config_file: str | Path) -> list[D
         fallback["num_repeats"] = args["dataset_repeats"]
     if args.get("dataset_config"):
         ds_path = resolve_config_path(args["dataset_config"], config_file)
-        try:
-            user = tomllib.loads(ds_path.read_text(encoding="utf-8"))
-        except FileNotFoundError as exc:
-            raise BadInputError(ds_path, "dataset config file not found") from exc
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise BadInputError(ds_path, f"not a valid TOML file: {exc}") from exc
+        user = read_toml(ds_path, "dataset config")
         general = user.get("general", {})
         datasets_cfg = user.get("datasets", [])
         if not datasets_cfg:

@@ -23,13 +23,7 @@ def read_training_args(config_file: str | Path) -> dict[str, Any]:
     Returns:
         The flat key -> value mapping (values keep their TOML types, as kohya does).
     """
-    path = Path(config_file)
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise BadInputError(path, "training config file not found") from exc
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise BadInputError(path, f"not a valid TOML file: {exc}") from exc
+    data = read_toml(Path(config_file), "training config")
     flat: dict[str, Any] = {}
     for key, value in data.items():
         # kohya (read_config_from_file) flattens one level of sections.
@@ -38,6 +32,16 @@ def read_training_args(config_file: str | Path) -> dict[str, Any]:
         else:
             flat[key] = value
     return flat
+
+
+def read_toml(path: Path, what: str) -> dict[str, Any]:
+    """A TOML file as a dict; a BadInputError naming the file when it is missing or not TOML."""
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise BadInputError(path, f"{what} file not found") from exc
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise BadInputError(path, f"not a valid TOML file: {exc}") from exc
 
 
 def resolve_config_path(value: str | Path, config_file: str | Path) -> Path:
