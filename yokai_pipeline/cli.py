@@ -23,6 +23,7 @@ COMMAND_MODULES = [
     "run",
     "analyze",
     "select",
+    "review",
     "augment",
     "caption",
     "prepare",

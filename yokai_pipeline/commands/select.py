@@ -95,7 +95,8 @@ def select(
     ] = None,
 ) -> None:
     """Select clusters to train: batch filters, or browse interactively when --batch is not given."""
-    from yokai_pipeline import analysis, selection
+    from yokai_pipeline import analysis, edits, selection
+    from yokai_pipeline.workspace import Workspace
 
     workspace = clusters.resolve().parent
     analysis_path = analysis_file or workspace / "analysis" / "cluster_analysis.json"
@@ -119,8 +120,8 @@ def select(
         raise typer.Exit(2) from exc
     try:
         result = analysis.read_analysis(analysis_path)
-        if batch:
-            sel = selection.select_clusters(result, cfg)
+        if batch:  # the review edits apply here as in the dataset flow
+            sel = edits.select_with_edits(result, cfg, edits.review_attributes(Workspace(workspace)))
         else:
             sel = selection.interactive_select(
                 result,
