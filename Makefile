@@ -24,9 +24,9 @@ $(VENV)/.ready: pyproject.toml .ci/requirements-test.txt
 
 setup: $(VENV)/.ready
 
-# Debian's chromium for the browser tests (HTML report, Prefect UI).
+# Debian's chromium and its WebDriver for the browser tests (HTML report, review app, Prefect UI).
 system-deps:
-	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
+	@(command -v chromium && command -v chromedriver) >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null)
 
 demo: setup
 	$(PY) -m yokai_pipeline.cli demo --workspace $(WORKSPACE)

@@ -58,7 +58,7 @@ def create_app(
         user: recorded as ``who`` in the edits (default: the OS user).
     """
     fastapi = _import_fastapi()
-    from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse
+    from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 
     view = ReviewView(workspace, cfg)
     view.refresh()  # fail at start, naming the file, when the workspace has no clusters
@@ -83,6 +83,10 @@ def create_app(
     @app.get("/", response_class=HTMLResponse)
     def page() -> Any:
         return HTMLResponse(render_page(view, csrf))
+
+    @app.get("/favicon.ico")
+    def favicon() -> Any:
+        return Response(status_code=204)
 
     @app.get("/static/{name}")
     def static(name: str) -> Any:

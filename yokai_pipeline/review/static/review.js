@@ -31,8 +31,7 @@
     img.classList.toggle("sel", on);
   }
 
-  async function post(edit) {
-    say("saving…");
+  async function send(edit) {
     const res = await fetch("/api/edits", {
       method: "POST",
       headers: {"Content-Type": "application/json", "X-CSRF-Token": csrf},
@@ -40,9 +39,15 @@
       body: JSON.stringify(edit),
     });
     const data = await res.json().catch(() => ({}));
-    if (!res.ok) {
-      say((data && (data.detail || data.error)) || ("refused: " + res.status), true);
-      return false;
+    if (!res.ok) say((data && (data.detail || data.error)) || ("refused: " + res.status), true);
+    return res.ok;
+  }
+
+  // One or more edits, then a reload that shows the clusters as they now are.
+  async function post(...edits) {
+    say("saving…");
+    for (const edit of edits) {
+      if (!(await send(edit))) return false;
     }
     sessionStorage.setItem("yokai-scroll", String(window.scrollY));
     window.location.reload();
@@ -78,27 +83,25 @@
     document.getElementById(name).addEventListener("click", () => actions[name]());
   }
 
+  function initial(select) {
+    const opt = Array.from(select.options).find((o) => o.defaultSelected);
+    return opt ? opt.value : select.options[0].value;
+  }
+
+  // Only what changed is logged, so saving a name does not pin the tier the analysis computed.
   async function saveProps(section) {
-    const form = section.querySelector("form.props");
+    const f = section.querySelector("form.props").elements;
     const id = Number(section.dataset.id);
-    const name = form.elements.name.value.trim();
-    const trigger = form.elements.trigger.value.trim();
-    const edits = [{op: "name", clusters: [id], name: name, trigger: trigger, type: form.elements.type.value}];
-    edits.push({op: "tier", clusters: [id], tier: form.elements.tier.value});
-    edits.push({op: "train", clusters: [id], train: form.elements.train.checked});
-    for (const edit of edits.slice(0, -1)) {
-      const res = await fetch("/api/edits", {
-        method: "POST",
-        headers: {"Content-Type": "application/json", "X-CSRF-Token": csrf},
-        credentials: "same-origin",
-        body: JSON.stringify(edit),
-      });
-      if (!res.ok) {
-        const data = await res.json().catch(() => ({}));
-        return say((data && data.detail) || ("refused: " + res.status), true);
-      }
+    const edits = [];
+    if (f.name.value !== f.name.defaultValue || f.trigger.value !== f.trigger.defaultValue ||
+        f.type.value !== initial(f.type)) {
+      edits.push({op: "name", clusters: [id], name: f.name.value.trim(), trigger: f.trigger.value.trim(),
+                  type: f.type.value});
     }
-    return post(edits[edits.length - 1]);
+    if (f.tier.value !== initial(f.tier)) edits.push({op: "tier", clusters: [id], tier: f.tier.value});
+    if (f.train.checked !== f.train.defaultChecked) edits.push({op: "train", clusters: [id], train: f.train.checked});
+    if (!edits.length) return say("nothing changed");
+    return post(...edits);
   }
 
   function thumb(layer) {
@@ -159,7 +162,7 @@
   document.addEventListener("mouseup", () => { dragging = null; });
 
   document.addEventListener("keydown", (ev) => {
-    if (ev.target.closest("input, select, textarea")) return;
+    if (ev.target.matches("input:not([type=checkbox]), select, textarea")) return; // typing, not a shortcut
     const key = ev.key.toLowerCase();
     if ((ev.ctrlKey || ev.metaKey) && key === "z") { ev.preventDefault(); actions.undo(); return; }
     if (ev.ctrlKey || ev.metaKey || ev.altKey) return;
