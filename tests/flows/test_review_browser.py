@@ -18,27 +18,18 @@ from pathlib import Path
 
 import pytest
 
+from tests.unit.test_report_browser import CHROMIUM
+from tests.unit.test_report_browser import FLAGS as REPORT_FLAGS
 from yokai_pipeline import fsio, synthetic
 from yokai_pipeline.config import PipelineConfig
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
 
-CHROMIUM = next((p for p in (shutil.which("chromium"), "/usr/bin/chromium") if p and Path(p).exists()), None)
 CHROMEDRIVER = next(
     (p for p in (shutil.which("chromedriver"), "/usr/bin/chromedriver") if p and Path(p).exists()), None
 )
-FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--window-size=1280,1500",
-    "--hide-scrollbars",
-]
+# chromedriver picks the DevTools port itself
+FLAGS = [f for f in REPORT_FLAGS if not f.startswith("--remote-debugging-port")]
 HOSTILE = "<script>window.__pwned=1</script> ../../x \"q\" 'Jiba'"
 SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "img" / "review.png"
 
@@ -265,8 +256,9 @@ def check_kohya(ws: Path, r: dict) -> dict[int, dict]:
     assert r["b"] not in chars and r["d"] not in chars and 1000 in chars
     root = ws / "training_data" / "characters"
     folders = {p.name: p for p in root.iterdir() if p.is_dir() and p.name != "configs"}
-    for name in folders:  # names never become paths: one plain, safe component each
-        assert name == fsio.safe_name(name) and not set(name) & set("<>/\\\"'") and ".." not in name
+    for name, path in folders.items():  # names never become paths: one plain, safe component each
+        assert name == fsio.safe_name(name) and not set(name) & set("<>/\\\"'")
+        assert path.resolve().parent == root.resolve()
     by_cluster = {
         ch["cluster"]: folders[next(n for n in folders if n.split("_", 1)[1] == ch["name"])]
         for ch in chars.values()

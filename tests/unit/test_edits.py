@@ -266,3 +266,39 @@ def test_duplicate_trigger_words_from_review_are_refused(series):
     cfg = SelectionConfig(clusters=[cid[0], cid[1]])
     with pytest.raises(ConfigError, match="trigger word 'same'"):
         edits.select_with_edits(result, cfg, edits.review_attributes(ws))
+
+
+def test_select_batch_reads_the_same_log_as_the_flow(series):
+    from typer.testing import CliRunner
+
+    from yokai_pipeline.cli import app
+
+    ws, truth = series
+    e = make_edits(ws, truth)
+    edits.write_reviewed_clusters(ws)
+    result = edits.apply_to_analysis(
+        analysis.analyze_clusters(ws.reviewed_clusters), edits.review_attributes(ws)
+    )
+    apath = ws.analysis_dir / "cluster_analysis.json"
+    analysis.write_analysis(result, apath, None)
+    r = CliRunner().invoke(
+        app,
+        [
+            "select",
+            str(ws.reviewed_clusters),
+            "--analysis",
+            str(apath),
+            "--batch",
+            "--tiers",
+            "S",
+            "A",
+            "B",
+            "C",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    got = fsio.read_json(ws.selection_file)
+    cfg = SelectionConfig(tiers=["S", "A", "B", "C"])
+    assert got == edits.select_with_edits(result, cfg, edits.review_attributes(ws))
+    chosen = {c["cluster"] for c in got["characters"]}
+    assert e["d"] in chosen and e["e"] not in chosen and e["b"] not in chosen  # tier S override; train off

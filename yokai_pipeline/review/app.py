@@ -58,13 +58,19 @@ def create_app(
         user: recorded as ``who`` in the edits (default: the OS user).
     """
     fastapi = _import_fastapi()
-    from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
-
     view = ReviewView(workspace, cfg)
     view.refresh()  # fail at start, naming the file, when the workspace has no clusters
     csrf = secrets.token_urlsafe(32)
     app = fastapi.FastAPI(title="Yokai review", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.view, app.state.csrf, app.state.token = view, csrf, token
+    _add_guard(app, token, csrf)
+    _add_routes(app, fastapi, view, csrf, user)
+    return app
+
+
+def _add_guard(app: Any, token: str | None, csrf: str) -> None:
+    """Refuse what :func:`_refuse` refuses; trade a ``?token=`` for a cookie; security headers."""
+    from fastapi.responses import JSONResponse, RedirectResponse
 
     @app.middleware("http")
     async def guard(request: Any, call_next: Any) -> Any:
@@ -80,6 +86,10 @@ def create_app(
         response.headers.update(HEADERS)
         return response
 
+
+def _add_routes(app: Any, fastapi: Any, view: ReviewView, csrf: str, user: str | None) -> None:
+    from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+
     @app.get("/", response_class=HTMLResponse)
     def page() -> Any:
         return HTMLResponse(render_page(view, csrf))
@@ -94,12 +104,18 @@ def create_app(
             raise fastapi.HTTPException(404, "not found")
         return FileResponse(STATIC / name, media_type=STATIC_FILES[name])
 
+    # An unknown id is a 404 and a misfit edit a 400, wherever a route meets them.
+    @app.exception_handler(NotFound)
+    async def not_found(request: Any, exc: NotFound) -> Any:
+        return JSONResponse({"detail": str(exc)}, status_code=404)
+
+    @app.exception_handler(edits.EditError)
+    async def bad_edit(request: Any, exc: edits.EditError) -> Any:
+        return JSONResponse({"detail": str(exc)}, status_code=400)
+
     @app.get("/img/{layer_id}")
     def image(layer_id: str) -> Any:
-        try:
-            return FileResponse(view.image_path(layer_id), media_type="image/png")
-        except NotFound as exc:
-            raise fastapi.HTTPException(404, str(exc)) from exc
+        return FileResponse(view.image_path(layer_id), media_type="image/png")
 
     @app.get("/api/clusters")
     def clusters() -> Any:
@@ -107,10 +123,7 @@ def create_app(
 
     @app.get("/api/clusters/{cluster_id}/members")
     def members(cluster_id: int, offset: int = 0, limit: int | None = None) -> Any:
-        try:
-            return view.member_page(cluster_id, offset, limit)
-        except NotFound as exc:
-            raise fastapi.HTTPException(404, str(exc)) from exc
+        return view.member_page(cluster_id, offset, limit)
 
     @app.get("/api/edits")
     def edit_log() -> Any:
@@ -121,13 +134,7 @@ def create_app(
         body = await _json_body(request, fastapi)
         if body.get("op") == "undo" and body.get("target") is None:
             body["target"] = view.last_undoable()
-        try:
-            record = edits.append_edit(view.ws, body, who=user)
-        except edits.EditError as exc:
-            raise fastapi.HTTPException(400, str(exc)) from exc
-        return {"edit": record}
-
-    return app
+        return {"edit": edits.append_edit(view.ws, body, who=user)}
 
 
 async def _json_body(request: Any, fastapi: Any) -> dict[str, Any]:
