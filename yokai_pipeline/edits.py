@@ -241,6 +241,51 @@ def _check(state: ReviewState, e: Mapping[str, Any]) -> None:
             raise EditError(f"layer {lid!r} is not in the clusters")
 
 
+def follow_splits(state: ReviewState, vectors: Mapping[str, Any]) -> int:
+    """Layers of episodes that joined after a split go to the split-off cluster when nearer.
+
+    A split says "these images are another character". Clustering does not know that cluster,
+    so a new episode's images of it land in the source cluster; each such layer (one no edit
+    names) moves to the split-off cluster when its embedding is nearer (cosine) to that
+    cluster's centroid than to the rest of the source's. Updates ``state`` in place.
+
+    Returns:
+        How many layers moved.
+    """
+    import numpy as np
+
+    moved = 0
+    for e in state.applied:
+        sources = [c for c in e.get("clusters", []) if c != NOISE]
+        if e["op"] != "split" or "episodes" not in e or len(sources) != 1:
+            continue
+        source, target = state.resolve(sources[0]), state.resolve(e["new_cluster"])
+        groups = state.groups()
+        if source == target or source not in groups or target not in groups:
+            continue
+        seen = set(e["episodes"])
+        fresh = [
+            lid
+            for lid in groups[source]
+            if lid not in state.layer_to
+            and str(state.members[lid].get("episode_id")) not in seen
+            and lid in vectors
+        ]
+        rest = [vectors[lid] for lid in groups[source] if lid not in fresh and lid in vectors]
+        split = [vectors[lid] for lid in groups[target] if lid in vectors]
+        if not fresh or not rest or not split:
+            continue
+        cents = [np.mean(rows, axis=0) for rows in (rest, split)]
+        cents = [c / (np.linalg.norm(c) or 1.0) for c in cents]
+        for lid in fresh:
+            v = np.asarray(vectors[lid], dtype=np.float64)
+            v = v / (np.linalg.norm(v) or 1.0)
+            if float(v @ cents[1]) > float(v @ cents[0]):
+                state.layer_to[lid] = target
+                moved += 1
+    return moved
+
+
 # --------------------------------------------------------------------------- validation of new edits
 
 
@@ -269,6 +314,8 @@ def normalise_edit(
             raise EditError(f"merge target {out['into']} is not one of the merged clusters")
     elif op == "split":
         out["new_cluster"] = SPLIT_ID_BASE + state.splits
+        # the episodes this split saw: layers of later episodes may follow it (follow_splits)
+        out["episodes"] = sorted({str(m.get("episode_id")) for m in state.members.values()})
     elif op == "move":
         out["to"] = _id(edit.get("to"))
         if out["to"] == NOISE:
@@ -351,6 +398,8 @@ def corrected_document(workspace: Workspace, doc: dict[str, Any], state: ReviewS
     from yokai_pipeline import clustering
     from yokai_pipeline.config import ClusteringConfig
 
+    vectors = clustering._embeddings_of_members(workspace, state.members.values())
+    follow_splits(state, vectors)
     members = []
     for lid, m in state.members.items():
         cid = state.cluster_of(lid)
@@ -365,7 +414,6 @@ def corrected_document(workspace: Workspace, doc: dict[str, Any], state: ReviewS
                 "cluster_path": f"{REVIEWED_FOLDER}/{clustering.folder_name(cid)}/{name}",
             }
         )
-    vectors = clustering._embeddings_of_members(workspace, members)
     members = [m for m in members if m["layer_id"] in vectors or m["cluster"] < 0]
     cfg = ClusteringConfig.model_validate(doc.get("clustering") or {})
     out = clustering.build_document(members, vectors, doc.get("embedding", {}), cfg)

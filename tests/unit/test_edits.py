@@ -302,3 +302,24 @@ def test_select_batch_reads_the_same_log_as_the_flow(series):
     assert got == edits.select_with_edits(result, cfg, edits.review_attributes(ws))
     chosen = {c["cluster"] for c in got["characters"]}
     assert e["d"] in chosen and e["e"] not in chosen and e["b"] not in chosen  # tier S override; train off
+
+
+def test_a_split_keeps_new_episodes_images_of_the_split_off_character(series):
+    """Two characters clustered together, split apart in review: episode 3 follows the split."""
+    ws, truth = series
+    cid = by_character(ws, truth)
+    edits.append_edit(ws, {"op": "merge", "clusters": [cid[0], cid[1]], "into": cid[0]})  # the "mistake"
+    ones = layers_of(ws, cid[1])
+    split = edits.append_edit(ws, {"op": "split", "layers": ones})  # the fix
+    assert split["episodes"] == ["ep01", "ep02"] and split["clusters"] == [cid[0]]
+
+    clustering.assign_incremental(ws, ["ep03"], ClusteringConfig())
+    edits.write_reviewed_clusters(ws)
+    got = reviewed(ws)
+    new = {lid: c for lid, c in got.items() if lid.startswith("ep03") and truth[lid] in (0, 1)}
+    assert {truth[lid] for lid in new} == {0, 1}
+    for lid, c in new.items():
+        assert c == (split["new_cluster"] if truth[lid] == 1 else cid[0]), (lid, truth[lid], c)
+    assert {lid for lid, c in got.items() if c == split["new_cluster"] and not lid.startswith("ep03")} == set(
+        ones
+    )

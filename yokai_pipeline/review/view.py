@@ -58,11 +58,17 @@ class ReviewView:
                 self.edits = edits.read_edits(self.ws)
                 self.state = edits.replay(self.doc, self.edits)
                 self._key = key
+                if any(e["op"] == "split" for e in self.state.applied):  # as the dataset flow will
+                    edits.follow_splits(self.state, self._load_vectors())
             return self.state
 
     def vectors(self) -> dict[str, np.ndarray]:
         """layer id -> embedding (loaded once per clusters.json)."""
         self.refresh()
+        with self._lock:
+            return self._load_vectors()
+
+    def _load_vectors(self) -> dict[str, np.ndarray]:
         stamp = _stamp(clustering.clusters_file(self.ws))
         if self._vectors[0] != stamp:
             vecs = clustering._embeddings_of_members(self.ws, self.doc["members"])
