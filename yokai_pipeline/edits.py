@@ -442,26 +442,35 @@ def write_reviewed_clusters(workspace: Workspace, link_mode: str = "hardlink") -
     from yokai_pipeline.config import ClusteringConfig
 
     doc = load_clusters_doc(workspace)
-    log = edit_log(workspace)
-    source = {
-        "clusters": fsio.file_sha256(clustering.clusters_file(workspace)),
-        "edits": fsio.file_sha256(log) if log.is_file() else None,
-    }
-    index = workspace.reviewed_clusters / "clusters.json"
-    if index.is_file():
-        try:
-            previous = fsio.read_json(index)
-        except ValueError:
-            previous = {}
-        if previous.get("review", {}).get("source") == source:
-            review = previous["review"]
-            return _apply_stats(previous, review, rebuilt=False)
+    source = _sources(workspace)
+    previous = _previous(workspace)
+    if previous.get("review", {}).get("source") == source:
+        return _apply_stats(previous, previous["review"], rebuilt=False)
     state = replay(doc, read_edits(workspace))
     out = corrected_document(workspace, doc, state)
     out["review"]["source"] = source
     cfg = ClusteringConfig.model_validate({**(doc.get("clustering") or {}), "link_mode": link_mode})
     clustering.write_cluster_tree(workspace, out, cfg, folder=REVIEWED_FOLDER)
     return _apply_stats(out, out["review"], rebuilt=True)
+
+
+def _sources(workspace: Workspace) -> dict[str, str | None]:
+    """Content hashes of what reviewed_clusters/ is built from."""
+    from yokai_pipeline import clustering
+
+    log = edit_log(workspace)
+    return {
+        "clusters": fsio.file_sha256(clustering.clusters_file(workspace)),
+        "edits": fsio.file_sha256(log) if log.is_file() else None,
+    }
+
+
+def _previous(workspace: Workspace) -> dict[str, Any]:
+    index = workspace.reviewed_clusters / "clusters.json"
+    try:
+        return fsio.read_json(index) if index.is_file() else {}
+    except ValueError:
+        return {}  # a torn file from another tool: rebuild
 
 
 def _apply_stats(doc: Mapping[str, Any], review: Mapping[str, Any], rebuilt: bool) -> dict[str, Any]:
@@ -480,6 +489,29 @@ def review_attributes(workspace: Workspace) -> dict[int, dict[str, Any]]:
     if not index.is_file():
         return {}
     return {int(c["id"]): dict(c["review"]) for c in fsio.read_json(index)["clusters"] if c.get("review")}
+
+
+def current_attributes(workspace: Workspace) -> dict[int, dict[str, Any]]:
+    """:func:`review_attributes` from the live log; clusters merged away or excluded get ``train: False``.
+
+    For ``yokai select --batch`` between dataset runs: an analysis made before a merge still
+    lists the merged-away cluster, and it must not be selected.
+    """
+    state = replay(load_clusters_doc(workspace), read_edits(workspace))
+    groups = state.groups()
+    attrs = {cid: dict(a) for cid, a in state.attrs.items() if cid in groups}
+    for cid in state.known_ids - groups.keys():
+        attrs[cid] = {"train": False}
+    for cid in state.excluded_clusters | set(state.alias):
+        attrs[cid] = {"train": False}
+    return attrs
+
+
+def reviewed_is_current(workspace: Workspace) -> bool:
+    """Whether reviewed_clusters/ was built from the clusters.json and edit log as they are now."""
+    if not (workspace.reviewed_clusters / "clusters.json").is_file():
+        return not edit_log(workspace).is_file()
+    return _previous(workspace).get("review", {}).get("source") == _sources(workspace)
 
 
 def apply_to_analysis(result: dict[str, Any], attrs: Mapping[int, Mapping[str, Any]]) -> dict[str, Any]:

@@ -323,3 +323,32 @@ def test_a_split_keeps_new_episodes_images_of_the_split_off_character(series):
     assert {lid for lid, c in got.items() if c == split["new_cluster"] and not lid.startswith("ep03")} == set(
         ones
     )
+
+
+def test_select_batch_between_dataset_runs_uses_the_live_log(series):
+    from typer.testing import CliRunner
+
+    from yokai_pipeline.cli import app
+
+    ws, truth = series
+    apath = ws.analysis_dir / "cluster_analysis.json"
+    analysis.write_analysis(analysis.analyze_clusters(ws.character_clusters), apath, None)  # before review
+    e = make_edits(ws, truth)
+    args = [
+        "select",
+        str(ws.character_clusters),
+        "--analysis",
+        str(apath),
+        "--batch",
+        "--tiers",
+        "S",
+        "A",
+        "B",
+        "C",
+    ]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert "changed since the last dataset run" in r.output
+    chosen = {c["cluster"]: c for c in fsio.read_json(ws.selection_file)["characters"]}
+    assert e["a"] in chosen and chosen[e["a"]]["trigger"] == "jiba_nyan"
+    assert not {e["b"], e["f"], e["e"]} & chosen.keys()  # merged away, excluded, train off

@@ -121,7 +121,18 @@ def select(
     try:
         result = analysis.read_analysis(analysis_path)
         if batch:  # the review edits apply here as in the dataset flow
-            sel = edits.select_with_edits(result, cfg, edits.review_attributes(Workspace(workspace)))
+            ws = Workspace(workspace)
+            if (ws.character_clusters / "clusters.json").is_file():
+                if not edits.reviewed_is_current(ws):
+                    console.print(
+                        "[yellow]the review edits changed since the last dataset run: names, training "
+                        "choices and exclusions apply now; run the dataset flow to re-analyse merged "
+                        "or split clusters[/yellow]"
+                    )
+                attrs = edits.current_attributes(ws)
+            else:
+                attrs = {}
+            sel = edits.select_with_edits(result, cfg, attrs)
         else:
             sel = selection.interactive_select(
                 result,
