@@ -178,3 +178,46 @@ def test_undo_without_a_target_undoes_the_last_edit(app_client):
     assert card["tier"] == "D"
     listed = c.get("/api/edits").json()["edits"]
     assert [e["undone"] for e in listed if e["op"] == "tier"] == [True, False]
+
+
+def test_cli_with_host_prints_a_token_that_every_request_needs(series):  # noqa: F811
+    import subprocess
+    import sys
+    import urllib.error
+    import urllib.request
+    from pathlib import Path
+
+    ws, _ = series
+    env = {"PYTHONPATH": str(Path(__file__).resolve().parents[2]), "PATH": "/usr/bin:/bin"}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "yokai_pipeline.cli",
+            "review",
+            str(ws.root),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    try:
+        first, second = proc.stdout.readline(), proc.stdout.readline()  # type: ignore[union-attr]
+        url = re.search(r"at (http://127\.0\.0\.1:\d+/)\?token=(\S+)$", first.strip())
+        assert url, first
+        base, token = url.groups()
+        assert token in second
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(base + "api/clusters", timeout=30)
+        assert refused.value.code == 401
+        req = urllib.request.Request(base + "api/clusters", headers={"X-Review-Token": token})
+        with urllib.request.urlopen(req, timeout=30) as ok:
+            assert ok.status == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)

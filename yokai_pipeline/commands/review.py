@@ -50,6 +50,7 @@ def review(
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((bind, cfg.port if port is None else port))
+        sock.listen(128)  # connections made right after the URL is printed wait for uvicorn
     except OSError as exc:
         console.print(f"[red]review failed:[/red] cannot bind {bind}:{port}: {exc}")
         raise typer.Exit(1) from exc
