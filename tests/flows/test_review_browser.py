@@ -272,7 +272,8 @@ def check_kohya(ws: Path, r: dict) -> dict[int, dict]:
         raw.setdefault(m["cluster"], set()).add(m["layer_id"])
     trained_a = layer_ids_in(by_cluster[r["a"]])
     assert trained_a <= members[r["a"]] and trained_a & raw[r["b"]], "merged images missing"
-    assert layer_ids_in(by_cluster[1000]) <= set(r["split"]) and not trained_a & set(r["split"])
+    assert layer_ids_in(by_cluster[1000]) <= members[1000] and not trained_a & set(r["split"])
+    assert set(r["split"]) <= members[1000]  # later episodes may add look-alikes, never take these away
     everything = set().union(*(layer_ids_in(f) for f in folders.values()))
     assert not everything & raw[r["d"]] and not everything & set(r["dropped"])
     caption = next(by_cluster[r["a"]].glob("*.txt")).read_text()
@@ -310,6 +311,8 @@ def test_a_new_episode_keeps_every_edit(workspace, reviewed):
             assert fixed[m["layer_id"]] == reviewed["a"]
         if m["cluster"] == reviewed["d"]:
             assert m["layer_id"] not in fixed
-    assert {lid for lid, c in fixed.items() if c == 1000} == set(reviewed["split"])
+    in_split = {lid for lid, c in fixed.items() if c == 1000}
+    assert set(reviewed["split"]) <= in_split  # ep03 layers nearer the split-off ones may follow them
+    assert all(lid.startswith("ep03") for lid in in_split - set(reviewed["split"]))
     assert any(m["episode_id"] == "ep03" and m["cluster"] == reviewed["b"] for m in raw["members"])
     check_kohya(ws, reviewed)
