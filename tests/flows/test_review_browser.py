@@ -38,6 +38,7 @@ def config() -> PipelineConfig:
     cfg = PipelineConfig()
     cfg.selection.tiers = ["S", "A", "B", "C"]
     cfg.backgrounds.enabled = False
+    cfg.packaging.min_resolution = 32  # the sample's 50-130 px crops, packaged as they are (fast)
     return cfg
 
 
@@ -161,13 +162,10 @@ def sizes(doc: dict) -> dict[int, int]:
     return {c["id"]: c["size"] for c in doc["clusters"]}
 
 
-def layer_ids_in(folder: Path) -> set[str]:
-    """Layer ids of the images kohya will train on (``0003_<layer>.png``, ``..._aug001.png``)."""
-    out = set()
-    for p in folder.glob("*.png"):
-        m = re.fullmatch(r"\d{4}_(.+?)(?:_aug\d{3})?", p.stem)
-        out.add(m.group(1) if m else p.stem)
-    return out
+def layer_ids_in(root: Path, name: str) -> set[str]:
+    """Layer ids of the images packaged for a character (each file's ``original``, in its split record)."""
+    rows = fsio.read_json(root / "configs" / f"{name}_split.json")["files"]
+    return {Path(r["original"]).stem for r in rows}
 
 
 @pytest.fixture(scope="module")
@@ -259,10 +257,7 @@ def check_kohya(ws: Path, r: dict) -> dict[int, dict]:
     for name, path in folders.items():  # names never become paths: one plain, safe component each
         assert name == fsio.safe_name(name) and not set(name) & set("<>/\\\"'")
         assert path.resolve().parent == root.resolve()
-    by_cluster = {
-        ch["cluster"]: folders[next(n for n in folders if n.split("_", 1)[1] == ch["name"])]
-        for ch in chars.values()
-    }
+    trained = {cid: layer_ids_in(root, ch["name"]) for cid, ch in chars.items()}
     doc = clusters_doc(ws, "reviewed_clusters")
     members = {}
     for m in doc["members"]:
@@ -270,13 +265,14 @@ def check_kohya(ws: Path, r: dict) -> dict[int, dict]:
     raw = {}
     for m in clusters_doc(ws)["members"]:
         raw.setdefault(m["cluster"], set()).add(m["layer_id"])
-    trained_a = layer_ids_in(by_cluster[r["a"]])
+    trained_a = trained[r["a"]]
     assert trained_a <= members[r["a"]] and trained_a & raw[r["b"]], "merged images missing"
-    assert layer_ids_in(by_cluster[1000]) <= members[1000] and not trained_a & set(r["split"])
+    assert trained[1000] <= members[1000] and not trained_a & set(r["split"])
     assert set(r["split"]) <= members[1000]  # later episodes may add look-alikes, never take these away
-    everything = set().union(*(layer_ids_in(f) for f in folders.values()))
+    everything = set().union(*trained.values())
     assert not everything & raw[r["d"]] and not everything & set(r["dropped"])
-    caption = next(by_cluster[r["a"]].glob("*.txt")).read_text()
+    folder = next(p for n, p in folders.items() if n.split("_", 1)[1] == a["name"])
+    caption = next(folder.glob("*.txt")).read_text()
     assert caption.startswith("jibanyan, ")
     return chars
 
