@@ -268,11 +268,28 @@ def test_duplicate_trigger_words_from_review_are_refused(series):
         edits.select_with_edits(result, cfg, edits.review_attributes(ws))
 
 
-def test_select_batch_reads_the_same_log_as_the_flow(series):
+def select_batch(clusters, analysis_path):
+    """``yokai select CLUSTERS --analysis A --batch --tiers S A B C``."""
     from typer.testing import CliRunner
 
     from yokai_pipeline.cli import app
 
+    args = [
+        "select",
+        str(clusters),
+        "--analysis",
+        str(analysis_path),
+        "--batch",
+        "--tiers",
+        "S",
+        "A",
+        "B",
+        "C",
+    ]
+    return CliRunner().invoke(app, args)
+
+
+def test_select_batch_reads_the_same_log_as_the_flow(series):
     ws, truth = series
     e = make_edits(ws, truth)
     edits.write_reviewed_clusters(ws)
@@ -281,21 +298,7 @@ def test_select_batch_reads_the_same_log_as_the_flow(series):
     )
     apath = ws.analysis_dir / "cluster_analysis.json"
     analysis.write_analysis(result, apath, None)
-    r = CliRunner().invoke(
-        app,
-        [
-            "select",
-            str(ws.reviewed_clusters),
-            "--analysis",
-            str(apath),
-            "--batch",
-            "--tiers",
-            "S",
-            "A",
-            "B",
-            "C",
-        ],
-    )
+    r = select_batch(ws.reviewed_clusters, apath)
     assert r.exit_code == 0, r.output
     got = fsio.read_json(ws.selection_file)
     cfg = SelectionConfig(tiers=["S", "A", "B", "C"])
@@ -326,27 +329,11 @@ def test_a_split_keeps_new_episodes_images_of_the_split_off_character(series):
 
 
 def test_select_batch_between_dataset_runs_uses_the_live_log(series):
-    from typer.testing import CliRunner
-
-    from yokai_pipeline.cli import app
-
     ws, truth = series
     apath = ws.analysis_dir / "cluster_analysis.json"
     analysis.write_analysis(analysis.analyze_clusters(ws.character_clusters), apath, None)  # before review
     e = make_edits(ws, truth)
-    args = [
-        "select",
-        str(ws.character_clusters),
-        "--analysis",
-        str(apath),
-        "--batch",
-        "--tiers",
-        "S",
-        "A",
-        "B",
-        "C",
-    ]
-    r = CliRunner().invoke(app, args)
+    r = select_batch(ws.character_clusters, apath)
     assert r.exit_code == 0, r.output
     assert "changed since the last dataset run" in r.output
     chosen = {c["cluster"]: c for c in fsio.read_json(ws.selection_file)["characters"]}
