@@ -97,7 +97,7 @@ def _build_datasets(
         "seconds": round(time.perf_counter() - t0, 3),
     }
     timed("captions", run_heavy, caption_flow, "caption", {"workspace": workspace, "config": config}, config)
-    pkg = timed("packaging", package_task, workspace, config.packaging)
+    pkg = timed("packaging", package_task, workspace, config.packaging, config.training)
     stages["packaging"]["low_resolution"] = len(pkg.get("low_resolution", []))
     for item in pkg.get("low_resolution", []):
         log.warning(f"left out of the training data: {item['path']}: {item['problem']}")
