@@ -838,9 +838,9 @@ def _settings(args: dict[str, Any], src: Path, steps_per_epoch: int) -> _Setting
 def _pick_device(device: str) -> Any:
     import torch
 
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    from yokai_pipeline.runtime import resolve_auto
+
+    return torch.device(resolve_auto(device, torch.cuda.is_available()))
 
 
 def train_lora_builtin(
