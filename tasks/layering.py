@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prefect import get_run_logger, task
 
-from tasks.common import content_cache
+from tasks.common import content_cache, stage_lease
 from yokai_pipeline import layering
 from yokai_pipeline.config import LayeringConfig
 from yokai_pipeline.fsio import read_jsonl
@@ -23,8 +23,11 @@ from yokai_pipeline.workspace import Workspace
 def segment_chunk_task(
     rows: list[dict], workspace: str, cfg: LayeringConfig, episode_id: str, chunk_id: int
 ) -> list[dict]:
-    """Segment one chunk of frames; returns its layer manifest rows."""
-    out = layering.segment_layers(rows, Workspace(workspace), cfg)
+    """Segment one chunk of frames on the leased device; returns its layer manifest rows."""
+    with stage_lease(cfg.device, uses_gpu=cfg.backend != "offline") as lease:
+        out = layering.segment_layers(
+            rows, Workspace(workspace), cfg.model_copy(update={"device": lease.resolve(cfg.device)})
+        )
     get_run_logger().info(f"{episode_id} chunk {chunk_id}: {len(rows)} frames -> {len(out)} layers")
     return out
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from yokai_pipeline.errors import ConfigError
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")  # a scheme of 2+ letters, so C:/ stays a path
 
 
 @dataclass(frozen=True)
@@ -16,7 +19,7 @@ class Workspace:
 
     def __post_init__(self) -> None:
         text = str(self.root)
-        if "://" in text:
+        if _URL.match(text):  # also "s3:/b/x", what pathlib makes of "s3://b/x"
             # Path would turn s3://bucket/x into a local folder named "s3:"; stage outputs
             # are written with local file operations, so only a shared file system works
             raise ConfigError(

@@ -63,6 +63,14 @@ def run_pipeline(
     evidence_steps: int | None = None,
 ) -> dict[str, Any]:
     """Run the pipeline flow with a progress bar; returns the summary."""
+    from yokai_pipeline.errors import ConfigError
+    from yokai_pipeline.workspace import Workspace
+
+    try:
+        Workspace(workspace)  # before resolve(), which would turn s3:/x into a local path
+    except ConfigError as exc:
+        console.print(f"[red]invalid workspace:[/red] {exc}")
+        raise typer.Exit(2) from exc
     workspace = workspace.resolve()
     prepare_prefect_env(workspace)
     from flows.pipeline import pipeline_flow
