@@ -37,6 +37,7 @@ def run_once(episodes: Path, work: Path, workers: int) -> dict:
     cfg.write_bytes(tomli_w.dumps({"orchestration": {"episode_concurrency": workers}}).encode())
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PREFECT_HOME": str(work / f"prefect-{workers}")}
     env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    env.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     env.pop("PREFECT_API_URL", None)
     cmd = [sys.executable, "-m", "yokai_pipeline.cli", "run", str(episodes), "--workspace", str(ws)]
     t0 = time.perf_counter()

@@ -42,9 +42,9 @@ def episode_flow(
     log = get_run_logger()
     ws = Workspace(workspace)
     episode_id = episode_id_for(Path(video))
-    started_at = utc_now()
     # one run at a time per episode on a workspace: a second run waits instead of racing
     with file_lock(ws.root / ".locks" / f"episode-{episode_id}.lock"):
+        started_at = utc_now()
         removed = remove_stale_temps(ws.episode_dir(episode_id)) + sum(
             remove_stale_temps(ws.layered_frames / kind / episode_id)
             for kind in ("character", "background", "masks")

@@ -166,9 +166,13 @@ def start_server(home: Path, timeout: float = 120) -> PrefectServer:
     raise RuntimeError(f"prefect server not healthy after {timeout} s:\n{log.read_text()[-4000:]}")
 
 
-def start_worker(server: PrefectServer, pool: str, timeout: float = 90) -> subprocess.Popen:
-    """A process worker for ``pool``, started in the repository root; waits until it polls."""
-    log = server.home / f"worker-{pool}.log"
+def start_worker(
+    server: PrefectServer, pool: str, timeout: float = 90, name: str | None = None
+) -> subprocess.Popen:
+    """A process worker for ``pool`` (named ``test-<name or pool>``), started in the repository root;
+    waits until it polls."""
+    name = name or pool
+    log = server.home / f"worker-{name}.log"
     with log.open("ab") as out:
         proc = subprocess.Popen(
             [
@@ -180,7 +184,7 @@ def start_worker(server: PrefectServer, pool: str, timeout: float = 90) -> subpr
                 "--type",
                 "process",
                 "--name",
-                f"test-{pool}",
+                f"test-{name}",
             ],
             cwd=REPO,
             env=server.env,
@@ -189,7 +193,7 @@ def start_worker(server: PrefectServer, pool: str, timeout: float = 90) -> subpr
             stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
-    server.workers[pool] = proc
+    server.workers[name] = proc
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:

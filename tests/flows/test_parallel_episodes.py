@@ -26,6 +26,7 @@ def _yokai_run(episodes: Path, ws: Path, concurrency: int, tmp: Path) -> dict:
         "PYTHONPATH": str(ROOT),
         "PREFECT_HOME": str(tmp / f"prefect-{concurrency}"),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",  # a loaded 2-core machine
     }
     env.pop("PREFECT_API_URL", None)  # each run on its own ephemeral API, like a user's `yokai run`
     cmd = [sys.executable, "-m", "yokai_pipeline.cli", "run", str(episodes), "--workspace", str(ws)]
