@@ -86,6 +86,10 @@ def server_env(home: Path, port: int, results_dir: Path) -> dict[str, str]:
             "PREFECT_PROFILES_PATH": str(home / "profiles.toml"),
             "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
             "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}",
+            # SQLite under several concurrent flow runs on a loaded 2-core machine: wait for the
+            # write lock instead of answering 503
+            "PREFECT_API_DATABASE_TIMEOUT": "60",
+            "PREFECT_API_DATABASE_CONNECTION_TIMEOUT": "30",
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "PREFECT_UI_ENABLED": "true",
             # No scheduled runs: the tests trigger runs themselves, and a scheduled ingest run

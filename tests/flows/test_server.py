@@ -223,8 +223,9 @@ def test_two_process_workers_run_three_episodes_at_once(prefect_server, workers,
 
     if "yokai-cpu-2" not in prefect_server.workers:
         start_worker(prefect_server, CPU_POOL, name="yokai-cpu-2")
-    series = synthetic.generate_series(tmp_path / "series", seed=6, episodes=3, seconds=6.0)
-    cfg = {"layering": {"chunk_size": 16}, "orchestration": {"distributed": False}}
+    series = synthetic.generate_series(tmp_path / "series", seed=6, episodes=3, seconds=5.0)
+    # one layering chunk per episode: few API writes, so the SQLite server keeps up
+    cfg = {"layering": {"chunk_size": 256}, "orchestration": {"distributed": False}}
     with temporary_settings(updates=prefect_server.settings()):
         ids = [
             run_deployment(
