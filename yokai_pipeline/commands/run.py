@@ -21,6 +21,8 @@ def prepare_prefect_env(workspace: Path) -> None:
     # Results live in the workspace so a re-run finds them (Cached) and deleting the workspace resets it.
     os.environ.setdefault("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(workspace / ".prefect" / "results"))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Prefect's 20 s default is too short for the ephemeral API on a busy machine
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
 def build_config(
