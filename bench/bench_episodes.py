@@ -34,7 +34,8 @@ def run_once(episodes: Path, work: Path, workers: int) -> dict:
 
     ws = work / f"ws-{workers}"
     cfg = work / f"config-{workers}.toml"
-    cfg.write_bytes(tomli_w.dumps({"orchestration": {"episode_concurrency": workers}}).encode())
+    settings = {"orchestration": {"episode_concurrency": workers}, "packaging": {"upscale_to": 512}}
+    cfg.write_bytes(tomli_w.dumps(settings).encode())
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PREFECT_HOME": str(work / f"prefect-{workers}")}
     env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     env.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
