@@ -12,6 +12,8 @@ VENV ?= $(HOME)/.cache/yokai/venv-$(DEPS_HASH)
 PY := $(VENV)/bin/python
 export PYTHONPATH := $(CURDIR)
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
+# The temporary API server can take over the default 20 s to start on a loaded 2-core machine.
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
 export NUMBA_CACHE_DIR ?= $(HOME)/.cache/yokai/numba
 WORKSPACE ?= runs/demo
 PYTEST_ARGS ?=
@@ -32,9 +34,9 @@ setup: $(VENV)/.ready
 	ln -sfn $(VENV) .venv
 	@echo "ready: source .venv/bin/activate && yokai --help"
 
-# Debian's chromium for the browser tests (HTML report, Prefect UI).
+# Debian's chromium and its WebDriver for the browser tests (HTML report, review app, Prefect UI).
 system-deps:
-	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
+	@(command -v chromium && command -v chromedriver) >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null)
 
 demo: setup
 	$(PY) -m yokai_pipeline.cli demo --workspace $(WORKSPACE)

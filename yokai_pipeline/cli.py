@@ -22,7 +22,9 @@ app = typer.Typer(
 COMMAND_MODULES = [
     "run",
     "analyze",
+    "name",
     "select",
+    "review",
     "augment",
     "caption",
     "prepare",
