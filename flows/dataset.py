@@ -11,6 +11,7 @@ from flows.gpu import caption_flow, embedding_flow
 from flows.heavy import run_heavy
 from tasks.analysis import analyze_task, review_task, select_task
 from tasks.dataset import augment_task, backgrounds_task, package_task, selected_folders, validate_task
+from tasks.frames import series_dedup_task
 from tasks.identity import cluster_task
 from yokai_pipeline import augmentation
 from yokai_pipeline.config import PipelineConfig
@@ -67,6 +68,7 @@ def _build_datasets(
         }
         return out
 
+    timed("series_dedup", series_dedup_task, workspace, episode_ids, config.frames)
     params = {"workspace": workspace, "episode_ids": episode_ids, "config": config}
     timed("embedding", run_heavy, embedding_flow, "embedding", params, config)
     timed("clustering", cluster_task, workspace, episode_ids, config.clustering, full_recluster)

@@ -13,6 +13,7 @@ from tasks.frames import extract_frames_task
 from yokai_pipeline.config import PipelineConfig
 from yokai_pipeline.frames import episode_id_for
 from yokai_pipeline.fsio import file_lock, remove_stale_temps
+from yokai_pipeline.summary import utc_now
 from yokai_pipeline.workspace import Workspace
 
 
@@ -27,34 +28,32 @@ def episode_flow(
     video: str,
     workspace: str,
     config: PipelineConfig = PipelineConfig(),  # noqa: B008 - pydantic default renders as the UI form
-    reference_episodes: list[str] | None = None,
 ) -> dict:
     """Turn one episode video into frames and character/background layers.
+
+    Independent of every other episode (the repeated opening is removed later, by the series
+    dedup of the dataset flow), so episodes run in parallel.
 
     Args:
         video: path of the episode file.
         workspace: run workspace folder.
         config: pipeline configuration.
-        reference_episodes: episode ids processed earlier whose frames count as duplicates
-            (the repeated opening is kept once per series).
     """
     log = get_run_logger()
     ws = Workspace(workspace)
     episode_id = episode_id_for(Path(video))
     # one run at a time per episode on a workspace: a second run waits instead of racing
     with file_lock(ws.root / ".locks" / f"episode-{episode_id}.lock"):
+        started_at = utc_now()
         removed = remove_stale_temps(ws.episode_dir(episode_id)) + sum(
             remove_stale_temps(ws.layered_frames / kind / episode_id)
             for kind in ("character", "background", "masks")
         )
         if removed:
             log.info(f"removed {removed} temporary files left by an interrupted run")
-        refs = [
-            str(ws.frames_manifest(e)) for e in (reference_episodes or []) if ws.frames_manifest(e).exists()
-        ]
 
         t0 = time.perf_counter()
-        extract = extract_frames_task(video, workspace, config.frames, refs, episode_id)
+        extract = extract_frames_task(video, workspace, config.frames, episode_id)
         t_frames = time.perf_counter() - t0
 
         layers = run_heavy(
@@ -68,4 +67,7 @@ def episode_flow(
             "episode_id": episode_id,
             "frames": {**extract, "flow_seconds": round(t_frames, 3)},
             "layers": layers,
+            "started_at": started_at,
+            "finished_at": utc_now(),
+            "device": layers.get("device", "cpu"),
         }

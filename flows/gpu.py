@@ -8,36 +8,51 @@ from __future__ import annotations
 
 import time
 
-from prefect import flow, get_run_logger, unmapped
+from prefect import flow, get_run_logger
 
+from flows.heavy import gpu_flow_lease
+from tasks.common import run_bounded
 from tasks.dataset import caption_task, selected_folders
 from tasks.identity import embed_task
 from tasks.layering import read_frame_rows, segment_chunk_task, write_layer_manifest_task
 from yokai_pipeline.config import PipelineConfig
+from yokai_pipeline.runtime import stage_workers
 from yokai_pipeline.workspace import Workspace
 
 
 @flow(name="layering", persist_result=True)
 def layering_flow(workspace: str, episode_id: str, config: PipelineConfig = PipelineConfig()) -> dict:  # noqa: B008
-    """Segment an episode's extracted frames into layers, one mapped task per chunk."""
+    """Segment an episode's extracted frames into layers on one leased device, chunk by chunk.
+
+    At most ``orchestration.chunk_concurrency`` chunks run at once (each has its own worker
+    pool and buffers); all of them use the flow run's device.
+    """
     rows = read_frame_rows(workspace, episode_id)
-    n = config.layering.chunk_size
+    cfg = config.layering
+    n = cfg.chunk_size
     chunks = [rows[i : i + n] for i in range(0, len(rows), n)]
     t0 = time.perf_counter()
-    futures = segment_chunk_task.map(
-        chunks,
-        unmapped(workspace),
-        unmapped(config.layering),
-        unmapped(episode_id),
-        list(range(len(chunks))),
-        unmapped(config.detection),
-    )
-    layers = write_layer_manifest_task(workspace, episode_id, [f.result() for f in futures])
+    uses_gpu = cfg.backend != "offline" or config.detection.backend == "yolo"
+    with gpu_flow_lease(config, cfg.device, uses_gpu=uses_gpu) as lease:
+        calls = [
+            {
+                "rows": c,
+                "workspace": workspace,
+                "cfg": cfg,
+                "episode_id": episode_id,
+                "chunk_id": i,
+                "detection_cfg": config.detection,
+            }
+            for i, c in enumerate(chunks)
+        ]
+        futures = run_bounded(segment_chunk_task, calls, config.orchestration.chunk_concurrency)
+        layers = write_layer_manifest_task(workspace, episode_id, [f.result() for f in futures])
     seconds = time.perf_counter() - t0
     get_run_logger().info(
-        f"{episode_id}: {layers['character_layers']} character layers, {layers['background_layers']} backgrounds"
+        f"{episode_id}: {layers['character_layers']} character layers, {layers['background_layers']} "
+        f"backgrounds on {lease.label}"
     )
-    return {**layers, "chunks": len(chunks), "seconds": round(seconds, 3)}
+    return {**layers, "chunks": len(chunks), "seconds": round(seconds, 3), "device": lease.label}
 
 
 @flow(name="embedding", persist_result=True)
@@ -46,8 +61,13 @@ def embedding_flow(workspace: str, episode_ids: list[str], config: PipelineConfi
     ws = Workspace(workspace)
     manifests = [str(ws.layers_manifest(e)) for e in episode_ids]
     t0 = time.perf_counter()
-    futures = embed_task.map(unmapped(workspace), episode_ids, manifests, unmapped(config.embedding))
-    per_episode = [f.result() for f in futures]
+    cfg = config.embedding
+    calls = [
+        {"workspace": workspace, "episode_id": e, "manifest": m, "cfg": cfg}
+        for e, m in zip(episode_ids, manifests, strict=True)
+    ]
+    workers = stage_workers(cfg.backend != "offline", len(calls))
+    per_episode = [f.result() for f in run_bounded(embed_task, calls, workers)]
     n = sum(s.get("n", 0) for s in per_episode)
     seconds = time.perf_counter() - t0
     return {
@@ -63,14 +83,19 @@ def caption_flow(workspace: str, config: PipelineConfig = PipelineConfig()) -> d
     """Caption every selected cluster folder, one mapped task per character."""
     chars = selected_folders(workspace)
     t0 = time.perf_counter()
-    futures = caption_task.map(
-        unmapped(workspace),
-        [c["folder"] for c in chars],
-        unmapped(config.caption),
-        [c["trigger"] for c in chars],
-        [c["type"] for c in chars],
-    )
-    res = [f.result() for f in futures]
+    cfg = config.caption
+    calls = [
+        {
+            "workspace": workspace,
+            "folder": c["folder"],
+            "cfg": cfg,
+            "trigger": c["trigger"],
+            "char_type": c["type"],
+        }
+        for c in chars
+    ]
+    workers = stage_workers(cfg.backend != "offline", len(calls))
+    res = [f.result() for f in run_bounded(caption_task, calls, workers)]
     seconds = time.perf_counter() - t0
     return {
         "characters": len(res),

@@ -7,13 +7,42 @@ as a subflow. Either way the caller gets the same dict.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 from prefect import Flow, get_run_logger
 from prefect.deployments import run_deployment
 
+from yokai_pipeline import runtime
 from yokai_pipeline.config import PipelineConfig
 from yokai_pipeline.errors import YokaiError
+
+GPU_LIMIT = "gpu"  # the global concurrency limit deployments/setup.py creates, one slot per GPU
+
+
+@contextlib.contextmanager
+def gpu_flow_lease(config: PipelineConfig, device: str, uses_gpu: bool = True) -> Iterator[runtime.Lease]:
+    """The device a GPU flow run holds for its duration.
+
+    Distributed, a real GPU also takes a slot of the cluster-wide ``gpu`` global concurrency
+    limit (released when the run ends; its lease expires if the worker dies); on the host,
+    the lease names a free device of that host.
+    """
+    requested = device if uses_gpu else "cpu"
+    take_slot = (
+        config.orchestration.distributed
+        and requested != "cpu"
+        and runtime.gpu_count() > 0
+        and runtime.fake_gpus() is None
+    )
+    with contextlib.ExitStack() as stack:
+        if take_slot:
+            from prefect.concurrency.sync import concurrency
+
+            stack.enter_context(concurrency(GPU_LIMIT, occupy=1, strict=False))
+        timeout = config.orchestration.lease_timeout_seconds
+        yield stack.enter_context(runtime.lease_device(requested, timeout=timeout))
 
 
 def run_heavy(flow_fn: Flow, stage: str, parameters: dict[str, Any], config: PipelineConfig) -> Any:

@@ -18,7 +18,7 @@ from flows.dataset import dataset_flow, processed_episodes
 from flows.episode import episode_flow
 from flows.heavy import run_heavy
 from flows.pipeline import EpisodesFailed
-from tasks.common import IO_RETRIES, IO_RETRY_DELAYS
+from tasks.common import IO_RETRIES, IO_RETRY_DELAYS, run_bounded
 from yokai_pipeline import ingest
 from yokai_pipeline.config import PipelineConfig, StorageConfig
 from yokai_pipeline.storage import Storage, open_storage
@@ -70,6 +70,30 @@ def finish_episode_task(workspace: str, episode: dict, ok: bool) -> None:
         ingest.release_claim(workspace, episode["sha256"])
 
 
+@task(name="ingest-episode")
+def ingest_episode_task(inbox: str, workspace: str, config: PipelineConfig, episode: dict) -> dict[str, Any]:
+    """Claim, fetch and process one new episode; ``status`` done, skipped or failed (never raises)."""
+    if not claim_episode_task(workspace, episode):
+        # An overlapping ingest run took it between our scan and our claim.
+        return {"status": "skipped", "episode_id": episode["episode_id"]}
+    ok = False
+    try:
+        video = fetch_episode_task(inbox, workspace, config.storage, episode)
+        run_heavy(episode_flow, "episode", {"video": video, "workspace": workspace, "config": config}, config)
+        ok = True
+        return {"status": "done", "episode_id": episode["episode_id"]}
+    except Exception as exc:  # one bad episode must not stop the others
+        get_run_logger().error(f"episode {episode['key']} failed: {exc}")
+        return {
+            "status": "failed",
+            "episode": episode["key"],
+            "episode_id": episode["episode_id"],
+            "error": str(exc),
+        }
+    finally:
+        finish_episode_task(workspace, episode, ok)
+
+
 @flow(name="ingest", persist_result=True)
 def ingest_flow(
     inbox: str,
@@ -91,31 +115,17 @@ def ingest_flow(
     new = scan_inbox_task(inbox, workspace, config.storage, stable_seconds)
     log.info(f"{len(new)} new complete episode(s) in {inbox}")
 
-    done: list[str] = []
-    failed: list[dict[str, Any]] = []
-    skipped: list[str] = []
-    for episode in new:
-        if not claim_episode_task(workspace, episode):
-            # An overlapping ingest run took it between our scan and our claim.
-            skipped.append(episode["episode_id"])
-            continue
-        ok = False
-        try:
-            video = fetch_episode_task(inbox, workspace, config.storage, episode)
-            params = {
-                "video": video,
-                "workspace": workspace,
-                "config": config,
-                "reference_episodes": processed_episodes(workspace),
-            }
-            run_heavy(episode_flow, "episode", params, config)
-            ok = True
-            done.append(episode["episode_id"])
-        except Exception as exc:  # one bad episode must not stop the others
-            log.error(f"episode {episode['key']} failed: {exc}")
-            failed.append({"episode": episode["key"], "episode_id": episode["episode_id"], "error": str(exc)})
-        finally:
-            finish_episode_task(workspace, episode, ok)
+    calls = [{"inbox": inbox, "workspace": workspace, "config": config, "episode": e} for e in new]
+    outcomes = [
+        f.result() for f in run_bounded(ingest_episode_task, calls, config.orchestration.episodes_at_once())
+    ]
+    done = [o["episode_id"] for o in outcomes if o["status"] == "done"]
+    skipped = [o["episode_id"] for o in outcomes if o["status"] == "skipped"]
+    failed = [
+        {"episode": o["episode"], "episode_id": o["episode_id"], "error": o["error"]}
+        for o in outcomes
+        if o["status"] == "failed"
+    ]
 
     dataset: dict = {}
     if done:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, task
 
 from flows.dataset import dataset_flow
 from flows.episode import episode_flow
 from flows.heavy import run_heavy_state
 from flows.training import training_flow
+from tasks.common import run_bounded
 from tasks.report import evaluate_task, write_summary_task
 from yokai_pipeline.config import PipelineConfig
 from yokai_pipeline.errors import YokaiError
@@ -55,6 +56,12 @@ def _state_error(state) -> str:
     return state.message or "failed"
 
 
+@task(name="run-episode", task_run_name="run-episode-{episode_name}")
+def episode_task(video: str, workspace: str, config: PipelineConfig, episode_name: str = "") -> dict:
+    """One episode flow run; a task so that several run at once under a bounded runner."""
+    return episode_flow(video, workspace, config)
+
+
 @flow(name="yokai-pipeline", persist_result=True)
 def pipeline_flow(
     episodes_dir: str,
@@ -68,7 +75,8 @@ def pipeline_flow(
     A bad episode fails alone: the others finish, then the run reports the failures.
 
     Args:
-        episodes_dir: folder of episode videos (mp4, mkv, webm, mov, avi, ...), processed in name order.
+        episodes_dir: folder of episode videos (mp4, mkv, webm, mov, avi, ...), ``orchestration.episode_concurrency``
+            of them at a time.
         workspace: run workspace folder (outputs, manifests, caches); created if missing.
         config: pipeline configuration (backends, stage settings, orchestration).
         ground_truth_dir: ground-truth folder of the built-in sample series, for quality figures.
@@ -87,18 +95,16 @@ def pipeline_flow(
 
     done: list[dict] = []
     failed: list[dict] = []
-    for video in videos:
-        state = episode_flow(
-            str(video),
-            workspace,
-            config,
-            reference_episodes=[d["episode_id"] for d in done],
-            return_state=True,
-        )
-        if state.is_completed():
-            done.append(state.result())
+    at_once = config.orchestration.episodes_at_once()
+    log.info(f"processing {min(at_once, len(videos))} episode(s) at a time")
+    calls = [
+        {"video": str(v), "workspace": workspace, "config": config, "episode_name": v.name} for v in videos
+    ]
+    for video, fut in zip(videos, run_bounded(episode_task, calls, at_once), strict=True):
+        if fut.state.is_completed():
+            done.append(fut.result())
         else:
-            message = _state_error(state)
+            message = _state_error(fut.state)
             log.error(f"episode {video.name} failed: {message}")
             failed.append({"episode": video.name, "error": message})
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from prefect import flow, get_run_logger, unmapped
+from prefect import flow, get_run_logger
 
+from tasks.common import run_bounded
 from tasks.training import evidence_task, train_task
 from yokai_pipeline import validation
 from yokai_pipeline.config import PipelineConfig
 from yokai_pipeline.errors import YokaiError
 from yokai_pipeline.fsio import read_json
+from yokai_pipeline.runtime import device_slots
 from yokai_pipeline.workspace import Workspace
 
 
@@ -34,7 +36,9 @@ def training_flow(
 ) -> dict:
     """Train a LoRA for every packaged character; a failing character fails alone.
 
-    The `gpu` tag's concurrency limit (one slot per GPU) queues the characters on the GPUs.
+    On a host, at most one training per device lease runs (the task runner is sized to the
+    host's GPUs over ``training.gpus_per_run``, one on the CPU); cluster-wide the `gpu` tag's
+    concurrency limit (one slot per GPU) queues the characters on the GPUs.
     """
     ws = Workspace(workspace)
     # the guide: validate to 100% first; raises naming the report when it failed or is missing
@@ -42,10 +46,11 @@ def training_flow(
     log = get_run_logger()
     cfg = config.training
     chars = packaged_characters(workspace, cfg.characters)
-    futures = train_task.map([c["config"] for c in chars], [c["name"] for c in chars], unmapped(cfg))
+    slots = device_slots(cfg.gpus_per_run if cfg.backend == "kohya" else 1)
+    calls = [{"config_file": c["config"], "name": c["name"], "cfg": cfg} for c in chars]
+    futures = run_bounded(train_task, calls, slots)
     results, failed = {}, {}
     for char, fut in zip(chars, futures, strict=True):
-        fut.wait()
         state = fut.state
         if state.is_completed():
             results[char["name"]] = fut.result()
@@ -55,9 +60,11 @@ def training_flow(
     evidence = {}
     if cfg.evidence:
         done = [c for c in chars if c["name"] in results and results[c["name"]].get("status") != "stopped"]
-        ev = evidence_task.map(
-            [c["config"] for c in done], [c["name"] for c in done], unmapped(cfg), unmapped(evidence_steps)
-        )
+        ev_calls = [
+            {"config_file": c["config"], "name": c["name"], "cfg": cfg, "num_inference_steps": evidence_steps}
+            for c in done
+        ]
+        ev = run_bounded(evidence_task, ev_calls, device_slots())
         evidence = {c["name"]: f.result()["html"] for c, f in zip(done, ev, strict=True)}
     summary = {
         "characters": len(chars),
@@ -67,6 +74,7 @@ def training_flow(
         "backend": cfg.backend,
         "evidence": evidence,
         "errors": failed,
+        "runs": {n: r["run"] for n, r in results.items() if "run" in r},
     }
     if failed:
         raise YokaiError(f"training failed for {', '.join(sorted(failed))}: " + "; ".join(failed.values()))

@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from prefect import Task
 from prefect.cache_policies import INPUTS, TASK_SOURCE, CacheKeyFnPolicy, CachePolicy
+from prefect.futures import PrefectFuture
+from prefect.task_runners import ThreadPoolTaskRunner
 
+from yokai_pipeline import runtime
 from yokai_pipeline.fsio import file_sha256, stable_hash
 
 IO_RETRIES = 2
@@ -60,3 +65,26 @@ def content_cache(
 
     fn: Callable[..., str] = key_fn
     return TASK_SOURCE + INPUTS + CacheKeyFnPolicy(cache_key_fn=fn)
+
+
+def run_bounded(task: Task, calls: list[dict[str, Any]], max_workers: int) -> list[PrefectFuture]:
+    """Run ``task`` once per parameter dict, at most ``max_workers`` at a time.
+
+    The default task runner's thread pool is unbounded, so a mapped GPU task would start
+    every call at once (a model copy each); this one is sized by the caller from the
+    configuration. Returns the futures, all finished (failures stay in their states).
+    """
+    with ThreadPoolTaskRunner(max_workers=max(1, max_workers)) as runner:
+        futures = [runner.submit(task, parameters=params) for params in calls]
+        for future in futures:
+            future.wait()
+    return futures
+
+
+def stage_lease(device: str, uses_gpu: bool = True, count: int = 1) -> AbstractContextManager[runtime.Lease]:
+    """The device lease a GPU task holds for its duration (a CPU-only backend takes none).
+
+    Inside a GPU flow run that holds a lease already, ``auto`` reuses the flow's device.
+    Cluster-wide, tasks tagged ``gpu`` are counted by the ``gpu`` tag concurrency limit.
+    """
+    return runtime.lease_device(device if uses_gpu else "cpu", count)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prefect import get_run_logger, task
 
-from tasks.common import IO_RETRIES, IO_RETRY_DELAYS
+from tasks.common import IO_RETRIES, IO_RETRY_DELAYS, stage_lease
 from yokai_pipeline import augmentation, backgrounds, captioning, clustering, edits, kohya, validation
 from yokai_pipeline.config import (
     AugmentConfig,
@@ -42,7 +42,11 @@ def augment_task(workspace: str, folder: str, cfg: AugmentConfig, symmetric: boo
 def caption_task(workspace: str, folder: str, cfg: CaptionConfig, trigger: str, char_type: str) -> dict:
     """Caption one cluster folder; images that already have a caption are skipped."""
     ws = Workspace(workspace)
-    res = captioning.caption_folder(ws.augmented_clusters / folder, cfg, trigger=trigger, char_type=char_type)
+    with stage_lease(cfg.device, uses_gpu=cfg.backend != "offline") as lease:
+        leased = cfg.model_copy(update={"device": lease.resolve(cfg.device)})
+        res = captioning.caption_folder(
+            ws.augmented_clusters / folder, leased, trigger=trigger, char_type=char_type
+        )
     get_run_logger().info(f"{folder}: {res['captioned']} captioned, {res['skipped']} already had one")
     return res
 

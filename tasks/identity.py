@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prefect import get_run_logger, task
 
-from tasks.common import content_cache
+from tasks.common import content_cache, stage_lease
 from yokai_pipeline import clustering, embedding
 from yokai_pipeline.config import ClusteringConfig, EmbeddingConfig
 from yokai_pipeline.workspace import Workspace
@@ -21,7 +21,9 @@ from yokai_pipeline.workspace import Workspace
 )
 def embed_task(workspace: str, episode_id: str, manifest: str, cfg: EmbeddingConfig) -> dict:
     """Embed one episode's character layers (npy aligned with the layer manifest)."""
-    stats = embedding.embed_layers(Workspace(workspace), episode_id, cfg)
+    with stage_lease(cfg.device, uses_gpu=cfg.backend != "offline") as lease:
+        leased = cfg.model_copy(update={"device": lease.resolve(cfg.device)})
+        stats = embedding.embed_layers(Workspace(workspace), episode_id, leased)
     get_run_logger().info(f"{episode_id}: {stats.get('n')} embeddings, dim {stats.get('dim')}")
     return stats
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prefect import get_run_logger, task
 
-from tasks.common import content_cache
+from tasks.common import content_cache, stage_lease
 from yokai_pipeline import detection, layering
 from yokai_pipeline.config import DetectionConfig, LayeringConfig
 from yokai_pipeline.fsio import read_jsonl
@@ -28,8 +28,20 @@ def segment_chunk_task(
     chunk_id: int,
     detection_cfg: DetectionConfig | None = None,
 ) -> list[dict]:
-    """Detect the instances of one chunk of frames and cut them into layers; returns its layer rows."""
-    out = layering.segment_layers(rows, Workspace(workspace), cfg, detection_cfg)
+    """Detect the instances of one chunk of frames and cut them into layers on the leased device.
+
+    Returns the chunk's layer manifest rows.
+    """
+    uses_gpu = cfg.backend != "offline" or (detection_cfg is not None and detection_cfg.backend == "yolo")
+    with stage_lease(cfg.device, uses_gpu=uses_gpu) as lease:
+        if detection_cfg is not None:
+            detection_cfg = detection_cfg.model_copy(update={"device": lease.resolve(detection_cfg.device)})
+        out = layering.segment_layers(
+            rows,
+            Workspace(workspace),
+            cfg.model_copy(update={"device": lease.resolve(cfg.device)}),
+            detection_cfg,
+        )
     get_run_logger().info(f"{episode_id} chunk {chunk_id}: {len(rows)} frames -> {len(out)} layers")
     return out
 

@@ -216,7 +216,9 @@ def load_sampling_pipeline(base_model: str, device: str = "auto", family: str = 
         raise ImportError(
             "checkpoint evidence needs diffusers and peft: pip install 'diffusers>=0.42' 'peft>=0.21'"
         ) from exc
-    dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    from yokai_pipeline.runtime import resolve_auto
+
+    dev = resolve_auto(device, torch.cuda.is_available())
     key = (base_model, dev, family)
     with _pipe_lock:
         if key in _pipes:

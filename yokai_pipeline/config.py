@@ -483,6 +483,14 @@ class TrainingConfig(_Stage):
         "so captions may be shuffled). Default: UNet only with cached text-encoder outputs, the usual SDXL LoRA.",
     )
 
+    # ---- device leases (issue 14)
+    gpus_per_run: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="GPUs one character's training uses (kohya: DDP over them; the effective batch is train_batch_size x this, the learning rate is not rescaled). Characters train one per group of this many GPUs.",
+    )
+
     def family_of(self, name: str) -> str:
         """The family one character trains on."""
         return self.family_per_character.get(name, self.family)
@@ -530,6 +538,27 @@ class OrchestrationConfig(_Stage):
     timeout_seconds: int | None = Field(
         None, ge=1, description="Give up waiting for a GPU deployment run after this long (None = wait)."
     )
+    episode_concurrency: int | None = Field(
+        None,
+        ge=1,
+        le=256,
+        description="Episodes processed at once by the pipeline and ingest flows (None = the GPUs of this host, 1 without a GPU).",
+    )
+    chunk_concurrency: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Layering chunks of one episode run at once on its device (each chunk has its own worker pool and buffers).",
+    )
+    lease_timeout_seconds: float | None = Field(
+        None, gt=0, description="Give up waiting for a free GPU of this host after this long (None = wait)."
+    )
+
+    def episodes_at_once(self) -> int:
+        """``episode_concurrency``, or the GPUs of this host (1 without a GPU)."""
+        from yokai_pipeline.runtime import device_slots
+
+        return self.episode_concurrency or device_slots()
 
 
 SEEDED_STAGES = ("clustering", "augment", "packaging")

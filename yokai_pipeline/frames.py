@@ -11,8 +11,10 @@ two) shots still open plus a few chunks in flight, so memory does not grow with 
 - Sharp frames: each shot is split into ``frames_per_shot`` parts and the frame with the highest
   variance of the Laplacian near the middle of each part is kept, so the picks are spread out.
 - Duplicates: a 64-bit perceptual hash (imagehash.phash, 16 hex digits) per picked frame; a frame
-  within ``dedup_hamming`` bits of a frame kept earlier in this episode, or of a frame of an
-  earlier episode (``reference_hashes``), is dropped. That is how a repeated opening is kept once.
+  within ``dedup_hamming`` bits of a frame kept earlier in this episode is dropped. Across
+  episodes (the repeated opening and ending, kept once per series) :func:`dedup_series` runs
+  after extraction over a shared hash index, so episodes are extracted independently and in
+  parallel. (``reference_hashes`` still drops them during extraction, for a caller that has them.)
 
 Outputs (docs/data-formats.md): ``episodes/<id>/frames/*.png``, ``frames.jsonl`` and
 ``extract.json`` (statistics; also the completion marker used to skip a finished episode).
@@ -644,3 +646,52 @@ def _frame_row(
 def read_frame_hashes(manifest_path: str | Path) -> list[str]:
     """Perceptual hashes of the frames listed in a ``frames.jsonl`` manifest."""
     return [str(r["phash"]) for r in fsio.read_jsonl(manifest_path) if r.get("phash")]
+
+
+def dedup_series(workspace: Workspace, episode_ids: Sequence[str], max_distance: int) -> dict[str, Any]:
+    """Cross-episode near-duplicates of the extracted frames, over one shared hash index.
+
+    Episodes are taken in episode-id order (not the order they finished in), so the result does
+    not depend on which episode ran first: a frame is dropped when it is within ``max_distance``
+    bits of a frame kept from an earlier episode. Only manifests are read; nothing is deleted,
+    so adding an episode that sorts early changes this list and nothing that was extracted.
+
+    Args:
+        workspace: run workspace (``episodes/<id>/frames.jsonl`` are read).
+        episode_ids: the series' episodes.
+        max_distance: Hamming distance of near-duplicates (``FramesConfig.dedup_hamming``).
+
+    Returns:
+        ``{"order", "max_distance", "dropped": {episode_id: [frame_index, ...]}, "kept", "dropped_frames"}``.
+
+    Raises:
+        BadInputError: an episode has no frame manifest.
+    """
+    index = HashIndex()
+    dropped: dict[str, list[int]] = {}
+    kept = 0
+    order = sorted(set(episode_ids))
+    for ep in order:
+        manifest = workspace.frames_manifest(ep)
+        if not manifest.is_file():
+            raise BadInputError(manifest, "frame manifest not found; extract this episode's frames first")
+        own: list[str] = []
+        dropped[ep] = []
+        for row in fsio.read_jsonl(manifest):
+            h = str(row.get("phash") or "")
+            if h and index.near(h, max_distance):
+                dropped[ep].append(int(row["frame_index"]))
+                continue
+            kept += 1
+            if h:
+                own.append(h)
+        for h in own:  # after the episode: within-episode duplicates were settled at extraction
+            index.add(h)
+    n_dropped = sum(len(v) for v in dropped.values())
+    return {
+        "order": order,
+        "max_distance": max_distance,
+        "dropped": dropped,
+        "kept": kept,
+        "dropped_frames": n_dropped,
+    }

@@ -161,6 +161,35 @@ def _can_import_accelerate(python: Path) -> bool:
     return done.returncode == 0
 
 
+def free_port() -> int:
+    """A TCP port free on this host now (the OS picks it), for accelerate's rendezvous."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def accelerate_device_args(gpu_ids: Sequence[str], port: int | None = None) -> list[str]:
+    """``accelerate launch`` options that pin one run to its leased GPUs.
+
+    Without them accelerate (with no config file) starts DDP over every visible GPU and every
+    run binds port 29500, so concurrent launches collide. One GPU: a single process. Several:
+    ``--multi_gpu`` with one process per GPU (the effective batch is train_batch_size x GPUs).
+
+    Args:
+        gpu_ids: host GPU ids of the lease (``runtime.Lease.host_ids``); empty: the CPU.
+        port: rendezvous port (default: a free one).
+    """
+    if not gpu_ids:
+        return ["--num_processes", "1", "--cpu", *DEFAULT_ACCELERATE_ARGS]
+    args = ["--num_processes", str(len(gpu_ids)), "--gpu_ids", ",".join(gpu_ids)]
+    if len(gpu_ids) > 1:
+        args.insert(0, "--multi_gpu")
+    args += ["--main_process_port", str(port if port is not None else free_port())]
+    return args + list(DEFAULT_ACCELERATE_ARGS)
+
+
 def build_kohya_command(
     python: Path,
     sd_scripts: Path,

@@ -37,7 +37,7 @@ import os
 import queue
 import threading
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
@@ -1193,10 +1193,43 @@ def _problem(exc: BaseException) -> str:
 
 
 def write_layer_manifest(workspace: Workspace, episode_id: str, rows: list[dict]) -> Path:
-    """Write ``layered_frames/manifests/<episode_id>.jsonl`` sorted by (frame_index, kind, layer_id)."""
+    """Write the episode's layer manifests sorted by (frame_index, kind, layer_id).
+
+    ``layered_frames/episode_manifests/<id>.jsonl`` keeps every layer for good;
+    ``layered_frames/manifests/<id>.jsonl`` (what the dataset reads) starts equal to it and is
+    narrowed by :func:`apply_series_dedup`.
+    """
     ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace)
     ordered = sorted(rows, key=lambda r: (int(r["frame_index"]), r["kind"], r["layer_id"]))
+    write_jsonl(ws.episode_layers_manifest(episode_id), ordered)
     return write_jsonl(ws.layers_manifest(episode_id), ordered)
+
+
+def apply_series_dedup(workspace: Workspace, episode_id: str, dropped_frames: Sequence[int]) -> dict:
+    """Write the episode's dataset layer manifest without the layers of ``dropped_frames``.
+
+    Args:
+        workspace: the run workspace.
+        episode_id: the episode.
+        dropped_frames: frame indices the series dedup dropped (``frames.dedup_series``).
+
+    Returns:
+        ``{"kept_layers", "dropped_layers"}``.
+
+    Raises:
+        BadInputError: the episode has no layer manifest.
+    """
+    full = workspace.episode_layers_manifest(episode_id)
+    if not full.is_file():
+        # layered before the series step existed: its manifest already is the whole episode
+        full = workspace.layers_manifest(episode_id)
+    if not full.is_file():
+        raise BadInputError(full, "layer manifest not found; run layering for this episode first")
+    drop = set(map(int, dropped_frames))
+    rows = read_jsonl(full)
+    kept = [r for r in rows if int(r["frame_index"]) not in drop]
+    write_jsonl(workspace.layers_manifest(episode_id), kept)
+    return {"kept_layers": len(kept), "dropped_layers": len(rows) - len(kept)}
 
 
 def mask_iou(workspace: Workspace, episode_id: str, ground_truth: Any) -> dict:

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from yokai_pipeline.fsio import atomic_write_json
 from yokai_pipeline.workspace import Workspace
+
+
+def utc_now() -> str:
+    """Now as ISO 8601 in UTC with milliseconds (``2026-12-01T09:30:00.123+00:00``)."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
 def build_summary(
@@ -41,6 +47,10 @@ def build_summary(
         "seconds": seconds,
     }
     out["stages"].update(stages or {})
+    dedup = out["stages"].get("series_dedup")
+    if dedup:  # the repeated opening is dropped across episodes after extraction
+        out["stages"]["frames"]["kept"] = dedup["kept_frames"]
+        out["stages"]["frames"]["dropped_cross"] = dedup["dropped_frames"]
     return out
 
 

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from yokai_pipeline.errors import ConfigError
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")  # a scheme of 2+ letters, so C:/ stays a path
 
 
 @dataclass(frozen=True)
@@ -13,6 +18,15 @@ class Workspace:
     root: Path
 
     def __post_init__(self) -> None:
+        text = str(self.root)
+        if _URL.match(text):  # also "s3:/b/x", what pathlib makes of "s3://b/x"
+            # Path would turn s3://bucket/x into a local folder named "s3:"; stage outputs
+            # are written with local file operations, so only a shared file system works
+            raise ConfigError(
+                f"workspace {text!r}: only a local or network-mounted folder is supported as the "
+                "workspace (not an object-store URL); use s3:// for the ingest inbox, and mount a shared "
+                "file system (NFS, EFS, Lustre) at the same path on every worker for a multi-machine run"
+            )
         object.__setattr__(self, "root", Path(self.root).resolve())
 
     def rel(self, path: str | Path) -> str:
@@ -34,7 +48,16 @@ class Workspace:
         return self.root / "layered_frames"
 
     def layers_manifest(self, episode_id: str) -> Path:
+        """Layers the dataset uses: the episode's, less frames the series dedup dropped."""
         return self.layered_frames / "manifests" / f"{episode_id}.jsonl"
+
+    def episode_layers_manifest(self, episode_id: str) -> Path:
+        """Every layer of the episode's frames, as layering wrote it (before the series dedup)."""
+        return self.layered_frames / "episode_manifests" / f"{episode_id}.jsonl"
+
+    @property
+    def series_dedup_file(self) -> Path:
+        return self.root / "series_dedup.json"
 
     # stage 3: identity
     def embeddings_path(self, episode_id: str) -> Path:

@@ -86,6 +86,10 @@ def server_env(home: Path, port: int, results_dir: Path) -> dict[str, str]:
             "PREFECT_PROFILES_PATH": str(home / "profiles.toml"),
             "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
             "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}",
+            # SQLite under several concurrent flow runs on a loaded 2-core machine: wait for the
+            # write lock instead of answering 503
+            "PREFECT_API_DATABASE_TIMEOUT": "60",
+            "PREFECT_API_DATABASE_CONNECTION_TIMEOUT": "30",
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "PREFECT_UI_ENABLED": "true",
             # No scheduled runs: the tests trigger runs themselves, and a scheduled ingest run
@@ -166,9 +170,13 @@ def start_server(home: Path, timeout: float = 120) -> PrefectServer:
     raise RuntimeError(f"prefect server not healthy after {timeout} s:\n{log.read_text()[-4000:]}")
 
 
-def start_worker(server: PrefectServer, pool: str, timeout: float = 90) -> subprocess.Popen:
-    """A process worker for ``pool``, started in the repository root; waits until it polls."""
-    log = server.home / f"worker-{pool}.log"
+def start_worker(
+    server: PrefectServer, pool: str, timeout: float = 90, name: str | None = None
+) -> subprocess.Popen:
+    """A process worker for ``pool`` (named ``test-<name or pool>``), started in the repository root;
+    waits until it polls."""
+    name = name or pool
+    log = server.home / f"worker-{name}.log"
     with log.open("ab") as out:
         proc = subprocess.Popen(
             [
@@ -180,7 +188,7 @@ def start_worker(server: PrefectServer, pool: str, timeout: float = 90) -> subpr
                 "--type",
                 "process",
                 "--name",
-                f"test-{pool}",
+                f"test-{name}",
             ],
             cwd=REPO,
             env=server.env,
@@ -189,7 +197,7 @@ def start_worker(server: PrefectServer, pool: str, timeout: float = 90) -> subpr
             stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
-    server.workers[pool] = proc
+    server.workers[name] = proc
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:

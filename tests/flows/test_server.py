@@ -210,3 +210,41 @@ def test_ingest_deployment_runs_new_s3_episodes_once(
     run, result, episodes = _run_ingest(prefect_server, s3_server, inbox, ws)
     assert run.state.is_completed(), f"{run.state}\n{_worker_logs(prefect_server)}"
     assert result["new"] == [] and episodes == []
+
+
+def test_two_process_workers_run_three_episodes_at_once(prefect_server, workers, tmp_path):
+    """Three yokai-episode runs submitted together on two CPU workers overlap in time."""
+    import time
+
+    from prefect.deployments import run_deployment
+    from prefect.settings import temporary_settings
+
+    from tests.flows.server_fixtures import start_worker
+
+    if "yokai-cpu-2" not in prefect_server.workers:
+        start_worker(prefect_server, CPU_POOL, name="yokai-cpu-2")
+    series = synthetic.generate_series(tmp_path / "series", seed=6, episodes=3, seconds=5.0)
+    # one layering chunk per episode: few API writes, so the SQLite server keeps up
+    cfg = {"layering": {"chunk_size": 256}, "orchestration": {"distributed": False}}
+    with temporary_settings(updates=prefect_server.settings()):
+        ids = [
+            run_deployment(
+                "episode/yokai-episode",
+                parameters={"video": str(v), "workspace": str(tmp_path / "ws"), "config": cfg},
+                timeout=0,
+            ).id
+            for v in series.episodes
+        ]
+    deadline = time.monotonic() + 600
+    with _client(prefect_server) as client:
+        while True:
+            runs = [client.read_flow_run(i) for i in ids]
+            if all(r.state and r.state.is_final() for r in runs) or time.monotonic() > deadline:
+                break
+            time.sleep(2)
+    assert all(r.state.is_completed() for r in runs), (
+        f"{[(r.name, r.state) for r in runs]}\n{_worker_logs(prefect_server)}"
+    )
+    starts = [r.start_time for r in runs]
+    ends = [r.end_time for r in runs]
+    assert max(starts) < min(ends), f"episode runs did not overlap: {list(zip(starts, ends, strict=True))}"

@@ -397,3 +397,50 @@ def test_any_pixel_format_and_odd_row_padding_find_the_cuts(tmp_path, codec, pix
     assert img.shape == (h, w, 3)
     # the kept frame's colours are the scene's (RGB on disk; scenes were written as BGR)
     assert np.abs(img[5, 5].astype(int) - np.array([40, 40, 200])).max() < 12
+
+
+def test_series_dedup_keeps_the_frames_of_the_serial_order(series, extracted, tmp_path):
+    """Episodes extracted independently (any order), then deduplicated as a series, keep exactly
+    the frames that the serial extraction with earlier episodes' hashes as references keeps."""
+    serial_ws, _ = extracted
+    par = Workspace(tmp_path / "independent")
+    for video in reversed(series.episodes):  # no episode waits for another
+        frames.extract_frames(video, par, FramesConfig())
+    ids = [frames.episode_id_for(v) for v in series.episodes]
+    res = frames.dedup_series(par, ids, FramesConfig().dedup_hamming)
+    assert frames.dedup_series(par, list(reversed(ids)), FramesConfig().dedup_hamming) == res
+    for ep in ids:
+        want = [(r["frame_index"], r["phash"]) for r in fsio.read_jsonl(serial_ws.frames_manifest(ep))]
+        dropped = set(res["dropped"][ep])
+        got = [
+            (r["frame_index"], r["phash"])
+            for r in fsio.read_jsonl(par.frames_manifest(ep))
+            if r["frame_index"] not in dropped
+        ]
+        assert got == want, ep
+    gt1 = synthetic.load_ground_truth(series.ground_truth[0])
+    lo, hi = gt1["opening"]
+    assert res["dropped"][ids[0]] == []
+    assert res["dropped"][ids[1]] and all(lo <= i < hi for i in res["dropped"][ids[1]]), "the opening"
+    assert res["kept"] == sum(len(fsio.read_jsonl(serial_ws.frames_manifest(ep))) for ep in ids)
+
+
+def test_series_dedup_narrows_the_dataset_layer_manifest_and_keeps_the_episode_one(tmp_path):
+    from yokai_pipeline import layering
+
+    ws = Workspace(tmp_path)
+    rows = [
+        {"frame_index": i, "kind": kind, "layer_id": f"ep_f{i:06d}_{kind}"}
+        for i in (3, 7, 9)
+        for kind in ("background", "character")
+    ]
+    layering.write_layer_manifest(ws, "ep", rows)
+    assert layering.apply_series_dedup(ws, "ep", [7]) == {"kept_layers": 4, "dropped_layers": 2}
+    assert sorted({r["frame_index"] for r in fsio.read_jsonl(ws.layers_manifest("ep"))}) == [3, 9]
+    assert len(fsio.read_jsonl(ws.episode_layers_manifest("ep"))) == 6
+    # an episode that sorts earlier leaves: the dropped frames come back, nothing was lost
+    assert layering.apply_series_dedup(ws, "ep", []) == {"kept_layers": 6, "dropped_layers": 0}
+    with pytest.raises(BadInputError, match="layer manifest not found"):
+        layering.apply_series_dedup(ws, "missing", [])
+    with pytest.raises(BadInputError, match="frame manifest not found"):
+        frames.dedup_series(ws, ["missing"], 6)

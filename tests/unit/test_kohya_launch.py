@@ -230,3 +230,27 @@ def test_cli_kohya_failing_character_fails_alone(tmp_path, sd_scripts, monkeypat
     assert (tmp_path / "trained_models" / "good" / ".finished").is_file()
     assert not (tmp_path / "trained_models" / "bad" / ".finished").exists()
     assert "1 of 2 failed" in res.output
+
+
+def test_accelerate_device_args_pin_one_run_to_its_lease():
+    one = kohya_launch.accelerate_device_args(["3"], port=29617)
+    assert one == [
+        "--num_processes",
+        "1",
+        "--gpu_ids",
+        "3",
+        "--main_process_port",
+        "29617",
+        "--num_cpu_threads_per_process",
+        "1",
+    ]
+    ddp = kohya_launch.accelerate_device_args(["0", "1"], port=29618)
+    assert ddp[:5] == ["--multi_gpu", "--num_processes", "2", "--gpu_ids", "0,1"]
+    assert kohya_launch.accelerate_device_args([])[:3] == ["--num_processes", "1", "--cpu"]
+    # each launch asks the OS for a free rendezvous port instead of accelerate's shared default 29500
+    ports = {int(kohya_launch.accelerate_device_args(["0"])[5]) for _ in range(5)}
+    assert 29500 not in ports and all(1024 < p < 65536 for p in ports)
+    cmd = kohya_launch.build_kohya_command(
+        Path("/venv/bin/python"), Path("/sd"), Path("c.toml"), accelerate_args=one
+    )
+    assert cmd[3:11] == one and cmd[11] == "/sd/train_network.py"

@@ -21,6 +21,8 @@ def prepare_prefect_env(workspace: Path) -> None:
     # Results live in the workspace so a re-run finds them (Cached) and deleting the workspace resets it.
     os.environ.setdefault("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(workspace / ".prefect" / "results"))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Prefect's 20 s default is too short for the ephemeral API on a busy machine
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
 def build_config(
@@ -63,6 +65,14 @@ def run_pipeline(
     evidence_steps: int | None = None,
 ) -> dict[str, Any]:
     """Run the pipeline flow with a progress bar; returns the summary."""
+    from yokai_pipeline.errors import ConfigError
+    from yokai_pipeline.workspace import Workspace
+
+    try:
+        Workspace(workspace)  # before resolve(), which would turn s3:/x into a local path
+    except ConfigError as exc:
+        console.print(f"[red]invalid workspace:[/red] {exc}")
+        raise typer.Exit(2) from exc
     workspace = workspace.resolve()
     prepare_prefect_env(workspace)
     from flows.pipeline import pipeline_flow

@@ -46,10 +46,11 @@ def _import_torch_transformers() -> tuple[Any, Any]:
 
 
 def resolve_device(device: str = "auto") -> str:
-    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; other values pass through."""
+    """``auto`` -> the leased device (``yokai_pipeline.runtime``), else ``cuda`` when visible, else ``cpu``."""
+    from yokai_pipeline.runtime import resolve_auto
+
     torch, _ = _import_torch_transformers()
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_auto(device, torch.cuda.is_available())
     if device.startswith("cuda") and not torch.cuda.is_available():
         from yokai_pipeline.errors import ConfigError
 

@@ -134,11 +134,12 @@ class ClipBundle:
 
 
 def resolve_device(device: str) -> str:
-    """Map ``auto`` to ``cuda`` when a GPU is visible, else ``cpu``."""
+    """Map ``auto`` to the leased device (``yokai_pipeline.runtime``), else ``cuda`` when visible, else ``cpu``."""
     import torch
 
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+    from yokai_pipeline.runtime import resolve_auto
+
+    device = resolve_auto(device, torch.cuda.is_available())
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"embedding.device={device!r} but no CUDA device is visible; use 'cpu' or 'auto'")
     return device

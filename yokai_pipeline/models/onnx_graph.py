@@ -148,7 +148,9 @@ def resolve_torch_device(device: str | None) -> str:
             import torch
         except ImportError:
             return "cpu"
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        from yokai_pipeline.runtime import resolve_auto  # the leased cuda:N inside a lease
+
+        return resolve_auto(device, torch.cuda.is_available())
     return str(device)
 
 

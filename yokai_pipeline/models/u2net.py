@@ -325,10 +325,10 @@ _cache_lock = threading.Lock()
 
 
 def resolve_device(device: str | None = "auto") -> str:
-    """``auto`` -> ``cuda`` when available, else ``cpu``."""
-    if device in (None, "auto"):
-        return "cuda" if _torch().cuda.is_available() else "cpu"
-    return str(device)
+    """``auto`` -> the leased device (``yokai_pipeline.runtime``), else ``cuda`` when available, else ``cpu``."""
+    from yokai_pipeline.runtime import resolve_auto
+
+    return resolve_auto(device, _torch().cuda.is_available())
 
 
 def load_u2net(

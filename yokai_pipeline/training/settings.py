@@ -98,6 +98,6 @@ def read_settings(args: dict[str, Any], src: Path, steps_per_epoch: int) -> Sett
 def pick_device(device: str) -> Any:
     import torch
 
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    from yokai_pipeline.runtime import resolve_auto
+
+    return torch.device(resolve_auto(device, torch.cuda.is_available()))
