@@ -10,7 +10,7 @@ import time
 
 from prefect import flow, get_run_logger, unmapped
 
-from tasks.dataset import caption_task, selected_folders
+from tasks.dataset import caption_task, selected_folders, tag_task
 from tasks.identity import embed_task
 from tasks.layering import read_frame_rows, segment_chunk_task, write_layer_manifest_task
 from yokai_pipeline.config import PipelineConfig
@@ -55,15 +55,20 @@ def embedding_flow(workspace: str, episode_ids: list[str], config: PipelineConfi
 
 @flow(name="caption", persist_result=True)
 def caption_flow(workspace: str, config: PipelineConfig = PipelineConfig()) -> dict:  # noqa: B008
-    """Caption every selected cluster folder, one mapped task per character."""
+    """Tag (when captions use tags), then caption every selected cluster folder, one mapped task per character."""
     chars = selected_folders(workspace)
     t0 = time.perf_counter()
+    folders = [c["folder"] for c in chars]
+    tagged = []
+    if config.tags.uses_tags:
+        tagged = [f.result() for f in tag_task.map(unmapped(workspace), folders, unmapped(config.tags))]
     futures = caption_task.map(
         unmapped(workspace),
-        [c["folder"] for c in chars],
+        folders,
         unmapped(config.caption),
         [c["trigger"] for c in chars],
         [c["type"] for c in chars],
+        unmapped(config.tags),
     )
     res = [f.result() for f in futures]
     seconds = time.perf_counter() - t0
@@ -72,6 +77,9 @@ def caption_flow(workspace: str, config: PipelineConfig = PipelineConfig()) -> d
         "captioned": sum(r["captioned"] for r in res),
         "skipped": sum(r["skipped"] for r in res),
         "failed": sum(len(r["failed"]) for r in res),
+        "tagged": sum(t["tagged"] for t in tagged),
+        "tag_failed": sum(len(t["failed"]) for t in tagged),
+        "tag_backend": config.tags.backend if tagged else None,
         "backend": config.caption.backend,
         "seconds": round(seconds, 3),
     }

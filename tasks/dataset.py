@@ -5,8 +5,8 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 
 from tasks.common import IO_RETRIES, IO_RETRY_DELAYS
-from yokai_pipeline import augmentation, backgrounds, captioning, clustering, kohya, validation
-from yokai_pipeline.config import AugmentConfig, BackgroundConfig, CaptionConfig, PackagingConfig
+from yokai_pipeline import augmentation, backgrounds, captioning, clustering, kohya, tagging, validation
+from yokai_pipeline.config import AugmentConfig, BackgroundConfig, CaptionConfig, PackagingConfig, TagConfig
 from yokai_pipeline.fsio import read_json
 from yokai_pipeline.workspace import Workspace
 
@@ -29,13 +29,35 @@ def augment_task(workspace: str, folder: str, cfg: AugmentConfig, symmetric: boo
     return {k: v for k, v in res.items() if k != "config"}
 
 
+@task(name="tag-cluster", tags=["gpu"], retries=1, retry_delay_seconds=5, task_run_name="tag-{folder}")
+def tag_task(workspace: str, folder: str, cfg: TagConfig) -> dict:
+    """Tag one cluster folder (a sidecar per image); images with current tags are skipped."""
+    ws = Workspace(workspace)
+    meta = tagging.layer_meta(ws.layered_frames / "manifests") if cfg.backend == "offline" else None
+    res = tagging.tag_folder(ws.augmented_clusters / folder, cfg, meta=meta)
+    get_run_logger().info(
+        f"{folder}: {res['tagged']} tagged, {res['skipped']} already had tags; core tags: "
+        + (", ".join(res["core_tags"]) or "none")
+    )
+    return res
+
+
 @task(
     name="caption-cluster", tags=["gpu"], retries=1, retry_delay_seconds=5, task_run_name="caption-{folder}"
 )
-def caption_task(workspace: str, folder: str, cfg: CaptionConfig, trigger: str, char_type: str) -> dict:
+def caption_task(
+    workspace: str,
+    folder: str,
+    cfg: CaptionConfig,
+    trigger: str,
+    char_type: str,
+    tags: TagConfig | None = None,
+) -> dict:
     """Caption one cluster folder; images that already have a caption are skipped."""
     ws = Workspace(workspace)
-    res = captioning.caption_folder(ws.augmented_clusters / folder, cfg, trigger=trigger, char_type=char_type)
+    res = captioning.caption_folder(
+        ws.augmented_clusters / folder, cfg, trigger=trigger, char_type=char_type, tags=tags
+    )
     get_run_logger().info(f"{folder}: {res['captioned']} captioned, {res['skipped']} already had one")
     return res
 

@@ -54,6 +54,7 @@ from yokai_pipeline.fsio import (
     read_jsonl,
     safe_name,
 )
+from yokai_pipeline.tagging import read_tag_summary
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 AUGMENT_MANIFEST = "augment_manifest.jsonl"
@@ -340,7 +341,9 @@ def _types_from_analysis(analysis: dict | None) -> dict[int, str]:
 def build_dataset_config(subsets: list[dict[str, Any]], cfg: PackagingConfig) -> dict[str, Any]:
     """kohya dataset config: one ``[[datasets]]`` per entry, each with one subset.
 
-    Each entry: image_dir, num_repeats, trigger, validation_split (exact, may be 0).
+    Each entry: image_dir, num_repeats, trigger, validation_split (exact, may be 0), and
+    optionally shuffle_caption (tag captions: kohya shuffles the tags, ``keep_tokens = 1`` keeps
+    the trigger first).
     """
     general: dict[str, Any] = {"caption_extension": ".txt", "keep_tokens": 1, "shuffle_caption": False}
     datasets = []
@@ -360,6 +363,8 @@ def build_dataset_config(subsets: list[dict[str, Any]], cfg: PackagingConfig) ->
             "caption_extension": ".txt",
             "keep_tokens": 1,
         }
+        if s.get("shuffle_caption"):
+            subset["shuffle_caption"] = True
         if cfg.alpha_mode == "alpha_mask":
             subset["alpha_mask"] = True
         ds["subsets"] = [subset]
@@ -573,6 +578,10 @@ def _prepare_character(
     if not paths:
         raise BadInputError(folder, f"no readable images for character {name!r}")
     sources = read_sources(folder)
+    tag_doc = read_tag_summary(folder) or {}
+    # The tag stage records how captions are composed: only pure tag lists may be shuffled.
+    tag_cfg = tag_doc.get("config") or {}
+    shuffle = tag_cfg.get("caption") == "tags" and bool(tag_cfg.get("shuffle_caption"))
     train, val, dropped = split_validation(paths, sources, cfg.validation_split, cfg.seed, name)
 
     params = training_params(len(train), ctype, auto=cfg.auto_params)
@@ -626,6 +635,7 @@ def _prepare_character(
                     "num_repeats": params["repeat"],
                     "trigger": trigger,
                     "validation_split": split,
+                    "shuffle_caption": shuffle,
                 }
             ],
             cfg,
@@ -667,6 +677,8 @@ def _prepare_character(
         "validation_images": k,
         "dropped_images": len(dropped),
         "captions_missing": captions_missing,
+        "core_tags": list(tag_doc.get("core_tags") or []),
+        "shuffle_caption": shuffle,
         "validation_split": split,
         "params": params,
         "dataset_config": str(ds_path),
@@ -706,6 +718,7 @@ def _write_multi_concept(
             "num_repeats": r["params"]["repeat"],  # each character keeps its own repeat balance
             "trigger": r["trigger"],
             "validation_split": r["validation_split"],
+            "shuffle_caption": r.get("shuffle_caption", False),
         }
         for r in results
     ]
@@ -753,6 +766,10 @@ def format_preparation_summary(summary: dict[str, Any]) -> str:
     for i, r in enumerate(summary["characters"], 1):
         lines.append(f"{i}. {r['name']}:")
         lines.append(f"   {r['command']}")
+        if r.get("core_tags"):
+            lines.append(
+                f"   core tags (left out of captions, learned by {r['trigger']}): {', '.join(r['core_tags'])}"
+            )
     multi = summary.get("multi_concept")
     if multi:
         lines.append(f"{len(summary['characters']) + 1}. {multi['name']} ({', '.join(multi['characters'])}):")
