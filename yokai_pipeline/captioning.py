@@ -132,17 +132,17 @@ def folder_tags(
         ``(tags per image, core tags, failed)``: images without a current tag sidecar are
         listed in ``failed`` (the tag stage has to run first).
     """
-    from yokai_pipeline.tagging import caption_tags, core_tags, read_tags, sidecar_path, tag_signature
+    from yokai_pipeline.tagging import caption_tags, core_tags, read_tags, sidecar_path
 
-    sig = tag_signature(cfg)
-    docs = {p: read_tags(p, sig) for p in images}
+    # Any tagger's sidecar will do: the tag stage (run first, same settings in the flow) keeps them current.
+    docs = {p: read_tags(p) for p in images}
     lists = {p: caption_tags(d) for p, d in docs.items() if d is not None}
     core = core_tags(list(lists.values()), cfg.core_tag_ratio, cfg.never_prune) if cfg.prune_core_tags else []
     drop = set(core)
     failed = [
         {
             "name": p.name,
-            "problem": f"no current tags in {sidecar_path(p).name}: run the tag stage (yokai tag) first",
+            "problem": f"no tags in {sidecar_path(p).name}: run the tag stage (yokai tag) first",
         }
         for p, d in docs.items()
         if d is None

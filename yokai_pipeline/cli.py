@@ -24,6 +24,7 @@ COMMAND_MODULES = [
     "analyze",
     "select",
     "augment",
+    "tag",
     "caption",
     "prepare",
     "validate",

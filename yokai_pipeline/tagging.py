@@ -295,7 +295,11 @@ def read_tags(image: str | Path, signature: Mapping[str, Any] | None = None) -> 
 
 def caption_tags(doc: Mapping[str, Any]) -> list[str]:
     """The tags of a sidecar that go into a caption: character tags, then general, by probability."""
-    return [*doc.get("character", {}), *doc.get("general", {})]
+
+    def ranked(tags: Mapping[str, float]) -> list[str]:
+        return [t for t, _ in sorted(tags.items(), key=lambda kv: (-float(kv[1]), kv[0]))]
+
+    return [*ranked(doc.get("character", {})), *ranked(doc.get("general", {}))]
 
 
 def layer_meta(manifests_dir: str | Path) -> dict[str, dict[str, Any]]:
@@ -404,3 +408,57 @@ def read_tag_summary(folder: str | Path) -> dict[str, Any] | None:
         return read_json(path) if path.is_file() else None
     except (ValueError, OSError, BadInputError):
         return None
+
+
+def tag_clusters(
+    clusters_dir: str | Path,
+    cfg: TagConfig,
+    *,
+    selection: Mapping[str, Any] | str | Path | None = None,
+    meta: Mapping[str, Mapping[str, Any]] | None = None,
+    tagger: Tagger | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Tag every cluster folder under ``clusters_dir`` (or ``clusters_dir`` itself when it holds images).
+
+    Args:
+        clusters_dir: folder of ``cluster_NNN`` folders, or of images.
+        cfg: tag settings.
+        selection: selection.json (path or dict): only its clusters.
+        meta: layer facts for the offline tagger (:func:`layer_meta`).
+        tagger: use this instead of building one from ``cfg`` (one model for all folders).
+        progress: ``progress(folder name, done, total)`` callback.
+
+    Returns:
+        ``{"backend", "folders", "images", "tagged", "skipped", "failed", "seconds", "images_per_s", "results"}``.
+    """
+    from yokai_pipeline.augmentation import cluster_folders, cluster_id, list_images, read_selection
+
+    t0 = time.perf_counter()
+    clusters_dir = Path(clusters_dir)
+    if not clusters_dir.is_dir():
+        raise BadInputError(clusters_dir, "folder does not exist")
+    folders = cluster_folders(clusters_dir)
+    if not folders and list_images(clusters_dir):
+        folders = [clusters_dir]
+    if selection is not None:
+        sel = read_selection(selection)
+        folders = [f for f in folders if cluster_id(f.name) in sel]
+    tagger = tagger or get_tagger(cfg)
+    results = []
+    for folder in folders:
+        cb = (lambda d, t, _n=folder.name: progress(_n, d, t)) if progress else None
+        results.append(tag_folder(folder, cfg, tagger=tagger, meta=meta, progress=cb))
+    secs = time.perf_counter() - t0
+    tagged = sum(r["tagged"] for r in results)
+    return {
+        "backend": cfg.backend,
+        "folders": len(results),
+        "images": sum(r["images"] for r in results),
+        "tagged": tagged,
+        "skipped": sum(r["skipped"] for r in results),
+        "failed": [dict(f, folder=Path(r["folder"]).name) for r in results for f in r["failed"]],
+        "seconds": round(secs, 3),
+        "images_per_s": round(tagged / secs, 2) if secs > 0 else 0.0,
+        "results": results,
+    }
