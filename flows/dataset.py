@@ -9,7 +9,7 @@ from prefect import flow, get_run_logger, unmapped
 
 from flows.gpu import caption_flow, embedding_flow
 from flows.heavy import run_heavy
-from tasks.analysis import analyze_task, select_task
+from tasks.analysis import analyze_task, report_tags_task, select_task
 from tasks.dataset import augment_task, backgrounds_task, package_task, selected_folders, validate_task
 from tasks.identity import cluster_task
 from yokai_pipeline.config import PipelineConfig
@@ -92,6 +92,8 @@ def _build_datasets(
         "seconds": round(time.perf_counter() - t0, 3),
     }
     timed("captions", run_heavy, caption_flow, "caption", {"workspace": workspace, "config": config}, config)
+    if config.tags.uses_tags:
+        report_tags_task(workspace)  # the cluster report gains each character's top and core tags
     pkg = timed("packaging", package_task, workspace, config.packaging)
     report = timed("validation", validate_task, workspace, config.packaging.resolution)
     if config.backgrounds.enabled:

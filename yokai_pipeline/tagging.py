@@ -462,3 +462,15 @@ def tag_clusters(
         "images_per_s": round(tagged / secs, 2) if secs > 0 else 0.0,
         "results": results,
     }
+
+
+def cluster_tag_summaries(clusters_dir: str | Path) -> dict[int, dict[str, Any]]:
+    """Cluster id -> ``{"top_tags", "core_tags"}`` from the ``tag_summary.json`` of each cluster folder."""
+    from yokai_pipeline.augmentation import cluster_folders, cluster_id
+
+    out = {}
+    for folder in cluster_folders(clusters_dir) if Path(clusters_dir).is_dir() else []:
+        doc, cid = read_tag_summary(folder), cluster_id(folder.name)
+        if doc is not None and cid is not None:
+            out[cid] = {"top_tags": doc.get("top_tags", []), "core_tags": doc.get("core_tags", [])}
+    return out

@@ -349,3 +349,21 @@ def test_validation_flags_trigger_not_first_empty_and_duplicate_tags():
     assert check_caption_tokens("red theme, nyan\n", "nyan") == (["Trigger word not first"], [])
     assert check_caption_tokens("nyan\n", "nyan") == ([], ["Empty tag list"])
     assert check_caption_tokens("nyan, solo, Solo\n", "nyan") == ([], ["Duplicate tags"])
+
+
+def test_cluster_report_shows_each_characters_top_and_core_tags(tmp_path):
+    from tests.unit.test_analysis import build_clusters
+    from yokai_pipeline import analysis
+    from yokai_pipeline.config import AnalysisConfig
+    from yokai_pipeline.tagging import cluster_tag_summaries
+
+    cdir = build_clusters(tmp_path, [(0, 6, "normal"), (3, 6, "normal")], noise=0)
+    result = analysis.analyze_clusters(cdir, AnalysisConfig())
+    tag_folder(cdir / "cluster_001", TagConfig())
+    tags = cluster_tag_summaries(cdir)
+    assert list(tags) == [1] and tags[1]["top_tags"][0]["share"] == 1.0
+    html = analysis.render_report(result, tags=tags)
+    section = html.split('id="cluster-001"', 1)[1]
+    assert "top tags:" in section and "transparent_background 100%" in section
+    assert "core tags (learned by the trigger" in section
+    assert "top tags:" not in html.split('id="cluster-001"', 1)[0].split('id="cluster-000"', 1)[1]
