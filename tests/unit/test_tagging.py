@@ -367,3 +367,33 @@ def test_cluster_report_shows_each_characters_top_and_core_tags(tmp_path):
     assert "top tags:" in section and "transparent_background 100%" in section
     assert "core tags (learned by the trigger" in section
     assert "top tags:" not in html.split('id="cluster-001"', 1)[0].split('id="cluster-000"', 1)[1]
+
+
+def test_cli_tag_then_caption_with_tags(tmp_path):
+    from typer.testing import CliRunner
+
+    from yokai_pipeline.cli import app
+
+    folder = tmp_path / "clusters" / "cluster_004"
+    folder.mkdir(parents=True)
+    for i in range(3):
+        layer().save(folder / f"l{i}.png")
+    (folder / "bad.png").write_bytes(b"not a png")
+    res = CliRunner().invoke(app, ["tag", str(tmp_path / "clusters"), "--backend", "offline"])
+    assert res.exit_code == 1, res.output  # the unreadable image fails by name; the rest are tagged
+    assert "bad.png" in res.output and sidecar_path(folder / "l0.png").is_file()
+    res = CliRunner().invoke(
+        app,
+        [
+            "caption",
+            str(tmp_path / "clusters"),
+            "--backend",
+            "offline",
+            "--content",
+            "tags",
+            "--no-prune-core-tags",
+        ],
+    )
+    assert (folder / "l0.txt").read_text() == "char004, red theme, solo, transparent background\n"
+    res = CliRunner().invoke(app, ["tag", str(tmp_path / "missing"), "--backend", "offline"])
+    assert res.exit_code == 1 and "folder does not exist" in " ".join(res.output.split())
