@@ -480,7 +480,8 @@ def caption_folder(
     per_image: dict[Path, list[str]] | None = None
     if tags is not None and tags.uses_tags:
         per_image, result["core_tags"], missing = folder_tags(images, tags)
-        result["failed"].extend(m for m in missing if Path(folder, m["name"]) in set(todo))
+        pending = {p.name for p in todo}  # an image captioned earlier needs no tags
+        result["failed"].extend(m for m in missing if m["name"] in pending)
         todo = [p for p in todo if p in per_image]
         if tags.caption == "tags":
             _write_tag_captions(todo, per_image, trigger, result, progress)

@@ -17,8 +17,8 @@ Taggers (:func:`get_tagger`):
   character tags above their thresholds (0.35 / 0.85, the wd-tagger space's defaults), or
   above the per-image MCut threshold (the midpoint of the largest gap between sorted scores).
 * ``offline``: no weights, only what can be read off the layer: ``<colour>_theme`` from the
-  dominant fill colours, ``solo`` / ``multiple_others`` from the number of characters in the
-  source frame (or of figures in the alpha), ``full_body`` / ``upper_body`` / ``portrait`` from
+  dominant fill colours, ``solo`` / ``multiple_others`` from the number of figures in the alpha
+  (for an opaque crop: of characters in its source frame, from the manifest), ``full_body`` / ``upper_body`` / ``portrait`` from
   the layer manifest's ``crop_kind`` when it has one, and ``transparent_background`` /
   ``simple_background`` / ``white_background`` from the alpha and the border. No rating.
 """
@@ -155,7 +155,8 @@ def offline_tags(rgba: np.ndarray, meta: Mapping[str, Any] | None = None) -> dic
 
     Args:
         rgba: ``H x W x 4`` uint8 (an RGB array counts as opaque).
-        meta: the layer's manifest facts: ``crop_kind`` and ``instances`` (characters in its frame).
+        meta: the layer's manifest facts: ``crop_kind`` and ``instances`` (characters in its
+            frame; used for opaque crops, a cut-out's alpha tells itself).
 
     Returns:
         Tag dict; rule tags score 1.0, colour tags their share of the figure's pixels.
@@ -168,8 +169,11 @@ def offline_tags(rgba: np.ndarray, meta: Mapping[str, Any] | None = None) -> dic
     general: dict[str, float] = {}
     for name in colour_names(rgba, top=2):
         general[f"{_COLOUR_TAGS.get(name, name)}_theme"] = 1.0
+    # A cut-out layer shows what its alpha holds; an opaque crop shows its frame, so the
+    # manifest's count of characters in that frame is the best we know.
     n = meta.get("instances")
-    n = int(n) if isinstance(n, int | float) and n > 0 else _figures(rgba[..., 3])
+    opaque = bool((rgba[..., 3] >= 128).all())
+    n = int(n) if opaque and isinstance(n, int | float) and n > 0 else _figures(rgba[..., 3])
     if n:
         general["solo" if n == 1 else "multiple_others"] = 1.0
     crop = _CROP_TAGS.get(str(meta.get("crop_kind", "")).lower())
@@ -359,7 +363,8 @@ def tag_folder(
     if todo:
         tagger = tagger or get_tagger(cfg)
         metas = _folder_metas(folder, todo, meta or {})
-        step = max(cfg.batch_size * 4, 64)  # a few batches per call: the pool stays busy, progress moves
+        # Many batches per call: each call refills the decode pipeline; fewer calls, less idle device.
+        step = max(cfg.batch_size * 16, 256)
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix="tag-write") as writer:
             writes = []
             for a in range(0, len(todo), step):

@@ -358,17 +358,17 @@ class Wd14Tagger:
 
         b = self.bundle
         on_cuda = b.device.startswith("cuda")
-        mean = torch.tensor(b.mean, device=b.device).view(1, 3, 1, 1)
-        std = torch.tensor(b.std, device=b.device).view(1, 3, 1, 1)
+        # (x / 255 - mean) / std in BGR order, as one subtract and one divide on 0..255 values.
+        mean = torch.tensor(b.mean[::-1], device=b.device).view(1, 3, 1, 1) * 255
+        std = torch.tensor(b.std[::-1], device=b.device).view(1, 3, 1, 1) * 255
         self._uploader.start((self.batch_size, *b.size, 3))
         chunks = []
         with torch.inference_mode(), torch.cuda.device(b.device) if on_cuda else contextlib.nullcontext():
             for start, pixels, bad in batches:
                 _take_errors(bad, errors)
                 u8 = self._uploader.upload(pixels)
-                # uint8 over the bus; float, normalise (RGB, as timm's transform) then BGR on the device.
-                x = u8.permute(0, 3, 1, 2).float().div_(255).sub_(mean).div_(std)[:, [2, 1, 0]]
-                x = x.contiguous(memory_format=torch.channels_last)
+                # uint8 over the bus; BGR (the channel swap of the model card) and float on the device.
+                x = u8.permute(0, 3, 1, 2)[:, [2, 1, 0]].float().sub_(mean).div_(std)
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda):
                     logits = b.model(x)
                 chunks.append((start, torch.sigmoid(logits.float())))  # stays on the device: no stall
