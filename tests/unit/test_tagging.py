@@ -397,3 +397,24 @@ def test_cli_tag_then_caption_with_tags(tmp_path):
     assert (folder / "l0.txt").read_text() == "char004, red theme, solo, transparent background\n"
     res = CliRunner().invoke(app, ["tag", str(tmp_path / "missing"), "--backend", "offline"])
     assert res.exit_code == 1 and "folder does not exist" in " ".join(res.output.split())
+
+
+@pytest.mark.gpu
+def test_wd14_on_cuda_from_png_files_through_the_decode_pool(tmp_path):
+    """bf16 on CUDA, pinned uploads over several batches, a bad file: close to the fp32 CPU scores."""
+    from yokai_pipeline.models.wd14 import Wd14Tagger
+
+    build_tiny_tagger(tmp_path / "tagger")
+    paths = []
+    for i in range(11):
+        paths.append(tmp_path / f"im{i}.png")
+        layer(rgb=(20 * i, 120, 60), size=(30 + 3 * i, 44)).save(paths[-1])
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG broken")
+    cpu = Wd14Tagger(tmp_path / "tagger", "cpu", batch_size=4, num_workers=0).predict(paths)
+    errors: list = []
+    gpu = Wd14Tagger(tmp_path / "tagger", "cuda", batch_size=4, num_workers=2).predict(
+        [*paths[:5], bad, *paths[5:]], errors=errors
+    )
+    assert [i for i, _ in errors] == [5] and not gpu[5].any()
+    np.testing.assert_allclose(np.delete(gpu, 5, axis=0), cpu, atol=2e-2)
