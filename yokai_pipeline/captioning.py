@@ -487,85 +487,113 @@ def caption_folder(
             _write_tag_captions(todo, per_image, trigger, result, progress)
             todo = []
     if todo:
-        captioner = captioner or get_captioner(cfg)
-        prompt = prompt_for(char_type)
-        bs = cfg.batch_size
-        batches = [todo[i : i + bs] for i in range(0, len(todo), bs)]
-        can_prepare = hasattr(captioner, "prepare") and hasattr(captioner, "generate")
-
-        def load(
-            batch_paths: list[Path],
-        ) -> tuple[list[Path], list[Any], list[dict[str, str]], Any, str | None]:
-            paths, ims, failed = _decode_batch(batch_paths, decode_pool)
-            prepared, error = None, None
-            if can_prepare and ims:
-                try:
-                    prepared = captioner.prepare(ims, [prompt] * len(ims))  # type: ignore[attr-defined]
-                except Exception as exc:  # noqa: BLE001 - reported per image, the run goes on
-                    error = f"{type(exc).__name__}: {exc}"
-            return paths, ims, failed, prepared, error
-
-        done = 0
-        wait_s = model_s = 0.0  # where the time goes: waiting for decoded input vs the model
-        writes: list[tuple[Path, Any]] = []
-        with (
-            ThreadPoolExecutor(max_workers=max(1, num_workers), thread_name_prefix="decode") as decode_pool,
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") as prefetch,
-            # Atomic writes fsync; on their own threads they overlap the next batch's generation.
-            ThreadPoolExecutor(max_workers=2, thread_name_prefix="write") as writer,
-        ):
-            future = prefetch.submit(load, batches[0])
-            for i in range(len(batches)):
-                tw = time.perf_counter()
-                paths, ims, failed, prepared, error = future.result()
-                wait_s += time.perf_counter() - tw
-                if i + 1 < len(batches):
-                    future = prefetch.submit(load, batches[i + 1])  # overlaps the generation below
-                result["failed"].extend(failed)
-                texts: list[str] | None = None
-                if paths and error is None:
-                    tm = time.perf_counter()
-                    try:
-                        if prepared is not None:
-                            texts = captioner.generate(prepared)  # type: ignore[attr-defined]
-                        else:
-                            texts = captioner.caption(ims, [prompt] * len(ims))
-                    except Exception as exc:  # noqa: BLE001 - one bad batch must not stop the folder
-                        error = f"{type(exc).__name__}: {exc}"
-                    model_s += time.perf_counter() - tm
-                if error is not None:
-                    result["failed"].extend(
-                        {"name": p.name, "problem": f"captioner failed: {error}"} for p in paths
-                    )
-                elif texts is not None:
-                    for p, text in zip(paths, texts, strict=True):
-                        if not any(ch.isalnum() for ch in str(text or "")):
-                            result["fallback"] += 1
-                        if per_image is None:
-                            cap = format_caption(trigger, text, char_type) + "\n"
-                        else:
-                            sentence = clean_description(trigger, text, char_type)
-                            cap = compose_caption(trigger, per_image[p], sentence) + "\n"
-                        writes.append((p, writer.submit(atomic_write_text, caption_path(p), cap)))
-                done += len(batches[i])
-                if progress is not None:
-                    progress(done, len(todo))
-            tw = time.perf_counter()
-            for p, fut in writes:
-                try:
-                    fut.result()
-                    result["captioned"] += 1
-                except OSError as exc:
-                    result["failed"].append({"name": p.name, "problem": f"cannot write caption: {exc}"})
-            result["timing"] = {
-                "wait_input_s": round(wait_s, 3),
-                "model_s": round(model_s, 3),
-                "write_tail_s": round(time.perf_counter() - tw, 3),
-            }
+        _caption_with_model(
+            todo,
+            captioner or get_captioner(cfg),
+            cfg,
+            trigger,
+            char_type,
+            per_image,
+            result,
+            progress,
+            num_workers,
+        )
     secs = time.perf_counter() - t0
     result["seconds"] = round(secs, 3)
     result["images_per_s"] = round(result["captioned"] / secs, 2) if secs > 0 else 0.0
     return result
+
+
+def _caption_with_model(
+    todo: list[Path],
+    captioner: Captioner,
+    cfg: CaptionConfig,
+    trigger: str,
+    char_type: str,
+    per_image: Mapping[Path, Sequence[str]] | None,
+    result: dict[str, Any],
+    progress: Callable[[int, int], None] | None,
+    num_workers: int,
+) -> None:
+    """The captioner over ``todo``: decode + prepare the next batch on threads while it generates.
+
+    Captions (with ``per_image`` tags before the sentence, when given) are written on threads;
+    counts, failures and timing go into ``result``.
+    """
+    prompt = prompt_for(char_type)
+    bs = cfg.batch_size
+    batches = [todo[i : i + bs] for i in range(0, len(todo), bs)]
+    can_prepare = hasattr(captioner, "prepare") and hasattr(captioner, "generate")
+
+    def load(
+        batch_paths: list[Path],
+    ) -> tuple[list[Path], list[Any], list[dict[str, str]], Any, str | None]:
+        paths, ims, failed = _decode_batch(batch_paths, decode_pool)
+        prepared, error = None, None
+        if can_prepare and ims:
+            try:
+                prepared = captioner.prepare(ims, [prompt] * len(ims))  # type: ignore[attr-defined]
+            except Exception as exc:  # noqa: BLE001 - reported per image, the run goes on
+                error = f"{type(exc).__name__}: {exc}"
+        return paths, ims, failed, prepared, error
+
+    done = 0
+    wait_s = model_s = 0.0  # where the time goes: waiting for decoded input vs the model
+    writes: list[tuple[Path, Any]] = []
+    with (
+        ThreadPoolExecutor(max_workers=max(1, num_workers), thread_name_prefix="decode") as decode_pool,
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") as prefetch,
+        # Atomic writes fsync; on their own threads they overlap the next batch's generation.
+        ThreadPoolExecutor(max_workers=2, thread_name_prefix="write") as writer,
+    ):
+        future = prefetch.submit(load, batches[0])
+        for i in range(len(batches)):
+            tw = time.perf_counter()
+            paths, ims, failed, prepared, error = future.result()
+            wait_s += time.perf_counter() - tw
+            if i + 1 < len(batches):
+                future = prefetch.submit(load, batches[i + 1])  # overlaps the generation below
+            result["failed"].extend(failed)
+            texts: list[str] | None = None
+            if paths and error is None:
+                tm = time.perf_counter()
+                try:
+                    if prepared is not None:
+                        texts = captioner.generate(prepared)  # type: ignore[attr-defined]
+                    else:
+                        texts = captioner.caption(ims, [prompt] * len(ims))
+                except Exception as exc:  # noqa: BLE001 - one bad batch must not stop the folder
+                    error = f"{type(exc).__name__}: {exc}"
+                model_s += time.perf_counter() - tm
+            if error is not None:
+                result["failed"].extend(
+                    {"name": p.name, "problem": f"captioner failed: {error}"} for p in paths
+                )
+            elif texts is not None:
+                for p, text in zip(paths, texts, strict=True):
+                    if not any(ch.isalnum() for ch in str(text or "")):
+                        result["fallback"] += 1
+                    if per_image is None:
+                        cap = format_caption(trigger, text, char_type) + "\n"
+                    else:
+                        sentence = clean_description(trigger, text, char_type)
+                        cap = compose_caption(trigger, per_image[p], sentence) + "\n"
+                    writes.append((p, writer.submit(atomic_write_text, caption_path(p), cap)))
+            done += len(batches[i])
+            if progress is not None:
+                progress(done, len(todo))
+        tw = time.perf_counter()
+        for p, fut in writes:
+            try:
+                fut.result()
+                result["captioned"] += 1
+            except OSError as exc:
+                result["failed"].append({"name": p.name, "problem": f"cannot write caption: {exc}"})
+        result["timing"] = {
+            "wait_input_s": round(wait_s, 3),
+            "model_s": round(model_s, 3),
+            "write_tail_s": round(time.perf_counter() - tw, 3),
+        }
 
 
 def _write_tag_captions(
