@@ -390,7 +390,9 @@ def tag_folder(
     secs = time.perf_counter() - t0
     result["seconds"] = round(secs, 3)
     result["images_per_s"] = round(result["tagged"] / secs, 2) if secs > 0 else 0.0
-    atomic_write_json(folder / SUMMARY_NAME, {**result, "config": cfg.model_dump(mode="json")})
+    # What the folder holds, not what this run did: a resumed run writes the same summary.
+    outcome = {k: v for k, v in result.items() if k not in ("tagged", "skipped", "seconds", "images_per_s")}
+    atomic_write_json(folder / SUMMARY_NAME, {**outcome, "config": cfg.model_dump(mode="json")})
     return result
 
 
