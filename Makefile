@@ -1,7 +1,10 @@
 # Two entry points that work on a fresh machine: `make demo` and `make test`.
 # The virtual environment lives outside the checkout, keyed on pyproject.toml, so a
-# second checkout (or CI) with the same dependencies reuses it; the project itself is
-# used from the checkout through PYTHONPATH, never installed into the shared venv.
+# second checkout (or CI) with the same dependencies reuses it. `make setup` installs this
+# checkout into it editable and without dependencies (seconds) every time it runs, so the
+# `yokai` command exists and points at the checkout that ran setup last; `.venv` in the
+# checkout links to the environment (`source .venv/bin/activate`). Tests and the demo also
+# get PYTHONPATH=$(CURDIR), so they always use this checkout whichever one installed last.
 SHELL := /bin/bash
 PYTHON ?= python3
 DEPS_HASH := $(shell cat pyproject.toml .ci/requirements-test.txt 2>/dev/null | sha256sum | cut -c1-16)
@@ -22,7 +25,12 @@ $(VENV)/.ready: pyproject.toml .ci/requirements-test.txt
 	$(VENV)/bin/pip install -q -r $(VENV)/requirements.txt -r .ci/requirements-test.txt
 	touch $@
 
+# The `yokai` console script for this checkout (editable: code changes need no reinstall).
 setup: $(VENV)/.ready
+	$(VENV)/bin/pip install -q --no-deps --no-build-isolation -e . 2>/dev/null \
+		|| $(VENV)/bin/pip install -q --no-deps -e .
+	ln -sfn $(VENV) .venv
+	@echo "ready: source .venv/bin/activate && yokai --help"
 
 # Debian's chromium for the browser tests (HTML report, Prefect UI).
 system-deps:

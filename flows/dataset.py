@@ -12,6 +12,7 @@ from flows.heavy import run_heavy
 from tasks.analysis import analyze_task, report_tags_task, select_task
 from tasks.dataset import augment_task, backgrounds_task, package_task, selected_folders, validate_task
 from tasks.identity import cluster_task
+from yokai_pipeline import augmentation
 from yokai_pipeline.config import PipelineConfig
 from yokai_pipeline.fsio import file_lock
 from yokai_pipeline.workspace import Workspace
@@ -80,8 +81,12 @@ def _build_datasets(
 
     chars = selected_folders(workspace)
     t0 = time.perf_counter()
+    # flips only for characters the config marks symmetric (the guide: "for symmetric characters")
     futures = augment_task.map(
-        unmapped(workspace), [c["folder"] for c in chars], unmapped(config.augment), False
+        unmapped(workspace),
+        [c["folder"] for c in chars],
+        unmapped(config.augment),
+        [augmentation.is_symmetric(config.augment, c["cluster"], c["name"]) for c in chars],
     )
     aug = [f.result() for f in futures]
     stages["augmentation"] = {
@@ -95,11 +100,17 @@ def _build_datasets(
     if config.tags.uses_tags:
         report_tags_task(workspace)  # the cluster report gains each character's top and core tags
     pkg = timed("packaging", package_task, workspace, config.packaging)
-    report = timed("validation", validate_task, workspace, config.packaging.resolution)
+    stages["packaging"]["low_resolution"] = len(pkg.get("low_resolution", []))
+    for item in pkg.get("low_resolution", []):
+        log.warning(f"left out of the training data: {item['path']}: {item['problem']}")
+    report = timed("validation", validate_task, workspace, config.packaging.min_resolution)
+    stages["validation"]["resolution_too_low"] = report.get("issue_counts", {}).get("Resolution too low", 0)
     if config.backgrounds.enabled:
-        timed("backgrounds", backgrounds_task, workspace, config.backgrounds, config.packaging)
+        timed(
+            "backgrounds", backgrounds_task, workspace, config.backgrounds, config.packaging, config.embedding
+        )
     if not report.get("passed", False):
-        log.error("training data did not validate; see logs/validation_report.json")
+        log.error(f"training data did not validate; training will not start. Report: {report['report']}")
     stages = {name: scalars(figs) for name, figs in stages.items()}
     stages["packaging"]["commands"] = pkg.get("commands", [])
     return stages

@@ -14,6 +14,7 @@ from flows.training import training_flow
 from tasks.report import evaluate_task, write_summary_task
 from yokai_pipeline.config import PipelineConfig
 from yokai_pipeline.errors import YokaiError
+from yokai_pipeline.frames import episode_id_for
 from yokai_pipeline.fsio import atomic_write_json, remove_stale_temps
 from yokai_pipeline.workspace import Workspace
 
@@ -25,11 +26,24 @@ class EpisodesFailed(YokaiError):
 
 
 def list_episodes(episodes_dir: str | Path) -> list[Path]:
-    """Video files directly inside ``episodes_dir``, sorted by name."""
+    """Video files directly inside ``episodes_dir``, sorted by name.
+
+    Raises:
+        YokaiError: the folder is missing, or two videos would share one episode id (``ep01.mp4``
+            and ``ep01.mkv``: one workspace folder, the second deduplicated against the first).
+    """
     folder = Path(episodes_dir)
     if not folder.is_dir():
         raise YokaiError(f"{folder}: episodes folder does not exist")
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES)
+    videos = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES)
+    by_id: dict[str, list[str]] = {}
+    for video in videos:
+        by_id.setdefault(episode_id_for(video), []).append(video.name)
+    clashes = {ep: names for ep, names in by_id.items() if len(names) > 1}
+    if clashes:
+        detail = "; ".join(f"{' and '.join(names)} -> {ep!r}" for ep, names in sorted(clashes.items()))
+        raise YokaiError(f"{folder}: videos would share an episode id ({detail}); rename or move one of each")
+    return videos
 
 
 def _state_error(state) -> str:
@@ -96,7 +110,13 @@ def pipeline_flow(
             stages = ds.result()
         else:
             problems.append(f"dataset flow: {_state_error(ds)}")
-    if config.training.enabled and "packaging" in stages:
+    validated = stages.get("validation", {}).get("passed", False)
+    if config.training.enabled and "packaging" in stages and not validated:
+        # the guide: validate to 100% first; training on invalid data wastes GPU hours
+        problems.append(
+            f"training not started: the training data failed validation. Report: {ws.validation_report}"
+        )
+    elif config.training.enabled and "packaging" in stages:
         params = {"workspace": workspace, "config": config, "evidence_steps": evidence_steps}
         tr = run_heavy_state(training_flow, "training", params, config)
         if tr["ok"]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger, unmapped
 
 from tasks.training import evidence_task, train_task
+from yokai_pipeline import validation
 from yokai_pipeline.config import PipelineConfig
 from yokai_pipeline.errors import YokaiError
 from yokai_pipeline.fsio import read_json
@@ -35,6 +36,9 @@ def training_flow(
 
     The `gpu` tag's concurrency limit (one slot per GPU) queues the characters on the GPUs.
     """
+    ws = Workspace(workspace)
+    # the guide: validate to 100% first; raises naming the report when it failed or is missing
+    validation.require_passed(ws.validation_report, ws.training_data / "characters")
     log = get_run_logger()
     cfg = config.training
     chars = packaged_characters(workspace, cfg.characters)

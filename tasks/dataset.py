@@ -6,7 +6,14 @@ from prefect import get_run_logger, task
 
 from tasks.common import IO_RETRIES, IO_RETRY_DELAYS
 from yokai_pipeline import augmentation, backgrounds, captioning, clustering, kohya, tagging, validation
-from yokai_pipeline.config import AugmentConfig, BackgroundConfig, CaptionConfig, PackagingConfig, TagConfig
+from yokai_pipeline.config import (
+    AugmentConfig,
+    BackgroundConfig,
+    CaptionConfig,
+    EmbeddingConfig,
+    PackagingConfig,
+    TagConfig,
+)
 from yokai_pipeline.fsio import read_json
 from yokai_pipeline.workspace import Workspace
 
@@ -87,20 +94,23 @@ def validate_task(workspace: str, min_resolution: int) -> dict:
     report = validation.validate_training_data(
         ws.training_data / "characters",
         min_resolution=min_resolution,
-        report_path=ws.root / "logs" / "validation_report.json",
+        report_path=ws.validation_report,
     )
     get_run_logger().info("\n" + validation.format_validation_summary(report))
-    return report
+    return {**report, "report": str(ws.validation_report)}
 
 
 @task(name="prepare-backgrounds", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAYS)
-def backgrounds_task(workspace: str, cfg: BackgroundConfig, packaging: PackagingConfig) -> dict:
-    """Deduplicate and package background layers for a background LoRA."""
+def backgrounds_task(
+    workspace: str, cfg: BackgroundConfig, packaging: PackagingConfig, embedding: EmbeddingConfig
+) -> dict:
+    """Deduplicate (with the configured embedder: CLIP where configured) and package background layers."""
     ws = Workspace(workspace)
     summary = backgrounds.prepare_backgrounds(
         ws.layered_frames / "background",
         ws.training_data / "backgrounds",
         cfg,
+        embed_fn=backgrounds.configured_embed_fn(embedding),
         packaging=packaging,
         models_dir=ws.trained_models,
     )
@@ -109,11 +119,13 @@ def backgrounds_task(workspace: str, cfg: BackgroundConfig, packaging: Packaging
 
 
 def selected_folders(workspace: str) -> list[dict]:
-    """(folder, trigger, type) of each selected cluster, from selection.json."""
+    """(folder, cluster, name, trigger, type) of each selected cluster, from selection.json."""
     sel = read_json(Workspace(workspace).selection_file)
     return [
         {
             "folder": clustering.folder_name(c["cluster"]),
+            "cluster": c["cluster"],
+            "name": c["name"],
             "trigger": c["trigger"],
             "type": c.get("type", "unknown"),
         }

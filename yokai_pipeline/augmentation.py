@@ -1,10 +1,11 @@
 """Augmentation of small character clusters (guide step 3).
 
 Clusters with ``min_original <= n <= max_original`` images are expanded to
-``round(n * multiplier_for(n))`` images with identity-preserving transforms: optional
-horizontal flip (symmetric characters only, or when allowed), rotation within +-5 deg,
-brightness 0.8-1.2x, contrast 0.9-1.1x, hue shift within +-10 deg, crop 95-100 % and an
-occasional slight blur. ``intensity`` picks where in those guide bounds the ranges sit.
+``round(n * multiplier_for(n))`` images (the multiplier is automatic by count, as in the
+guide) with identity-preserving transforms: optional horizontal flip (characters configured
+as symmetric, or when allowed), rotation within +-5 deg, brightness 0.8-1.2x, contrast
+0.9-1.1x, hue shift within +-10 deg, crop 95-100 % and an occasional slight blur.
+``intensity`` is the strength: where in those guide bounds the ranges sit.
 Clusters outside the range are copied unchanged, so the output folder holds every cluster.
 
 Layers are RGBA: geometric transforms move RGB and alpha together; colour transforms touch
@@ -84,16 +85,17 @@ INTENSITY_RANGES: dict[str, AugmentRanges] = {
 }
 
 
-def multiplier_for(
-    n_images: int, intensity: str = "medium", *, min_original: int = 5, max_original: int = 30
-) -> float:
-    """The guide's augmentation multiplier for a cluster of ``n_images``.
+def multiplier_for(n_images: int, *, min_original: int = 5, max_original: int = 30) -> float:
+    """The guide's automatic augmentation multiplier for a cluster of ``n_images``.
 
-    light takes the low end of the table's range, heavy the high end, medium the middle.
+    Within a row of the table the multiplier falls linearly from the row's high end (its
+    smallest count) to its low end (its largest), so the final counts land in the guide's
+    final ranges: 5 images x 8 = 40 ... 10 x 6 = 60 (guide: 40-60), 11 x 5 = 55 ... 15 x 4 = 60
+    (50-70), 16 x 4 = 64 ... 20 x 3 = 60 (60-80), 21 x 2 = 42 ... 30 x 1.5 = 45. The intensity
+    setting is the strength of the transforms, not the count.
 
     Args:
         n_images: Images in the cluster.
-        intensity: light, medium or heavy.
         min_original: Smaller clusters are not augmented.
         max_original: Larger clusters are not augmented.
 
@@ -101,15 +103,22 @@ def multiplier_for(
         The multiplier of the final image count (originals included); 1.0 means "leave as is"
         (outside ``[min_original, max_original]`` or above the table).
     """
-    if intensity not in INTENSITY_RANGES:
-        raise ValueError(f"intensity must be light, medium or heavy, not {intensity!r}")
     if n_images < min_original or n_images > max_original or n_images <= 0:
         return 1.0
     for first, last, low, high in MULTIPLIER_TABLE:
         # A min_original below the table's first row still gets the smallest clusters' row.
         if n_images <= last and (n_images >= first or first == MULTIPLIER_TABLE[0][0]):
-            return {"light": low, "medium": (low + high) / 2, "heavy": high}[intensity]
+            t = min(1.0, max(0.0, (n_images - first) / (last - first)))
+            return round(high - (high - low) * t, 4)
     return 1.0
+
+
+def is_symmetric(cfg: AugmentConfig, cluster: int | str | None, name: str | None = None) -> bool:
+    """Whether a character may be flipped: ``cfg.symmetric`` by cluster id, then by name (default no)."""
+    for key in (cluster_id(cluster) if cluster is not None else None, name):
+        if key is not None and str(key) in cfg.symmetric:
+            return bool(cfg.symmetric[str(key)])
+    return False
 
 
 def target_count(n_images: int, multiplier: float) -> int:
@@ -245,7 +254,7 @@ def plan_cluster(
         round-robin over the sources.
     """
     n = len(sources)
-    mult = multiplier_for(n, cfg.intensity, min_original=cfg.min_original, max_original=cfg.max_original)
+    mult = multiplier_for(n, min_original=cfg.min_original, max_original=cfg.max_original)
     total = target_count(n, mult)
     rows: list[dict[str, Any]] = []
     shas = {p.name: file_sha256(p) for p in sources}

@@ -1,7 +1,8 @@
 """Background LoRA data (guide step 8): dedup, keep the most diverse, caption, package for kohya.
 
-Steps: embed every background layer (``embed_fn``; default an offline colour/layout descriptor,
-or pass CLIP embeddings), drop near-duplicates whose cosine similarity to an already kept image
+Steps: embed every background layer once (``embed_fn``; the pipeline passes the configured
+embedder: CLIP when ``embedding.backend = "clip"``, else an offline colour/layout descriptor),
+leave out layers below ``packaging.min_resolution``, drop near-duplicates whose cosine similarity to an already kept image
 is at least ``similarity_threshold``, keep the ``max_backgrounds`` most diverse by farthest-point
 sampling, caption each from its colours ("bg_style, outdoor scene, blue sky, green ground,
 bright lighting"), and write ``{repeat}_background/`` + dataset/training TOMLs with gentler
@@ -29,11 +30,18 @@ from yokai_pipeline.kohya import (
     default_models_dir,
     launch_command,
     load_image,
+    low_resolution_drop,
     upscale_min_side,
     write_toml,
 )
 
-EmbedFn = Callable[[list[Path]], np.ndarray]
+# (paths, errors) -> L2-normalised rows; an unreadable image gets a zero row and (index, message)
+# appended to errors, as Embedder.embed does, so every image is decoded once.
+EmbedFn = Callable[[list[Path], list[tuple[int, str]]], np.ndarray]
+DEDUP_BLOCK = 2048
+EXACT_DEDUP_MAX = 5_000  # above: LSH candidates + exact check (all pairs is quadratic: minutes at 100k)
+LSH_TABLES = 64
+SIG_BITS = 256
 
 BACKGROUND_PARAMS = {
     "repeat": None,  # from BackgroundConfig.repeat_count
@@ -75,13 +83,23 @@ def describe_background(image: Any) -> np.ndarray:
     return vec / max(1e-8, float(np.linalg.norm(vec)))
 
 
-def embed_backgrounds(paths: list[Path]) -> np.ndarray:
-    """Default ``embed_fn``: L2-normalised offline descriptors, one row per path."""
-    return (
-        np.stack([describe_background(load_image(p)) for p in paths])
-        if paths
-        else np.zeros((0, 1), np.float32)
-    )
+def embed_backgrounds(paths: list[Path], errors: list[tuple[int, str]] | None = None) -> np.ndarray:
+    """Default ``embed_fn``: L2-normalised offline descriptors, one row per path (one decode each).
+
+    Args:
+        paths: background images.
+        errors: if given, an unreadable image gets a zero row and ``(index, message)`` here;
+            otherwise its BadInputError propagates.
+    """
+    out = np.zeros((len(paths), THUMB * THUMB * 3 + HIST_BINS**3), np.float32)
+    for i, p in enumerate(paths):
+        try:
+            out[i] = describe_background(load_image(p))
+        except BadInputError as exc:
+            if errors is None:
+                raise
+            errors.append((i, exc.problem))
+    return out
 
 
 def clip_embed_fn(cfg: EmbeddingConfig) -> EmbedFn:
@@ -89,27 +107,147 @@ def clip_embed_fn(cfg: EmbeddingConfig) -> EmbedFn:
 
     Needs the ``ml`` extra and CLIP weights (``cfg.pretrained``: a hub tag or a local checkpoint).
     """
-    from yokai_pipeline.embedding import embed_images
+    from yokai_pipeline.embedding import get_embedder
 
-    clip_cfg = cfg.model_copy(update={"backend": "clip"})
-    return lambda paths: embed_images(paths, clip_cfg)
+    embedder = get_embedder(cfg.model_copy(update={"backend": "clip"}))
+    return lambda paths, errors: embedder.embed(paths, errors)
+
+
+def configured_embed_fn(cfg: EmbeddingConfig) -> EmbedFn:
+    """The embedder the pipeline is configured with: CLIP when ``cfg.backend`` is clip, else the descriptor.
+
+    The identity descriptor of :mod:`yokai_pipeline.embedding` is built for character layers
+    (flip- and layout-invariant), so the offline background path uses :func:`describe_background`.
+    """
+    return clip_embed_fn(cfg) if cfg.backend == "clip" else embed_backgrounds
 
 
 # ---------------------------------------------------------------- selection
 
 
-def dedup_embeddings(emb: np.ndarray, threshold: float) -> list[int]:
-    """Greedy near-duplicate removal: keep a row unless its cosine similarity to a kept row >= threshold."""
+def dedup_embeddings(
+    emb: np.ndarray, threshold: float, block: int = DEDUP_BLOCK, exact_max: int = EXACT_DEDUP_MAX
+) -> list[int]:
+    """Greedy near-duplicate removal: keep a row unless its cosine similarity to a kept row >= threshold.
+
+    Up to ``exact_max`` rows every row is compared with every kept row (:func:`dedup_exact`,
+    blocked matrix products). Above, comparing all pairs is quadratic (100k x 100k x 512 is
+    minutes), so candidate pairs come from a random-hyperplane LSH index and each is checked
+    exactly (:func:`dedup_indexed`): a kept image is never a duplicate of an earlier kept one's
+    found pair; a pair right at the threshold is missed rarely (none of 2,000 planted in the
+    tests; more similar pairs far less often), and then both copies are kept. 100k x 512 rows
+    take seconds (bench/bench_backgrounds.py).
+
+    Args:
+        emb: L2-normalised rows, in priority order (earlier rows win).
+        threshold: cosine similarity at or above which a row duplicates a kept one.
+        block: rows per matrix product in the exact path.
+        exact_max: largest row count deduplicated exactly.
+
+    Returns:
+        Indices of the kept rows, ascending.
+    """
+    if len(emb) <= exact_max:
+        return dedup_exact(emb, threshold, block)
+    return dedup_indexed(emb, threshold)
+
+
+def dedup_exact(emb: np.ndarray, threshold: float, block: int = DEDUP_BLOCK) -> list[int]:
+    """The greedy rule with every kept row checked: each block of rows against the rows kept so
+    far in one matrix product (into a preallocated matrix), then the greedy order inside the block
+    from the block's own similarity matrix. Same result as the row-by-row loop."""
+    n = len(emb)
+    if n == 0:
+        return []
+    emb = np.ascontiguousarray(emb, dtype=np.float32)
+    kept_mat = np.empty_like(emb)
+    n_kept = 0
     kept: list[int] = []
-    if len(emb) == 0:
-        return kept
-    kept_mat = np.zeros((0, emb.shape[1]), dtype=emb.dtype)
-    for i, v in enumerate(emb):
-        if len(kept) and float(np.max(kept_mat @ v)) >= threshold:
-            continue
-        kept.append(i)
-        kept_mat = np.vstack([kept_mat, v[None]])
+    for start in range(0, n, block):
+        rows = emb[start : start + block]
+        alive = np.ones(len(rows), dtype=bool)
+        if n_kept:
+            alive &= (rows @ kept_mat[:n_kept].T).max(axis=1) < threshold
+        inner = rows @ rows.T
+        for j in np.flatnonzero(alive):
+            if not alive[j]:  # removed by an earlier kept row of this block
+                continue
+            alive[j + 1 :] &= inner[j, j + 1 :] < threshold
+        new = np.flatnonzero(alive)
+        kept_mat[n_kept : n_kept + len(new)] = rows[new]
+        n_kept += len(new)
+        kept.extend(int(start + j) for j in new)
     return kept
+
+
+def dedup_indexed(emb: np.ndarray, threshold: float, tables: int = LSH_TABLES, seed: int = 0) -> list[int]:
+    """The greedy rule over the duplicate pairs an LSH index finds (each pair verified exactly).
+
+    Sign-of-random-projection LSH (Charikar 2002): two rows at angle a disagree on a random
+    hyperplane with probability a/pi (the threshold 0.95 is 18 deg: 1 bit in 10). Each row gets a
+    ``SIG_BITS``-bit signature; each table keys on a random subset of those bits, so rows at the
+    threshold share a bucket in some table with high probability while unrelated rows rarely do.
+    Candidates are screened on the signatures' Hamming distance (bytes, not 2 KB rows, per pair)
+    and the survivors checked with the exact cosine.
+    """
+    n = len(emb)
+    emb = np.ascontiguousarray(emb, dtype=np.float32)
+    rng = np.random.default_rng(seed)
+    signs = (emb @ rng.standard_normal((emb.shape[1], SIG_BITS)).astype(np.float32)) > 0
+    packed = np.packbits(signs, axis=1)
+    bits = int(np.clip(np.floor(np.log2(max(2, n))), 8, 18))  # about one unrelated row per bucket
+    codes = _lsh_candidates(signs, tables, bits, rng)
+    # Hamming screen: at the threshold the expected distance is SIG_BITS * angle / pi; allow 6 sigma
+    frac = float(np.arccos(np.clip(threshold, -1.0, 1.0)) / np.pi)
+    max_hamming = SIG_BITS * frac + 6.0 * np.sqrt(SIG_BITS * frac * (1 - frac)) + 1
+    i, j = codes // n, codes % n
+    near = np.bitwise_count(packed[i] ^ packed[j]).sum(axis=1) <= max_hamming
+    pairs = _verified_pairs(emb, threshold, i[near], j[near])
+    keep = np.ones(n, dtype=bool)
+    if len(pairs):
+        order = np.argsort(pairs[:, 1], kind="stable")
+        later, earlier = pairs[order, 1], pairs[order, 0]
+        rows, starts = np.unique(later, return_index=True)
+        ends = np.r_[starts[1:], len(later)]
+        for b, lo, hi in zip(rows.tolist(), starts.tolist(), ends.tolist(), strict=True):
+            # every earlier row's fate is final by now: rows are visited in increasing order
+            if keep[earlier[lo:hi]].any():
+                keep[b] = False
+    return np.flatnonzero(keep).tolist()
+
+
+def _lsh_candidates(signs: np.ndarray, tables: int, bits: int, rng: np.random.Generator) -> np.ndarray:
+    """Unique (i, j), i < j, pairs that share a bucket in any table, as one int64 code i * n + j."""
+    n = len(signs)
+    weights = np.left_shift(1, np.arange(bits, dtype=np.int64))
+    codes: list[np.ndarray] = []
+    for _ in range(tables):
+        keys = signs[:, rng.choice(signs.shape[1], size=bits, replace=False)].astype(np.int64) @ weights
+        order = np.argsort(keys, kind="stable")
+        sorted_keys = keys[order]
+        for offset in range(1, n):  # pairs `offset` apart in the sorted order, same bucket
+            same = sorted_keys[offset:] == sorted_keys[:-offset]
+            if not same.any():
+                break
+            a, b = order[:-offset][same], order[offset:][same]
+            codes.append(np.minimum(a, b) * n + np.maximum(a, b))
+    if not codes:
+        return np.zeros(0, np.int64)
+    flat = np.concatenate(codes)
+    flat.sort()  # sort + neighbour compare: several times faster than np.unique's hash path here
+    return flat[np.r_[True, flat[1:] != flat[:-1]]]
+
+
+def _verified_pairs(
+    emb: np.ndarray, threshold: float, i: np.ndarray, j: np.ndarray, chunk: int = 1 << 16
+) -> np.ndarray:
+    """The pairs (i, j) whose exact cosine similarity is at least ``threshold``, as rows."""
+    out = [np.zeros((0, 2), np.int64)]
+    for start in range(0, len(i), chunk):
+        a, b = i[start : start + chunk], j[start : start + chunk]
+        hit = np.einsum("ij,ij->i", emb[a], emb[b]) >= threshold
+        out.append(np.stack([a[hit], b[hit]], axis=1))
+    return np.concatenate(out)
 
 
 def farthest_point_sampling(emb: np.ndarray, k: int) -> list[int]:
@@ -231,8 +369,8 @@ def prepare_backgrounds(
         source: a folder of background layers, or paths / layer-manifest rows.
         out_dir: output folder (``training_data/backgrounds``).
         cfg: repeat count, max backgrounds, similarity threshold, trigger word.
-        embed_fn: list of paths -> L2-normalised embeddings (CLIP for the guide's behaviour);
-            default: the offline descriptor.
+        embed_fn: ``(paths, errors) -> embeddings`` (:data:`EmbedFn`; :func:`configured_embed_fn`
+            gives CLIP when configured, the guide's behaviour); default: the offline descriptor.
         packaging: resolution, alpha/composite and seed settings (defaults if None).
         root: base folder of relative paths in ``source`` rows.
         models_dir: where training writes the LoRA (default: the workspace's trained_models).
@@ -246,20 +384,7 @@ def prepare_backgrounds(
     models_dir = Path(models_dir).resolve() if models_dir else default_models_dir(out_dir)
     trigger = clean_trigger(cfg.trigger, fallback="bg_style")
     paths = list_background_images(source, root)
-    skipped: list[dict[str, str]] = []
-    readable = []
-    for p in paths:  # one unreadable layer must not stop the batch
-        try:
-            load_image(p)
-            readable.append(p)
-        except BadInputError as exc:
-            skipped.append({"path": exc.path, "problem": exc.problem})
-    emb = (embed_fn or embed_backgrounds)(readable) if readable else np.zeros((0, 1), np.float32)
-    emb = np.asarray(emb, dtype=np.float32)
-    if len(emb) != len(readable):
-        raise ValueError(f"embed_fn returned {len(emb)} rows for {len(readable)} images")
-    if len(emb):
-        emb = emb / np.maximum(1e-8, np.linalg.norm(emb, axis=1, keepdims=True))
+    readable, emb, skipped, low_res = _embed_usable(paths, embed_fn or embed_backgrounds, pk)
     unique = dedup_embeddings(emb, cfg.similarity_threshold)
     picked = [unique[i] for i in farthest_point_sampling(emb[unique], cfg.max_backgrounds)] if unique else []
 
@@ -268,7 +393,6 @@ def prepare_backgrounds(
         if old.is_dir() and old != folder and old.name.split("_", 1)[0].isdigit():
             shutil.rmtree(old)
     folder.mkdir(parents=True, exist_ok=True)
-    upscale_to = pk.resolution if pk.upscale_to is None else pk.upscale_to
     written, rows = set(), []
     width = max(4, len(str(len(picked))))
     for n, idx in enumerate(picked):
@@ -277,11 +401,21 @@ def prepare_backgrounds(
         stem = f"{n:0{width}d}_{_safe_stem(src)}"
         caption = caption_background(image, trigger)
         buf = io.BytesIO()
-        upscale_min_side(image, upscale_to).save(buf, format="PNG", compress_level=1)
+        out = upscale_min_side(image, pk.upscale_to)
+        out.save(buf, format="PNG", compress_level=1)
         atomic_write_bytes(folder / f"{stem}.png", buf.getvalue())
         atomic_write_text(folder / f"{stem}.txt", caption + "\n")
         written |= {f"{stem}.png", f"{stem}.txt"}
-        rows.append({"file": f"{stem}.png", "source": str(src), "caption": caption})
+        rows.append(
+            {
+                "file": f"{stem}.png",
+                "source": str(src),
+                "caption": caption,
+                "size": list(out.size),
+                "source_size": list(image.size),
+                "upscaled": out.size != image.size,
+            }
+        )
     for p in folder.iterdir():
         if p.is_file() and p.name not in written:
             p.unlink()
@@ -331,6 +465,8 @@ def prepare_backgrounds(
         "image_dir": str(folder),
         "input_images": len(paths),
         "unreadable": len(skipped),
+        "low_resolution": low_res,
+        "upscaled_images": sum(r["upscaled"] for r in rows),
         "after_dedup": len(unique),
         "duplicates_removed": len(readable) - len(unique),
         "kept": len(picked),
@@ -345,6 +481,45 @@ def prepare_backgrounds(
     }
     atomic_write_json(configs / "background_summary.json", summary)
     return summary
+
+
+def _embed_usable(
+    paths: list[Path], embed_fn: EmbedFn, pk: PackagingConfig
+) -> tuple[list[Path], np.ndarray, list[dict[str, str]], list[dict[str, Any]]]:
+    """Embed every background once; drop the unreadable and (per ``pk``) the low-resolution ones.
+
+    Returns:
+        (usable paths, their L2-normalised embeddings, unreadable [{path, problem}],
+        low-resolution [{path, size, problem}]).
+    """
+    from PIL import Image
+
+    low_res: list[dict[str, Any]] = []
+    usable: list[int] = []
+    for i, p in enumerate(paths):  # header only: sizes without decoding
+        try:
+            with Image.open(p) as im:
+                size = im.size
+        except (OSError, ValueError, Image.DecompressionBombError):
+            usable.append(i)  # the embedder's decode reports it
+            continue
+        dropped = low_resolution_drop(p, size, pk)
+        if dropped:
+            low_res.append(dropped)
+        else:
+            usable.append(i)
+    cand = [paths[i] for i in usable]
+    errors: list[tuple[int, str]] = []
+    emb = np.asarray(embed_fn(cand, errors), dtype=np.float32) if cand else np.zeros((0, 1), np.float32)
+    if len(emb) != len(cand):
+        raise ValueError(f"embed_fn returned {len(emb)} rows for {len(cand)} images")
+    bad = {i for i, _ in errors}
+    skipped = [{"path": str(cand[i]), "problem": msg} for i, msg in errors]
+    keep = [i for i in range(len(cand)) if i not in bad]
+    emb = emb[keep]
+    if len(emb):
+        emb = emb / np.maximum(1e-8, np.linalg.norm(emb, axis=1, keepdims=True))
+    return [cand[i] for i in keep], emb, skipped, low_res
 
 
 def _safe_stem(path: Path) -> str:

@@ -8,7 +8,7 @@ validation before any work starts.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -180,7 +180,8 @@ class SelectionConfig(_Stage):
     """Which clusters become characters to train."""
 
     tiers: list[Literal["S", "A", "B", "C", "D"]] = Field(
-        default_factory=lambda: ["S", "A", "B"], description="Tiers to select."
+        default_factory=lambda: ["S", "A", "B", "C"],
+        description="Tiers to select. Default S, A, B (the guide's recommended tiers) and C (its 'requires augmentation' tier: 15-20 images, augmented since at most augment.max_original); D (< 15) is left out.",
     )
     min_images: int = Field(0, ge=0, description="Minimum images in a selected cluster.")
     types: list[Literal["human", "yokai", "unknown"]] = Field(
@@ -202,11 +203,16 @@ class AugmentConfig(_Stage):
     )
     min_original: int = Field(5, ge=1, description="Clusters with fewer images are left as they are.")
     intensity: Literal["light", "medium", "heavy"] = Field(
-        "medium", description="Strength of the transforms."
+        "medium",
+        description="Strength of the transforms (rotation, colour, crop, blur ranges); the multiplier is automatic by image count (the guide's table).",
     )
     allow_flip: bool = Field(
         False,
-        description="Allow horizontal flips for every cluster (otherwise only clusters marked symmetric).",
+        description="Allow horizontal flips for every cluster (otherwise only characters marked in symmetric).",
+    )
+    symmetric: dict[str, bool] = Field(
+        default_factory=dict,
+        description="Per character (cluster id or character name): true = mirror-symmetric design, horizontal flips allowed (the guide: 'for symmetric characters'); unlisted characters are never flipped, since a flip moves a one-sided mark to the wrong side.",
     )
     blur: bool = Field(True, description="Allow the occasional slight Gaussian blur (guide: optional).")
     seed: int = Field(0, description="Random seed.")
@@ -316,10 +322,19 @@ class PackagingConfig(_Stage):
         False, description="Also write one config that trains all selected characters in one LoRA."
     )
     save_every_n_epochs: int = Field(2, ge=1, description="Checkpoint interval.")
-    upscale_to: int | None = Field(
-        None,
+    min_resolution: int = Field(
+        512,
         ge=0,
-        description="Lanczos-upscale images whose shorter side is below this to this size (None = resolution, 0 = never); kohya's bucket_no_upscale would otherwise train tiny layers at their own size.",
+        description="Images whose shorter side is below this are too low-resolution (the guide's validation --min-resolution); see low_resolution.",
+    )
+    low_resolution: Literal["drop", "keep"] = Field(
+        "drop",
+        description="Images below min_resolution (after any upscale_to): drop = leave them out of the dataset and list them in the packaging summary; keep = package them, validation then reports them and training does not start.",
+    )
+    upscale_to: int = Field(
+        0,
+        ge=0,
+        description="Lanczos-upscale images whose shorter side is below this to this size, recorded per image in configs/<name>_split.json (0 = never: every image keeps its source resolution and kohya's buckets handle the sizes).",
     )
     batch_size: int = Field(
         1, ge=1, le=64, description="kohya batch size (dataset config) and train_batch_size."
@@ -356,20 +371,6 @@ class TrainingConfig(_Stage):
     enabled: bool = Field(False, description="Launch training at the end of the pipeline.")
     base_model: str | None = Field(
         None,
-        description="Base model (hub id, diffusers folder or .safetensors) overriding the configs' pretrained_model_name_or_path.",
-    )
-    max_steps: int | None = Field(
-        None,
-        ge=1,
-        description="builtin: stop at this global step (state saved; the next run resumes). None = train to the end.",
-    )
-    device: str = Field("auto", description="builtin: auto, cpu, cuda or cuda:N.")
-    evidence: bool = Field(
-        True,
-        description="After training, sample every checkpoint into trained_models/<name>/evidence/index.html.",
-    )
-    base_model: str | None = Field(
-        None,
         description="Override pretrained_model_name_or_path of every config (hub id, diffusers folder or single file).",
     )
     characters: list[str] | None = Field(
@@ -389,7 +390,7 @@ class TrainingConfig(_Stage):
     )
     evidence: bool = Field(
         True,
-        description="Render sample images per checkpoint and the HTML grid with the validation-loss curve.",
+        description="After training, sample every checkpoint into trained_models/<name>/evidence/index.html (the grid with the validation-loss curve).",
     )
 
 
@@ -437,10 +438,16 @@ class OrchestrationConfig(_Stage):
     )
 
 
+SEEDED_STAGES = ("clustering", "augment", "packaging")
+
+
 class PipelineConfig(_Stage):
     """The whole pipeline's configuration."""
 
-    seed: int = Field(0, description="Global seed.")
+    seed: int = Field(
+        0,
+        description="Global seed: the default of clustering.seed, augment.seed and packaging.seed when those are not set.",
+    )
     frames: FramesConfig = Field(default_factory=FramesConfig)
     layering: LayeringConfig = Field(default_factory=LayeringConfig)
     embedding: EmbeddingConfig = Field(default_factory=EmbeddingConfig)
@@ -455,6 +462,23 @@ class PipelineConfig(_Stage):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _propagate_seed(cls, data: Any) -> Any:
+        # An explicit stage seed wins; otherwise the stage inherits the global one.
+        if not isinstance(data, dict) or "seed" not in data:
+            return data
+        data = dict(data)
+        for stage in SEEDED_STAGES:
+            value = data.get(stage)
+            if value is None:
+                data[stage] = {"seed": data["seed"]}
+            elif isinstance(value, dict):
+                data[stage] = {"seed": data["seed"], **value}
+            elif isinstance(value, BaseModel) and "seed" not in value.model_fields_set:
+                data[stage] = value.model_copy(update={"seed": data["seed"]})
+        return data
 
     @model_validator(mode="after")
     def _check_weights(self) -> PipelineConfig:

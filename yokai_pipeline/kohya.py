@@ -29,9 +29,14 @@ How this meets kohya's real rules (``/work/shared/KOHYA_FACTS.md``):
   (subset) + ``masked_loss`` (training args), so the loss ignores the transparent area; the RGB
   under transparent pixels is filled with ``composite_color`` so the VAE sees a clean flat
   background. ``"composite"`` flattens onto ``composite_color`` and writes RGB.
-* Small layers (the sample series' characters are 100-300 px) are upscaled with Lanczos to
-  ``upscale_to`` (default: the training resolution) on the shorter side; buckets are on with
-  ``bucket_no_upscale`` so kohya never upscales again and only downsizes into its area budget.
+* Resolution: every image keeps its source size; buckets are on with ``bucket_no_upscale``, so
+  kohya trains each at its own aspect ratio and only downsizes into its area budget. Images whose
+  shorter side is below ``min_resolution`` (the guide's validation threshold) are left out and
+  listed (``low_resolution="drop"``) or packaged for validation to report (``"keep"``). Only when
+  ``upscale_to`` is set are smaller images Lanczos-upscaled to it, and each upscaled file is
+  recorded (``upscaled``, ``source_size``) in ``configs/{name}_split.json``.
+* Training parameters come from the guide's table by the character's ORIGINAL images (before
+  augmentation): a 7-image character gets the 5-10 row even after augmentation to 50 images.
 """
 
 from __future__ import annotations
@@ -78,7 +83,7 @@ def training_params(n_images: int, char_type: str = "unknown", auto: bool = True
     """Training parameters for a character from the guide's table and type adjustments.
 
     Args:
-        n_images: training images of the character (after the validation hold-out).
+        n_images: original images of the character (before augmentation), the guide's "Images".
         char_type: ``human``, ``yokai`` or ``unknown`` (treated as human: standard parameters).
         auto: pick the row by image count; False uses the "Standard training" row for everyone.
 
@@ -305,9 +310,14 @@ def characters_from_inputs(
             m = re.fullmatch(r"cluster_(\d+)", folder.name)
             if folder.is_dir() and m:
                 cid = int(m.group(1))
-                name = f"char{cid:03d}"
+                # the guide's naming: folder and configs char_003, trigger word char003
                 chars.append(
-                    {"cluster": cid, "name": name, "trigger": name, "type": types.get(cid, "unknown")}
+                    {
+                        "cluster": cid,
+                        "name": f"char_{cid:03d}",
+                        "trigger": f"char{cid:03d}",
+                        "type": types.get(cid, "unknown"),
+                    }
                 )
     if selected_clusters is not None:
         wanted = {int(c) for c in selected_clusters}
@@ -503,15 +513,13 @@ def prepare_training_data(
     models_dir = Path(models_dir).resolve() if models_dir else default_models_dir(out_dir)
     configs = out_dir / "configs"
     configs.mkdir(parents=True, exist_ok=True)
-    upscale_to = cfg.resolution if cfg.upscale_to is None else cfg.upscale_to
-
     chars = characters_from_inputs(src_dir, selection, analysis, selected_clusters)
     results: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []
     used_names: set[str] = set()
     for i, char in enumerate(chars):
         try:
-            res = _prepare_character(src_dir, out_dir, char, cfg, models_dir, upscale_to, used_names, skipped)
+            res = _prepare_character(src_dir, out_dir, char, cfg, models_dir, used_names, skipped)
         except BadInputError as exc:
             skipped.append({"path": exc.path, "problem": exc.problem})
             res = None
@@ -533,6 +541,9 @@ def prepare_training_data(
         "characters_prepared": len(results),
         "training_images": sum(r["train_images"] for r in results),
         "validation_images": sum(r["validation_images"] for r in results),
+        "upscaled_images": sum(r["upscaled_images"] for r in results),
+        "low_resolution": [x for r in results for x in r["low_resolution"]],
+        "min_resolution": cfg.min_resolution,
         "multi_concept": multi,
         "skipped": skipped,
         "commands": [r["command"] for r in results] + ([multi["command"]] if multi else []),
@@ -548,12 +559,11 @@ def _prepare_character(
     char: dict[str, Any],
     cfg: PackagingConfig,
     models_dir: Path,
-    upscale_to: int,
     used_names: set[str],
     skipped: list[dict[str, str]],
 ) -> dict[str, Any] | None:
-    raw_name = str(char.get("name") or f"char{char.get('cluster', 0)}")
-    name = safe_name(raw_name, fallback=f"char{char.get('cluster', 'x')}")
+    raw_name = str(char.get("name") or f"char_{char.get('cluster', 0)}")
+    name = safe_name(raw_name, fallback=f"char_{char.get('cluster', 'x')}")
     base, n = name, 2
     while name in used_names:  # two hostile names may sanitise to the same folder
         name, n = f"{base}_{n}", n + 1
@@ -566,17 +576,15 @@ def _prepare_character(
             src_dir / f"cluster_{char.get('cluster')}", f"no image folder for character {name!r}"
         )
 
-    # Decode every image before naming anything: kohya's split depends on the final image count.
-    # Pixels are not kept (a large cluster would not fit in memory); pass 2 decodes again.
-    paths = []
-    for p in list_images(folder):
-        try:
-            load_image(p)
-            paths.append(p)
-        except BadInputError as exc:
-            skipped.append({"path": exc.path, "problem": exc.problem})
+    paths, low_res = _usable_images(folder, cfg, skipped)
     if not paths:
-        raise BadInputError(folder, f"no readable images for character {name!r}")
+        problem = f"no readable images for character {name!r}"
+        if low_res:
+            problem = (
+                f"all {len(low_res)} images of character {name!r} are below min_resolution "
+                f"{cfg.min_resolution} px (shorter side); set packaging.upscale_to or lower min_resolution"
+            )
+        raise BadInputError(folder, problem)
     sources = read_sources(folder)
     tag_doc = read_tag_summary(folder) or {}
     # The tag stage records how captions are composed: only pure tag lists may be shuffled.
@@ -584,7 +592,9 @@ def _prepare_character(
     shuffle = tag_cfg.get("caption") == "tags" and bool(tag_cfg.get("shuffle_caption"))
     train, val, dropped = split_validation(paths, sources, cfg.validation_split, cfg.seed, name)
 
-    params = training_params(len(train), ctype, auto=cfg.auto_params)
+    # The guide's table is by the images a character has, before augmentation.
+    n_originals = sum(sources.get(p.name, p.name) == p.name for p in paths)
+    params = training_params(n_originals, ctype, auto=cfg.auto_params)
     total, k = len(train) + len(val), len(val)
     split = exact_validation_split(total, k)
     _, val_pos = kohya_validation_positions(total, split, cfg.seed)
@@ -602,7 +612,8 @@ def _prepare_character(
     for pos in range(total):
         src = assignment[pos]
         stem = f"{pos:0{width}d}_{safe_name(src.stem, fallback='img')}"
-        img = prepare_image(load_image(src), cfg.alpha_mode, tuple(cfg.composite_color), upscale_to)
+        source_img = load_image(src)
+        img = prepare_image(source_img, cfg.alpha_mode, tuple(cfg.composite_color), cfg.upscale_to)
         atomic_write_bytes(char_dir / f"{stem}.png", _png_bytes(img))
         text = read_caption(src.with_suffix(".txt"))
         if text is None or not text.strip():
@@ -617,6 +628,8 @@ def _prepare_character(
                 "original": sources.get(src.name, src.name),
                 "split": "validation" if pos in val_pos_set else "train",
                 "size": list(img.size),
+                "source_size": list(source_img.size),
+                "upscaled": img.size != source_img.size,
             }
         )
     for p in char_dir.iterdir():  # files of an earlier run with other names would be trained too
@@ -673,8 +686,11 @@ def _prepare_character(
         "tier": char.get("tier"),
         "source_dir": str(folder),
         "image_dir": str(char_dir),
+        "original_images": n_originals,
         "train_images": len(train),
         "validation_images": k,
+        "upscaled_images": sum(r["upscaled"] for r in rows),
+        "low_resolution": low_res,
         "dropped_images": len(dropped),
         "captions_missing": captions_missing,
         "core_tags": list(tag_doc.get("core_tags") or []),
@@ -689,6 +705,51 @@ def _prepare_character(
     }
 
 
+def resolution_problem(size: tuple[int, int], cfg: PackagingConfig) -> str | None:
+    """Why an image of ``size`` is too low-resolution for training after ``upscale_to``, or None."""
+    short = min(size)
+    if cfg.upscale_to > short:
+        short = cfg.upscale_to
+    if short >= cfg.min_resolution:
+        return None
+    return (
+        f"resolution too low: {size[0]}x{size[1]}, shorter side {min(size)} px "
+        f"< min_resolution {cfg.min_resolution}"
+    )
+
+
+def _usable_images(
+    folder: Path, cfg: PackagingConfig, skipped: list[dict[str, str]]
+) -> tuple[list[Path], list[dict[str, Any]]]:
+    """Readable images of a character folder, and those dropped as below ``min_resolution``.
+
+    Every image is decoded before anything is named: kohya's split depends on the final count.
+    Pixels are not kept (a large cluster would not fit in memory); packaging decodes again.
+    """
+    paths: list[Path] = []
+    low_res: list[dict[str, Any]] = []
+    for p in list_images(folder):
+        try:
+            size = load_image(p).size
+        except BadInputError as exc:
+            skipped.append({"path": exc.path, "problem": exc.problem})
+            continue
+        dropped = low_resolution_drop(p, size, cfg)
+        if dropped:
+            low_res.append(dropped)
+        else:
+            paths.append(p)
+    return paths, low_res
+
+
+def low_resolution_drop(path: Path, size: tuple[int, int], cfg: PackagingConfig) -> dict[str, Any] | None:
+    """The record of an image left out as below ``min_resolution`` (``low_resolution="drop"``), or None."""
+    problem = resolution_problem(size, cfg)
+    if problem is None or cfg.low_resolution != "drop":
+        return None
+    return {"path": str(path), "size": list(size), "problem": problem}
+
+
 def configs_path(out_dir: Path, filename: str) -> Path:
     return out_dir / "configs" / filename
 
@@ -701,6 +762,34 @@ def _remove_other_repeat_folders(out_dir: Path, name: str, keep: Path) -> None:
             shutil.rmtree(p)
 
 
+def multi_concept_params(results: list[dict[str, Any]], auto: bool = True) -> dict[str, Any]:
+    """Parameters of one LoRA holding several characters.
+
+    One LoRA has one rank and one learning rate, so the type adjustments are combined per
+    character rather than taken from whichever type is present: the rank is the largest any
+    character needs (a yokai's 48 when one is in it, else 32); the LR is the table row for the
+    characters' original images together, times each type's factor weighted by that character's
+    share of the training images seen per epoch (images x repeats). Each character keeps its own
+    repeat count in its subset.
+    """
+    n_originals = sum(int(r.get("original_images", r["train_images"])) for r in results)
+    params = training_params(n_originals, "human", auto=auto)
+    dim = max(NETWORK_DIM.get(r["type"], 32) for r in results)
+    seen = [r["train_images"] * r["params"]["repeat"] for r in results]
+    factors = [YOKAI_LR_FACTOR if r["type"] == "yokai" else 1.0 for r in results]
+    factor = sum(f * w for f, w in zip(factors, seen, strict=True)) / max(1, sum(seen))
+    unet = _round_lr(params["unet_lr"] * factor)
+    params.update(
+        unet_lr=unet,
+        learning_rate=unet,
+        text_encoder_lr=_round_lr(params["text_encoder_lr"] * factor),
+        network_dim=dim,
+        network_alpha=float(dim) / 2.0,
+        lr_factor=round(factor, 4),
+    )
+    return params
+
+
 def _write_multi_concept(
     out_dir: Path, results: list[dict[str, Any]], cfg: PackagingConfig, models_dir: Path
 ) -> dict[str, Any]:
@@ -709,9 +798,7 @@ def _write_multi_concept(
     kohya applies ``validation_split`` per dataset, so a dataset per character (rather than one
     dataset with a subset per character) keeps each character's exact held-out images.
     """
-    total_train = sum(r["train_images"] for r in results)
-    ctype = "yokai" if any(r["type"] == "yokai" for r in results) else "human"
-    params = training_params(total_train, ctype, auto=cfg.auto_params)
+    params = multi_concept_params(results, auto=cfg.auto_params)
     subsets = [
         {
             "image_dir": r["image_dir"],
@@ -762,6 +849,13 @@ def format_preparation_summary(summary: dict[str, Any]) -> str:
     ]
     if summary.get("skipped"):
         lines.append(f"  Skipped inputs: {len(summary['skipped'])} (see configs/preparation_summary.json)")
+    if summary.get("low_resolution"):
+        lines.append(
+            f"  Below min_resolution {summary['min_resolution']} px, left out: "
+            f"{len(summary['low_resolution'])} (see configs/preparation_summary.json)"
+        )
+    if summary.get("upscaled_images"):
+        lines.append(f"  Upscaled (packaging.upscale_to): {summary['upscaled_images']}")
     lines += ["", "Ready to train! Example commands:"]
     for i, r in enumerate(summary["characters"], 1):
         lines.append(f"{i}. {r['name']}:")

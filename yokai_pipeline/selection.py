@@ -5,7 +5,7 @@ explicit cluster ids; interactive mode lets a person browse clusters in the term
 produce a ``selection.json`` (docs/data-formats.md) that later stages read::
 
     {"version": 1, "source": "character_clusters/clusters.json",
-     "characters": [{"cluster": 3, "name": "char003", "trigger": "char003",
+     "characters": [{"cluster": 3, "name": "char_003", "trigger": "char003",
                      "type": "yokai", "tier": "A", "images": 64}]}
 
 ``name`` is always a safe single path component (:func:`fsio.safe_name`): later stages use it
@@ -32,12 +32,17 @@ SELECTION_KEYS = ("cluster", "name", "trigger", "type", "tier", "images")
 
 
 def default_name(cluster_id: int) -> str:
-    """The name of an unnamed cluster: ``char003``."""
+    """The folder/file name of an unnamed cluster, as in the guide: ``char_003``."""
+    return f"char_{int(cluster_id):03d}"
+
+
+def default_trigger(cluster_id: int) -> str:
+    """The trigger word of an unnamed cluster, as in the guide's captions: ``char003``."""
     return f"char{int(cluster_id):03d}"
 
 
 def character_name(name: str, cluster_id: int) -> str:
-    """A user-given name as a safe folder name (falls back to ``char003``)."""
+    """A user-given name as a safe folder name (falls back to ``char_003``)."""
     return fsio.safe_name(name, fallback=default_name(cluster_id), max_len=64)
 
 
@@ -46,7 +51,9 @@ def trigger_word(name: str, cluster_id: int) -> str:
     text = unicodedata.normalize("NFKC", str(name)).replace("\x00", "")
     # Control characters (NUL, newlines, tabs) and caption separators become word breaks.
     text = "".join(" " if unicodedata.category(ch).startswith("C") or ch in ",;" else ch for ch in text)
-    token = fsio.safe_name(re.sub(r"\s+", "_", text.strip()), fallback=default_name(cluster_id), max_len=48)
+    token = fsio.safe_name(
+        re.sub(r"\s+", "_", text.strip()), fallback=default_trigger(cluster_id), max_len=48
+    )
     return token.lower()
 
 
@@ -108,8 +115,10 @@ def select_clusters(analysis: dict[str, Any], cfg: SelectionConfig | None = None
     seen_triggers: dict[str, int] = {}
     for cid in ids:
         c = by_id[cid]
-        raw = names.get(cid, default_name(cid))
-        name, trigger = character_name(raw, cid), trigger_word(raw, cid)
+        if cid in names:
+            name, trigger = character_name(names[cid], cid), trigger_word(names[cid], cid)
+        else:  # the guide's naming: folders and configs char_003, trigger word char003
+            name, trigger = default_name(cid), default_trigger(cid)
         for value, seen, what in (
             (name.lower(), seen_names, "name"),
             (trigger, seen_triggers, "trigger word"),

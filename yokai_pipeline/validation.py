@@ -29,7 +29,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from yokai_pipeline.fsio import atomic_write_json
+from yokai_pipeline.errors import YokaiError
+from yokai_pipeline.fsio import atomic_write_json, read_json
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 CAPTION_SUFFIX = ".txt"
@@ -477,6 +478,40 @@ def validate_training_data(
     }
     if report_path is not None:
         atomic_write_json(report_path, report)
+    return report
+
+
+class ValidationFailed(YokaiError):
+    """Training data did not validate (or was not validated); the message names the report."""
+
+
+def require_passed(report_path: str | Path, data_dir: str | Path | None = None) -> dict[str, Any]:
+    """The validation report at ``report_path`` if it passed; otherwise ValidationFailed naming it.
+
+    The guide: validate to 100% before training. A report older than the packaging summary in
+    ``data_dir/configs`` describes data that has since been rewritten, so it does not count.
+
+    Args:
+        report_path: the JSON report written by :func:`validate_training_data`.
+        data_dir: the validated folder (optional staleness check against its packaging summary).
+    """
+    path = Path(report_path)
+    if not path.is_file():
+        raise ValidationFailed(f"{path}: no validation report; validate the training data before training")
+    try:
+        report = read_json(path)
+    except (OSError, ValueError) as exc:
+        raise ValidationFailed(f"{path}: unreadable validation report ({exc})") from exc
+    packaged = Path(data_dir) / "configs" / "preparation_summary.json" if data_dir else None
+    if packaged is not None and packaged.is_file() and packaged.stat().st_mtime > path.stat().st_mtime:
+        raise ValidationFailed(f"{path}: older than {packaged}; validate the re-packaged data first")
+    if not report.get("passed"):
+        counts = {**report.get("issue_counts", {}), **report.get("structure_issue_counts", {})}
+        what = ", ".join(f"{k}: {v}" for k, v in counts.items()) or "see the report"
+        raise ValidationFailed(
+            f"training data failed validation ({report.get('valid_percent', 0)}% valid pairs; {what}); "
+            f"training not started. Report: {path}"
+        )
     return report
 
 

@@ -67,3 +67,7 @@ class Workspace:
     @property
     def summary_file(self) -> Path:
         return self.root / "summary.json"
+
+    @property
+    def validation_report(self) -> Path:
+        return self.root / "logs" / "validation_report.json"

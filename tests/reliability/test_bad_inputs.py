@@ -409,7 +409,9 @@ def test_packaging_skips_bad_images_and_normalises_odd_ones(tmp_path, bad_images
     src = tmp_path / "augmented_clusters"
     _cluster_with_captions(src / "cluster_000", bad_images)
     out = tmp_path / "training_data" / "characters"
-    summary = prepare_training_data(src, out, None, PackagingConfig(validation_split=0.0, upscale_to=0))
+    summary = prepare_training_data(
+        src, out, None, PackagingConfig(validation_split=0.0, upscale_to=0, min_resolution=0)
+    )
     skipped = {Path(s["path"]).name for s in summary["skipped"]}
     assert skipped == set(REJECTED_IMAGES)
     (char_dir,) = [d for d in out.iterdir() if d.is_dir() and d.name != "configs"]
@@ -460,7 +462,10 @@ def test_packaging_with_empty_and_non_utf8_captions(tmp_path):
     out = tmp_path / "training_data" / "characters"
     selection = {"characters": [{"cluster": 0, "name": "kappa", "trigger": "kappa", "type": "yokai"}]}
     prepare_training_data(
-        tmp_path / "src", out, selection, PackagingConfig(validation_split=0.0, upscale_to=0)
+        tmp_path / "src",
+        out,
+        selection,
+        PackagingConfig(validation_split=0.0, upscale_to=0, min_resolution=0),
     )
     (char_dir,) = [d for d in out.iterdir() if d.is_dir() and d.name != "configs"]
     captions = {p.name.split("_", 1)[1]: p.read_bytes().decode("utf-8") for p in char_dir.glob("*.txt")}

@@ -261,7 +261,9 @@ def _package(tmp_path: Path, name: str, cluster) -> tuple[Path, dict]:
     _clusters(src, [0])
     out = ws / "training_data" / "characters"
     sel = {"characters": [{"cluster": cluster, "name": name, "trigger": name, "type": "yokai"}]}
-    summary = prepare_training_data(src, out, sel, PackagingConfig(validation_split=0.0, upscale_to=0))
+    summary = prepare_training_data(
+        src, out, sel, PackagingConfig(validation_split=0.0, upscale_to=0, min_resolution=0)
+    )
     return out, summary
 
 

@@ -17,6 +17,7 @@ from yokai_pipeline.augmentation import (
     apply_transform,
     augment_cluster,
     augment_clusters,
+    is_symmetric,
     multiplier_for,
     target_count,
 )
@@ -50,29 +51,46 @@ def _hashes(folder: Path) -> dict[str, str]:
 
 # --- the guide's table ------------------------------------------------------------------
 
-GUIDE = {  # n -> (light/low, heavy/high) from the guide; None = not augmented
-    4: None, 5: (6, 8), 10: (6, 8), 11: (4, 5), 15: (4, 5), 16: (3, 4), 20: (3, 4),
-    21: (1.5, 2), 30: (1.5, 2), 31: None,
-}  # fmt: skip
+# The guide's "Augmentation Multipliers (Auto)": rows (first n, last n) -> multiplier range and,
+# where the guide gives one, the final image count range.
+GUIDE_ROWS = {(5, 10): ((6, 8), (40, 60)), (11, 15): ((4, 5), (50, 70)), (16, 20): ((3, 4), (60, 80)),
+              (21, 30): ((1.5, 2), None)}  # fmt: skip
 
 
-@pytest.mark.parametrize("n", sorted(GUIDE))
-def test_multiplier_table_matches_guide_at_every_boundary(n):
-    expected = GUIDE[n]
-    got = {i: multiplier_for(n, i, min_original=5, max_original=30) for i in ("light", "medium", "heavy")}
-    if expected is None:
-        assert got == {"light": 1.0, "medium": 1.0, "heavy": 1.0}
-    else:
-        low, high = expected
-        assert got == {"light": low, "medium": (low + high) / 2, "heavy": high}
+@pytest.mark.parametrize("n", range(4, 32))
+def test_multiplier_is_automatic_by_count_and_lands_in_the_guides_final_range(n):
+    got = multiplier_for(n, min_original=5, max_original=30)
+    row = next((v for (lo, hi), v in GUIDE_ROWS.items() if lo <= n <= hi), None)
+    if row is None:  # 4 and 31: outside min/max original, left as they are
+        assert got == 1.0
+        return
+    (m_lo, m_hi), final = row
+    assert m_lo <= got <= m_hi
+    if final is not None:
+        assert final[0] <= target_count(n, got) <= final[1], (n, got)
+    # the guide's worked example: 5 images give 40-60 at every intensity (was 35 at medium)
+    if n == 5:
+        assert target_count(5, got) == 40
 
 
 def test_multiplier_respects_min_and_max_original():
-    assert multiplier_for(12, "heavy", min_original=13) == 1.0
-    assert multiplier_for(12, "heavy", max_original=11) == 1.0
-    assert multiplier_for(0, "heavy") == 1.0
-    with pytest.raises(ValueError, match="intensity"):
-        multiplier_for(8, "extreme")
+    assert multiplier_for(12, min_original=13) == 1.0
+    assert multiplier_for(12, max_original=11) == 1.0
+    assert multiplier_for(0) == 1.0
+    assert multiplier_for(3, min_original=2) == 8.0  # below the table: the smallest clusters' row
+
+
+def test_intensity_changes_transform_strength_not_count(tmp_path):
+    src = _make_cluster(tmp_path / "clusters", "cluster_004", 1, 6)
+    light = augment_cluster(src, tmp_path / "l" / "cluster_004", AugmentConfig(intensity="light"))
+    heavy = augment_cluster(src, tmp_path / "h" / "cluster_004", AugmentConfig(intensity="heavy"))
+    assert light["total"] == heavy["total"] == target_count(6, multiplier_for(6))
+
+    def max_angle(folder):
+        rows = read_jsonl(folder / MANIFEST_NAME)
+        return max(abs(r["transform"]["rotate"]["angle"]) for r in rows if r["kind"] == "augmented")
+
+    assert max_angle(tmp_path / "l" / "cluster_004") <= 2.0 < max_angle(tmp_path / "h" / "cluster_004") <= 5.0
 
 
 def test_target_count_rounds_half_up():
@@ -112,10 +130,10 @@ def augmented(tmp_path_factory):
 
 def test_total_is_n_times_multiplier(augmented):
     src, root, cfg, first, _ = augmented
-    assert first["multiplier"] == 8.0  # 6 images, heavy
-    assert first["total"] == 48 and first["originals"] == 6 and first["augmented"] == 42
+    assert first["multiplier"] == 7.6  # 6 images: between the 5-10 row's 8x (5) and 6x (10)
+    assert first["total"] == 46 and first["originals"] == 6 and first["augmented"] == 40
     pngs = list((root / "out1" / "cluster_003").glob("*.png"))
-    assert len(pngs) == 48
+    assert len(pngs) == 46
 
 
 def test_augmentation_is_deterministic(augmented):
@@ -131,7 +149,7 @@ def test_different_seed_gives_different_images(augmented, tmp_path):
     a = _hashes(root / "out1" / "cluster_003")
     b = _hashes(tmp_path / "c")
     changed = [k for k in b if "_aug" in k and a.get(k) != b[k]]
-    assert len(changed) == 42
+    assert len(changed) == 40
 
 
 def test_alpha_is_preserved(augmented):
@@ -220,8 +238,16 @@ def test_flip_only_for_symmetric_or_allowed(tmp_path):
         sum("hflip" in r["transform"] for r in read_jsonl(d / MANIFEST_NAME))
         for d in (tmp_path / "a", tmp_path / "b", tmp_path / "c")
     ]
-    assert plain["total"] == sym["total"] == allowed["total"] == 30
+    assert plain["total"] == sym["total"] == allowed["total"] == 40
     assert flips[0] == 0 and flips[1] > 5 and flips[2] == flips[1]
+
+
+def test_symmetry_is_decided_per_character_by_config():
+    cfg = AugmentConfig(symmetric={"1": True, "keita": False, "nyan": True})
+    assert is_symmetric(cfg, "cluster_001") and is_symmetric(cfg, 1, "someone")
+    assert is_symmetric(cfg, 3, "nyan") and not is_symmetric(cfg, 0, "keita")
+    assert not is_symmetric(cfg, 2, "fumi")  # unlisted: never flipped
+    assert not is_symmetric(AugmentConfig(), 1)
 
 
 def test_resume_skips_complete_cluster_and_redoes_incomplete(augmented, tmp_path):
@@ -235,10 +261,12 @@ def test_resume_skips_complete_cluster_and_redoes_incomplete(augmented, tmp_path
     victim.unlink()
     redone = augment_cluster(src, out, cfg)
     assert redone["status"] == "augmented" and victim.read_bytes() == data
-    # A different intensity is a different plan: the cluster is redone, stale images removed.
+    # A different intensity is a different plan (same count, other transforms): the cluster is redone.
     light = augment_cluster(src, out, cfg.model_copy(update={"intensity": "light"}))
-    assert light["status"] == "augmented" and light["total"] == 36
-    assert len(list(out.glob("*.png"))) == 36
+    assert light["status"] == "augmented" and light["total"] == 46 and victim.read_bytes() != data
+    # A plan without augmentation removes the stale augmented images.
+    plain = augment_cluster(src, out, cfg.model_copy(update={"max_original": 5}))
+    assert plain["status"] == "copied" and len(list(out.glob("*.png"))) == 6
 
 
 def test_clusters_outside_range_copied_unchanged_and_bad_images_reported(tmp_path):
@@ -262,10 +290,10 @@ def test_clusters_outside_range_copied_unchanged_and_bad_images_reported(tmp_pat
         src_h = _hashes(clusters / name)
         out_h = {k: v for k, v in _hashes(tmp_path / "out" / name).items() if k.endswith(".png")}
         assert out_h == src_h
-    assert res["cluster_002"]["total"] == 35  # 5 readable images x 7 (medium)
+    assert res["cluster_002"]["total"] == 40  # 5 readable images x 8 (the guide: 5 -> 40-60)
     assert summary["failed"] == [dict(res["cluster_002"]["failed"][0], cluster="cluster_002")]
     assert summary["failed"][0]["name"] == "broken.png" and "unreadable" in summary["failed"][0]["problem"]
-    assert json.loads((tmp_path / "out" / "augment_summary.json").read_text())["total"] == 3 + 31 + 35
+    assert json.loads((tmp_path / "out" / "augment_summary.json").read_text())["total"] == 3 + 31 + 40
     again = augment_clusters(clusters, tmp_path / "out", AugmentConfig(intensity="medium"))
     assert again["resumed_clusters"] == 3
 

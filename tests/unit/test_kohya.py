@@ -22,6 +22,7 @@ from yokai_pipeline.kohya import (
     training_params,
 )
 from yokai_pipeline.synthetic import render_character
+from yokai_pipeline.validation import validate_training_data
 
 
 def _make_cluster(
@@ -46,6 +47,11 @@ def _make_cluster(
             rows.append({"path": f"{aug}.png", "source": f"{name}.png", "kind": "augmented"})
     write_jsonl(folder / "augment_manifest.jsonl", rows)
     return folder
+
+
+# The rendered test characters are 50-130 px: below the guide's 512 px minimum, which the
+# low-resolution tests exercise; the others accept them.
+LOW_RES_OK = {"min_resolution": 0}
 
 
 def _selection(*chars: tuple[int, str, str, str]) -> dict:
@@ -107,7 +113,7 @@ def _prepare_two(tmp_path: Path, **cfg_kw) -> tuple[dict, PackagingConfig]:
     _make_cluster(src, 3, char_id=3, n_orig=6, n_aug_per=2)  # yokai: 6 originals + 12 augmented
     _make_cluster(src, 7, char_id=0, n_orig=12)  # human
     sel = _selection((3, "nyan", "nyan", "yokai"), (7, "keita", "keita", "human"))
-    cfg = PackagingConfig(**cfg_kw)
+    cfg = PackagingConfig(**{**LOW_RES_OK, **cfg_kw})
     summary = prepare_training_data(src, tmp_path / "training_data" / "characters", sel, cfg)
     return summary, cfg
 
@@ -148,15 +154,20 @@ def test_generated_configs_pass_kohya_rules_and_carry_the_table(tmp_path):
             for line in prompts
         )
 
-    # yokai nyan: 5 training originals + 10 augmented = 15 -> row 11-20, x1.1 LR, dim 48
+    # yokai nyan has 6 original images (5 train + 1 validation; 10 augmented copies): the guide's
+    # table is by the images a character has, so row 5-10 (repeat 30, 30 epochs, 5e-5 / 2e-5),
+    # x1.1 LR and dim 48 for a yokai -- even though 15 images are trained after augmentation
     assert nyan["train_images"] == 15 and nyan["validation_images"] == 1 and nyan["dropped_images"] == 2
+    assert nyan["original_images"] == 6
     ny = {k: v for sec in tomllib.loads(Path(nyan["config"]).read_text()).values() for k, v in sec.items()}
+    assert Path(nyan["image_dir"]).name == "30_nyan" and ny["max_train_epochs"] == 30
     assert ny["network_dim"] == 48 and ny["network_alpha"] == 24.0
-    assert ny["unet_lr"] == pytest.approx(8.8e-5) and ny["text_encoder_lr"] == pytest.approx(3.3e-5)
-    assert ny["max_train_epochs"] == 25
-    # human keita: 12 originals -> 11 train (row 11-20), standard LR, dim 32
+    assert ny["unet_lr"] == pytest.approx(5.5e-5) and ny["text_encoder_lr"] == pytest.approx(2.2e-5)
+    # human keita: 12 originals -> row 11-20 (repeat 20, 25 epochs, 8e-5 / 3e-5), dim 32
     kt = {k: v for sec in tomllib.loads(Path(keita["config"]).read_text()).values() for k, v in sec.items()}
-    assert keita["train_images"] == 11 and kt["network_dim"] == 32 and kt["unet_lr"] == 8e-5
+    assert keita["train_images"] == 11 and keita["original_images"] == 12
+    assert Path(keita["image_dir"]).name == "20_keita" and kt["max_train_epochs"] == 25
+    assert kt["network_dim"] == 32 and kt["unet_lr"] == 8e-5
     assert kt["text_encoder_lr"] == 3e-5 and kt["network_alpha"] == 16.0
 
     # the packaged folder is a valid classic train_data_dir too: only repeat folders, none skipped
@@ -192,7 +203,7 @@ def test_split_is_deterministic_and_rerun_is_clean(tmp_path):
         assert "validation_split" not in ds
         assert len(list(Path(c["image_dir"]).glob("*.png"))) == c["train_images"]
     used, _ = kohya_rules.kohya_subdirs(s2["output_dir"])
-    assert sorted(u[0] for u in used) == ["15_keita", "15_nyan"]  # the 20_* folders are gone
+    assert sorted(u[0] for u in used) == ["15_keita", "15_nyan"]  # the 20_/30_ folders are gone
     s3, _ = _prepare_two_again(tmp_path, resolution=128)
     files3 = {c["name"]: sorted(p.name for p in Path(c["image_dir"]).iterdir()) for c in s3["characters"]}
     assert files1 == files3
@@ -201,19 +212,32 @@ def test_split_is_deterministic_and_rerun_is_clean(tmp_path):
 def _prepare_two_again(tmp_path: Path, **cfg_kw) -> tuple[dict, PackagingConfig]:
     src = tmp_path / "augmented_clusters"
     sel = _selection((3, "nyan", "nyan", "yokai"), (7, "keita", "keita", "human"))
-    cfg = PackagingConfig(**cfg_kw)
+    cfg = PackagingConfig(**{**LOW_RES_OK, **cfg_kw})
     return prepare_training_data(src, tmp_path / "training_data" / "characters", sel, cfg), cfg
 
 
-def test_images_upscaled_alpha_kept_or_composited(tmp_path):
+def test_source_resolution_kept_unless_upscaling_is_configured(tmp_path):
     summary, _ = _prepare_two(tmp_path)
     for c in summary["characters"]:
+        split = json.loads(Path(c["config"]).with_name(f"{c['name']}_split.json").read_text())
+        sizes = {r["file"]: r for r in split["files"]}
         for p in Path(c["image_dir"]).glob("*.png"):
             with Image.open(p) as im:
-                assert im.mode == "RGBA" and min(im.size) == 512
+                # the layer's own size (the test layers are 50-130 px): no upscaling by default
+                assert im.mode == "RGBA" and list(im.size) == sizes[p.name]["source_size"]
+                assert max(im.size) < 512 and not sizes[p.name]["upscaled"]
                 alpha = np.asarray(im.getchannel("A"))
                 assert alpha.min() == 0 and alpha.max() == 255  # transparent background survives
-    comp, _ = _prepare_two(tmp_path / "c", alpha_mode="composite", composite_color=(0, 255, 0), upscale_to=0)
+    assert summary["upscaled_images"] == 0
+
+    up, _ = _prepare_two(tmp_path / "u", upscale_to=512, min_resolution=512)
+    for c in up["characters"]:
+        split = json.loads(Path(c["config"]).with_name(f"{c['name']}_split.json").read_text())
+        assert all(r["upscaled"] and min(r["size"]) == 512 > min(r["source_size"]) for r in split["files"])
+    assert up["upscaled_images"] == sum(c["train_images"] + c["validation_images"] for c in up["characters"])
+    assert "Upscaled (packaging.upscale_to): " in format_preparation_summary(up)
+
+    comp, _ = _prepare_two(tmp_path / "c", alpha_mode="composite", composite_color=(0, 255, 0))
     c = comp["characters"][0]
     ds = tomllib.loads(Path(c["dataset_config"]).read_text())
     args = tomllib.loads(Path(c["config"]).read_text())
@@ -222,8 +246,41 @@ def test_images_upscaled_alpha_kept_or_composited(tmp_path):
     assert kohya_rules.check_config_files(c["config"]) == []
     p = sorted(Path(c["image_dir"]).glob("*.png"))[0]
     with Image.open(p) as im:
-        assert im.mode == "RGB" and min(im.size) < 512  # upscale_to=0 keeps the layer size
+        assert im.mode == "RGB" and min(im.size) < 512
         assert tuple(np.asarray(im)[0, 0]) == (0, 255, 0)  # corner = composite colour
+
+
+def test_low_resolution_layers_are_dropped_or_reported_by_validation(tmp_path):
+    src = tmp_path / "clusters"
+    folder = _make_cluster(src, 3, char_id=3, n_orig=6)
+    big = render_character(3, scale=5.0)  # about 320 x 300 px: above a 256 px minimum
+    Image.fromarray(big).save(folder / "ep02_f000001_i00.png")
+    (folder / "ep02_f000001_i00.txt").write_text("char003, a big one")
+    small_side = min(min(Image.open(p).size) for p in folder.glob("ep01_*.png"))
+    assert small_side < 256 <= min(big.shape[:2])
+
+    dropped = prepare_training_data(src, tmp_path / "a", None, PackagingConfig(min_resolution=256))
+    (c,) = dropped["characters"]
+    assert c["train_images"] + c["validation_images"] == 1 and len(c["low_resolution"]) == 6
+    assert all(
+        "resolution too low" in x["problem"] and "min_resolution 256" in x["problem"]
+        for x in c["low_resolution"]
+    )
+    assert "Below min_resolution 256 px, left out: 6" in format_preparation_summary(dropped)
+    report = validate_training_data(tmp_path / "a", min_resolution=256)
+    assert report["passed"] and report["issue_counts"] == {}
+
+    kept = prepare_training_data(
+        src, tmp_path / "b", None, PackagingConfig(min_resolution=256, low_resolution="keep")
+    )
+    assert kept["low_resolution"] == []
+    report = validate_training_data(tmp_path / "b", min_resolution=256)
+    assert not report["passed"] and report["issue_counts"]["Resolution too low"] == 6
+
+    # nothing at or above the minimum: the character is skipped with a message naming the folder
+    none = prepare_training_data(src, tmp_path / "c", None, PackagingConfig(min_resolution=1024))
+    assert none["characters"] == [] and "below min_resolution 1024" in none["skipped"][0]["problem"]
+    assert Path(none["skipped"][0]["path"]) == folder
 
 
 def test_hostile_names_and_triggers_cannot_escape_or_inject(tmp_path):
@@ -232,7 +289,7 @@ def test_hostile_names_and_triggers_cannot_escape_or_inject(tmp_path):
     evil = 'x"\n[general]\nnum_repeats = 99 --n evil, tag'
     sel = _selection((1, "../../etc/passwd", evil, "yokai"))
     out = tmp_path / "out"
-    summary = prepare_training_data(src, out, sel, PackagingConfig())
+    summary = prepare_training_data(src, out, sel, PackagingConfig(**LOW_RES_OK))
     (c,) = summary["characters"]
     assert Path(c["image_dir"]).parent == out.resolve() and ".." not in c["name"]
     assert "\n" not in c["trigger"] and "," not in c["trigger"] and "--" not in c["trigger"]
@@ -254,7 +311,27 @@ def test_multi_concept_config_trains_all_characters(tmp_path):
     dirs = sorted(s["image_dir"] for d in ds["datasets"] for s in d["subsets"])
     assert dirs == sorted(c["image_dir"] for c in summary["characters"])
     args = tomllib.loads(Path(multi["config"]).read_text())
-    assert args["network"]["network_dim"] == 48  # a yokai is among them
+    # one LoRA, one rank: the largest any character needs (the yokai's 48)
+    assert args["network"]["network_dim"] == 48 and args["network"]["network_alpha"] == 24.0
+    # LR: the guide's row for 6 + 12 = 18 originals (11-20: 8e-5 / 3e-5), x1.1 only for the yokai's
+    # share of the images seen per epoch (nyan 15 x 30, keita 11 x 20), not for every character
+    by_name = {c["name"]: c for c in summary["characters"]}
+    nyan_seen, keita_seen = 15 * 30, 11 * 20
+    assert (by_name["nyan"]["train_images"], by_name["nyan"]["params"]["repeat"]) == (15, 30)
+    assert (by_name["keita"]["train_images"], by_name["keita"]["params"]["repeat"]) == (11, 20)
+    factor = (1.1 * nyan_seen + keita_seen) / (nyan_seen + keita_seen)
+    assert args["optimizer"]["unet_lr"] == pytest.approx(8e-5 * factor, rel=1e-4)
+    assert args["optimizer"]["text_encoder_lr"] == pytest.approx(3e-5 * factor, rel=1e-4)
+    assert args["training"]["max_train_epochs"] == 25
+    # each character keeps its repeats and its exact held-out images: no validation image is trained
+    for d in ds["datasets"]:
+        (sub,) = d["subsets"]
+        char = next(c for c in summary["characters"] if c["image_dir"] == sub["image_dir"])
+        assert sub["num_repeats"] == char["params"]["repeat"]
+        train, val = kohya_rules.kohya_split(sub["image_dir"], d["validation_split"], d["validation_seed"])
+        split = json.loads(Path(char["config"]).with_name(f"{char['name']}_split.json").read_text())
+        assert sorted(val) == sorted(r["file"] for r in split["files"] if r["split"] == "validation")
+        assert len(val) == char["validation_images"] >= 1 and not set(train) & set(val)
     prompts = Path(multi["config"]).with_name("multi_concept_sample_prompts.txt").read_text()
     assert "nyan, " in prompts and "keita, " in prompts
 
@@ -264,17 +341,22 @@ def test_bad_image_is_skipped_and_named(tmp_path):
     folder = _make_cluster(src, 2, char_id=2, n_orig=6)
     good = sorted(folder.glob("*.png"))[0].read_bytes()
     (folder / "broken.png").write_bytes(good[: len(good) // 3])
-    summary = prepare_training_data(src, tmp_path / "out", None, PackagingConfig())
+    summary = prepare_training_data(src, tmp_path / "out", None, PackagingConfig(**LOW_RES_OK))
     assert [Path(s["path"]).name for s in summary["skipped"]] == ["broken.png"]
     (c,) = summary["characters"]
-    assert c["name"] == "char002" and c["train_images"] + c["validation_images"] == 6
+    # unnamed clusters follow the guide: folder/config char_002, trigger word char002
+    assert Path(c["image_dir"]).name == "30_char_002" and Path(c["config"]).name == "char_002_config.toml"
+    assert c["trigger"] == "char002"
+    assert c["name"] == "char_002" and c["train_images"] + c["validation_images"] == 6
 
 
 def test_selected_clusters_and_summary_text(tmp_path):
     src = tmp_path / "clusters"
     _make_cluster(src, 3, char_id=3, n_orig=5)
     _make_cluster(src, 4, char_id=4, n_orig=5)
-    summary = prepare_training_data(src, tmp_path / "out", None, PackagingConfig(), selected_clusters=[4])
+    summary = prepare_training_data(
+        src, tmp_path / "out", None, PackagingConfig(**LOW_RES_OK), selected_clusters=[4]
+    )
     assert [c["cluster"] for c in summary["characters"]] == [4]
     text = format_preparation_summary(summary)
     assert text.startswith("Preparation Complete\n====================\n  Characters prepared: 1")
@@ -305,6 +387,8 @@ def test_cli_prepare(tmp_path):
             "0.2",
             "--selected-clusters",
             "5",
+            "--min-resolution",
+            "0",
         ],
     )
     assert res.exit_code == 0, res.output

@@ -85,9 +85,9 @@ def test_batch_tiers_S_A_min_images_exports_exactly_the_matching_clusters(
     sel = selection.read_selection(tmp_path / "sel.json")
     assert [c["cluster"] for c in sel["characters"]] == want
     assert sel["source"] == "character_clusters/clusters.json"
-    assert {p.name for p in out.iterdir() if p.is_dir()} == {f"char{i:03d}" for i in want}
+    assert {p.name for p in out.iterdir() if p.is_dir()} == {f"char_{i:03d}" for i in want}
     for cid in want:
-        exported = out / f"char{cid:03d}"
+        exported = out / f"char_{cid:03d}"
         src = cdir / f"cluster_{cid:03d}"
         assert files_of(exported) == files_of(src)
         some = sorted(src.iterdir())[0]
@@ -127,7 +127,7 @@ def test_batch_tiers_S_A_min_images_exports_exactly_the_matching_clusters(
     assert r.exit_code == 0, r.output
     chars = selection.read_selection(tmp_path / "s3.json")["characters"]
     assert [(c["cluster"], c["name"], c["trigger"]) for c in chars] == [
-        (1, "char001", "char001"),
+        (1, "char_001", "char001"),  # the guide: folder char_001, trigger word char001
         (2, "Jibanyan", "jibanyan"),
     ]
 
@@ -183,7 +183,9 @@ def fake_analysis() -> dict:
 def test_select_clusters_filters_ids_and_names() -> None:
     a = fake_analysis()
     ids = lambda sel: [c["cluster"] for c in sel["characters"]]  # noqa: E731
-    assert ids(selection.select_clusters(a)) == [0, 1, 2, 5]  # default: S/A/B
+    # default: the guide's recommended S/A/B plus C (its "requires augmentation" tier), not D
+    assert ids(selection.select_clusters(a)) == [0, 1, 2, 3, 5]
+    assert [c["tier"] for c in selection.select_clusters(a)["characters"]] == ["S", "A", "B", "C", "B"]
     assert ids(selection.select_clusters(a, SelectionConfig(tiers=["B", "C"], min_images=20))) == [2, 5]
     assert ids(selection.select_clusters(a, SelectionConfig(types=["yokai"]))) == [1, 2]
     assert ids(selection.select_clusters(a, SelectionConfig(clusters=[4, 3], tiers=["S"]))) == [3, 4]
@@ -218,7 +220,7 @@ def test_hostile_names_are_safe_folder_names_and_triggers(workspace: Path, tmp_p
         assert not n.startswith(".")
         assert t and not any(ch in t for ch in ", \n\t\x00/")
     assert names[3] == "ジバニャン"  # unicode letters survive
-    assert names[6] == "char006"  # nothing left of ".." -> the default name
+    assert names[6] == "char_006" and triggers[6] == "char006"  # nothing left of ".." -> the defaults
     out = tmp_path / "exp" / "out"
     before = set(tmp_path.rglob("*"))
     counts = selection.export_selection(sel, workspace / "character_clusters", out)
@@ -325,7 +327,7 @@ def test_interactive_session_driven_by_a_script(workspace: Path, tmp_path: Path)
     )
     text = "\n".join(printed)
     chosen = [(c["cluster"], c["name"]) for c in sel["characters"]]
-    assert chosen == [(2, "char002"), (3, "Whisp_b"), (7, "char007"), (9, "Jibanyan")]
+    assert chosen == [(2, "char_002"), (3, "Whisp_b"), (7, "char_007"), (9, "Jibanyan")]
     assert opened == [f"{report.resolve().as_uri()}#cluster-007"]
     assert "unknown command 'bogus'" in text
     sample_lines = [line.strip() for line in printed if line.strip().endswith(".png")]
@@ -333,7 +335,7 @@ def test_interactive_session_driven_by_a_script(workspace: Path, tmp_path: Path)
     assert any("cluster_008" in p for p in sample_lines)  # 's' showed cluster 8's samples
     # export and save wrote exactly what was chosen
     assert selection.read_selection(sel_path) == sel
-    assert {p.name for p in out.iterdir() if p.is_dir()} == {"char002", "Whisp_b", "char007", "Jibanyan"}
+    assert {p.name for p in out.iterdir() if p.is_dir()} == {"char_002", "Whisp_b", "char_007", "Jibanyan"}
     assert files_of(out / "Jibanyan") == files_of(cdir / "cluster_009")
 
 

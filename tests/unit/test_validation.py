@@ -31,7 +31,10 @@ def packaged(tmp_path_factory) -> Path:
     _make_cluster(src, 8, char_id=8, n_orig=5)
     sel = _selection((3, "nyan", "nyan", "yokai"), (8, "sakana", "sakana", "yokai"))
     summary = prepare_training_data(
-        src, root / "training_data" / "characters", sel, PackagingConfig(resolution=256)
+        src,
+        root / "training_data" / "characters",
+        sel,
+        PackagingConfig(resolution=256, min_resolution=256, upscale_to=256),
     )
     return Path(summary["output_dir"])
 
@@ -283,3 +286,49 @@ def test_cli_validate_exit_codes(packaged, tmp_path):
     )
     assert strict.exit_code == 1 and "Resolution too low: 16 occurrences" in strict.output
     assert "❌ VALIDATION FAILED" in strict.output
+
+
+def test_training_waits_for_a_passed_and_current_validation(packaged, tmp_path):
+    from yokai_pipeline.validation import ValidationFailed, require_passed
+
+    data = _copy(packaged, tmp_path)
+    report_path = tmp_path / "logs" / "validation_report.json"
+    with pytest.raises(ValidationFailed, match=f"{report_path}: no validation report"):
+        require_passed(report_path, data)
+    assert require_passed(
+        validate_training_data(data, min_resolution=256, report_path=report_path) and report_path, data
+    )["passed"]
+    # a low-resolution minimum the data does not meet: the report fails, and so does the gate
+    validate_training_data(data, min_resolution=512, report_path=report_path)
+    with pytest.raises(ValidationFailed) as err:
+        require_passed(report_path, data)
+    msg = str(err.value)
+    assert (
+        "failed validation" in msg
+        and "Resolution too low: 16" in msg
+        and msg.endswith(f"Report: {report_path}")
+    )
+    # re-packaged after validating: the old report no longer speaks for the data
+    validate_training_data(data, min_resolution=256, report_path=report_path)
+    summary = data / "configs" / "preparation_summary.json"
+    summary.touch()
+    import os
+
+    os.utime(summary, (report_path.stat().st_mtime + 5, report_path.stat().st_mtime + 5))
+    with pytest.raises(ValidationFailed, match="older than"):
+        require_passed(report_path, data)
+
+
+def test_training_flow_refuses_unvalidated_data(tmp_path):
+    from flows.training import training_flow
+    from yokai_pipeline.config import PipelineConfig
+    from yokai_pipeline.validation import ValidationFailed
+    from yokai_pipeline.workspace import Workspace
+
+    ws = Workspace(tmp_path / "ws")
+    ws.validation_report.parent.mkdir(parents=True)
+    ws.validation_report.write_text(
+        json.dumps({"passed": False, "valid_percent": 50.0, "issue_counts": {"Caption file missing": 3}})
+    )
+    with pytest.raises(ValidationFailed, match=f"Caption file missing: 3.*Report: {ws.validation_report}"):
+        training_flow.fn(str(ws.root), PipelineConfig())

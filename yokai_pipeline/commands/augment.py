@@ -22,7 +22,9 @@ def augment(
         int, typer.Option(help="Only clusters with at most this many images are augmented.")
     ] = 30,
     min_original: Annotated[int, typer.Option(help="Clusters with fewer images are copied unchanged.")] = 5,
-    aug_intensity: Annotated[str, typer.Option(help="light, medium or heavy.")] = "medium",
+    aug_intensity: Annotated[
+        str, typer.Option(help="Transform strength: light, medium or heavy (the multiplier is automatic by count).")
+    ] = "medium",
     selection: Annotated[Path | None, typer.Option(help="selection.json: only its clusters.")] = None,
     cluster_analysis: Annotated[
         Path | None, typer.Option(help="Cluster analysis JSON (a 'symmetric' flag per cluster allows flips).")

@@ -32,14 +32,24 @@ def register(app: typer.Typer) -> None:
         ] = 0.95,
         trigger: Annotated[str, typer.Option(help="Trigger word of background captions.")] = "bg_style",
         embedder: Annotated[
-            str, typer.Option(help="descriptor (offline, no weights) or clip (the config's CLIP model).")
-        ] = "descriptor",
+            str,
+            typer.Option(
+                help="config (the configured embedding backend: CLIP when embedding.backend is clip), "
+                "descriptor (offline, no weights) or clip (the config's CLIP model)."
+            ),
+        ] = "config",
         config: Annotated[
             Path | None, typer.Option(help="PipelineConfig TOML/JSON (its [packaging] section).")
         ] = None,
     ) -> None:
         """Deduplicate, pick the most diverse, caption and package background layers for kohya."""
-        from yokai_pipeline.backgrounds import clip_embed_fn, format_background_summary, prepare_backgrounds
+        from yokai_pipeline.backgrounds import (
+            clip_embed_fn,
+            configured_embed_fn,
+            embed_backgrounds,
+            format_background_summary,
+            prepare_backgrounds,
+        )
 
         try:
             pipeline_cfg = load_config(config)
@@ -49,12 +59,16 @@ def register(app: typer.Typer) -> None:
                 similarity_threshold=similarity_threshold,
                 trigger=trigger,
             )
-            if embedder not in ("descriptor", "clip"):
-                raise ValueError(f"--embedder must be descriptor or clip, not {embedder!r}")
+            if embedder not in ("config", "descriptor", "clip"):
+                raise ValueError(f"--embedder must be config, descriptor or clip, not {embedder!r}")
         except Exception as exc:
             console.print(f"[red]invalid configuration:[/red] {exc}")
             raise typer.Exit(2) from exc
-        embed_fn = clip_embed_fn(pipeline_cfg.embedding) if embedder == "clip" else None
+        embed_fn = {
+            "config": lambda: configured_embed_fn(pipeline_cfg.embedding),
+            "clip": lambda: clip_embed_fn(pipeline_cfg.embedding),
+            "descriptor": lambda: embed_backgrounds,
+        }[embedder]()
         try:
             summary = prepare_backgrounds(
                 layers, output_dir, cfg, packaging=pipeline_cfg.packaging, embed_fn=embed_fn

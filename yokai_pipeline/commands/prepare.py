@@ -67,6 +67,12 @@ def register(app: typer.Typer) -> None:
             str | None, typer.Option(help="alpha_mask (keep RGBA + masked_loss) or composite.")
         ] = None,
         resolution: Annotated[int | None, typer.Option(help="Training resolution.")] = None,
+        min_resolution: Annotated[
+            int | None, typer.Option(help="Shorter side below this is too low-resolution (left out).")
+        ] = None,
+        upscale_to: Annotated[
+            int | None, typer.Option(help="Upscale images whose shorter side is below this (0 = never).")
+        ] = None,
         multi_concept: Annotated[
             bool,
             typer.Option(
@@ -88,6 +94,9 @@ def register(app: typer.Typer) -> None:
                 data["alpha_mode"] = alpha_mode
             if resolution:
                 data["resolution"] = resolution
+            for key, value in (("min_resolution", min_resolution), ("upscale_to", upscale_to)):
+                if value is not None:
+                    data[key] = value
             if multi_concept:
                 data["multi_concept"] = True
             cfg = PackagingConfig.model_validate(data)
@@ -110,7 +119,7 @@ def register(app: typer.Typer) -> None:
         except BadInputError as exc:
             console.print(f"[red]bad input:[/red] {exc}")
             raise typer.Exit(2) from exc
-        for item in summary["skipped"]:
+        for item in summary["skipped"] + summary["low_resolution"]:
             console.print(f"[yellow]skipped[/yellow] {item['path']}: {item['problem']}")
         typer.echo(format_preparation_summary(summary))
         if not summary["characters"]:
