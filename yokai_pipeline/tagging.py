@@ -403,7 +403,9 @@ def summarize_folder_tags(
     lists = [caption_tags(d) for d in (read_tags(p, signature) for p in images) if d is not None]
     counts = Counter(t for tags in lists for t in set(tags))
     n = max(1, len(lists))
-    top = [{"tag": t, "share": round(c / n, 3)} for t, c in counts.most_common(TOP_TAGS)]
+    # Ties by name: Counter order follows set order, which changes with the process's hash seed.
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:TOP_TAGS]
+    top = [{"tag": t, "share": round(c / n, 3)} for t, c in ranked]
     core = core_tags(lists, cfg.core_tag_ratio, cfg.never_prune) if cfg.prune_core_tags else []
     return {"tagged_images": len(lists), "top_tags": top, "core_tags": core}
 
