@@ -7,7 +7,14 @@ encoder, 512x512 images (64x64 latents), batch 4, bf16 autocast, gradient checkp
 real trainer (train_lora_with_model) runs on a generated kohya dataset. On CPU: the tiny model
 at 32x32 so the path can be checked anywhere.
 
+``--family sdxl``: an SDXL-base-sized UNet (2.6 B parameters: block_out_channels (320, 640, 1280),
+transformer depths (1, 2, 10), cross-attention 2048, text_time conditioning), the SDXL VAE shape
+and CLIP-L + OpenCLIP-bigG-sized text encoders, random weights; 1024x1024 (128x128 latents),
+batch 4, bf16, gradient checkpointing, LoRA dim 32 on the UNet only with cached text-encoder
+outputs (sdxl_train_network.py's usual set-up, as our SDXL configs).
+
     python bench/bench_training.py                  # CUDA if available, else the tiny CPU pass
+    python bench/bench_training.py --family sdxl    # SDXL-sized on CUDA, tiny SDXL on CPU
     python bench/bench_training.py --device cpu --steps 6
     python bench/bench_training.py --steps 60 --warmup 10 --batch 4 --cache-latents
 
@@ -31,9 +38,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from yokai_pipeline import training  # noqa: E402
 
+SDXL_ARGS = {"network_train_unet_only": True, "cache_text_encoder_outputs": True, "no_half_vae": True}
+MODEL_NAMES = {
+    ("sd15", True): "SD-1.5-sized random UNet/VAE/CLIP-L",
+    ("sd15", False): "tiny random SD (build_tiny_sd_model)",
+    ("sdxl", True): "SDXL-base-sized random UNet/VAE/CLIP-L+bigG, UNet-only LoRA",
+    ("sdxl", False): "tiny random SDXL (build_tiny_sdxl_model)",
+}
+
 
 def write_dataset(
-    root: Path, *, n_images: int, resolution: int, batch: int, repeats: int, args: dict
+    root: Path, *, n_images: int, resolution: int, batch: int, repeats: int, args: dict, shuffle: bool = True
 ) -> Path:
     img_dir = root / "data" / f"{repeats}_char000"
     img_dir.mkdir(parents=True)
@@ -46,7 +61,7 @@ def write_dataset(
         Image.fromarray(arr, "RGBA").save(img_dir / f"img_{i:03d}.png")
         (img_dir / f"img_{i:03d}.txt").write_text(f"char000, pose {i}, red hat, smiling\n", encoding="utf-8")
     ds = {
-        "general": {"caption_extension": ".txt", "shuffle_caption": True, "keep_tokens": 1},
+        "general": {"caption_extension": ".txt", "shuffle_caption": shuffle, "keep_tokens": 1},
         "datasets": [
             {
                 "resolution": resolution,
@@ -82,10 +97,25 @@ def write_dataset(
     return path
 
 
+def sd_vae(sample_size: int, scaling_factor: float) -> object:
+    """The SD / SDXL VAE shape (both use the same architecture; SDXL rescales latents by 0.13025)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=[128, 256, 512, 512],
+        down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        latent_channels=4,
+        layers_per_block=2,
+        sample_size=sample_size,
+        scaling_factor=scaling_factor,
+    )
+
+
 def sd15_sized_model() -> training.BaseModel:
     """SD-1.5-shaped UNet / VAE / text encoder with random weights, and the byte-level tokenizer."""
     import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(0)
@@ -96,14 +126,7 @@ def sd15_sized_model() -> training.BaseModel:
         attention_head_dim=8,
         layers_per_block=2,
     )
-    vae = AutoencoderKL(
-        block_out_channels=[128, 256, 512, 512],
-        down_block_types=["DownEncoderBlock2D"] * 4,
-        up_block_types=["UpDecoderBlock2D"] * 4,
-        latent_channels=4,
-        layers_per_block=2,
-        sample_size=512,
-    )
+    vae = sd_vae(512, 0.18215)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             hidden_size=768,
@@ -117,16 +140,75 @@ def sd15_sized_model() -> training.BaseModel:
             pad_token_id=513,
         )
     )
-    with tempfile.TemporaryDirectory() as tmp:
-        tiny = training.build_tiny_sd_model(Path(tmp) / "tok")
-        from transformers import CLIPTokenizer
-
-        tokenizer = CLIPTokenizer.from_pretrained(str(tiny), subfolder="tokenizer")
+    tokenizer = _tokenizer()
     n_params = sum(p.numel() for p in unet.parameters())
     print(f"UNet parameters: {n_params / 1e6:.1f} M", file=sys.stderr)
     return training.BaseModel(
         tokenizer, text_encoder, vae, unet, training.kohya_noise_scheduler(), "random-sd15-sized"
     )
+
+
+def _tokenizer() -> object:
+    # The byte-level tokenizer of the tiny model (token ids < 514 fit any CLIP vocabulary).
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tiny = training.build_tiny_sd_model(Path(tmp) / "tok")
+        return CLIPTokenizer.from_pretrained(str(tiny), subfolder="tokenizer")
+
+
+def sdxl_sized_model() -> training.BaseModel:
+    """SDXL-base-shaped UNet / VAE / two text encoders with random weights (sizes of SDXL 1.0's configs)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        **training.sdxl_unet_config(
+            (320, 640, 1280),
+            sample_size=128,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(5, 10, 20),
+            transformer_layers_per_block=(1, 2, 10),
+            addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816,
+            cross_attention_dim=2048,
+            norm_num_groups=32,
+        )
+    )
+    vae = sd_vae(1024, 0.13025)
+    ids = {"bos_token_id": 512, "eos_token_id": 513, "pad_token_id": 513, "vocab_size": 49408}
+    te1 = CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12, **ids
+        )
+    )
+    te2 = CLIPTextModelWithProjection(
+        CLIPTextConfig(
+            hidden_size=1280,
+            intermediate_size=5120,
+            num_attention_heads=20,
+            num_hidden_layers=32,
+            projection_dim=1280,
+            hidden_act="gelu",
+            **ids,
+        )
+    )
+    tok = _tokenizer()
+    print(f"UNet parameters: {sum(p.numel() for p in unet.parameters()) / 1e6:.1f} M", file=sys.stderr)
+    model = training.BaseModel(tok, te1, vae, unet, training.kohya_noise_scheduler(), "random-sdxl-sized")
+    model.version, model.tokenizer_2, model.text_encoder_2 = "sdxl_base_v1-0", tok, te2
+    return model
+
+
+def _model(family: str, cuda: bool, root: Path) -> training.BaseModel:
+    if cuda:
+        return sdxl_sized_model() if family == "sdxl" else sd15_sized_model()
+    if family == "sdxl":
+        return training.load_base_model(training.build_tiny_sdxl_model(root / "tiny"), "sdxl")
+    return training.load_base_model(training.build_tiny_sd_model(root / "tiny"))
 
 
 def main() -> None:
@@ -141,11 +223,13 @@ def main() -> None:
     ap.add_argument("--cache-latents", action="store_true")
     ap.add_argument("--no-gradient-checkpointing", action="store_true")
     ap.add_argument("--threads", type=int, default=1, help="CPU torch threads (CPU pass)")
+    ap.add_argument("--family", choices=("sd15", "sdxl"), default="sd15")
     ns = ap.parse_args()
+    sdxl = ns.family == "sdxl"
 
     cuda = torch.cuda.is_available() and ns.device != "cpu"
     device = "cuda" if cuda and ns.device == "auto" else ns.device if ns.device != "auto" else "cpu"
-    resolution = ns.resolution or (512 if cuda else 32)
+    resolution = ns.resolution or ((1024 if sdxl else 512) if cuda else 32)
     batch = ns.batch or (4 if cuda else 2)
     steps = ns.steps or (50 if cuda else 6)
     warmup = ns.warmup if ns.warmup is not None else (10 if cuda else 2)
@@ -163,13 +247,11 @@ def main() -> None:
             args={
                 "gradient_checkpointing": not ns.no_gradient_checkpointing,
                 "cache_latents": ns.cache_latents,
+                **(SDXL_ARGS if sdxl else {}),
             },
+            shuffle=not sdxl,  # cached text-encoder outputs: captions are not shuffled (kohya asserts)
         )
-        model = (
-            sd15_sized_model()
-            if cuda
-            else training.load_base_model(training.build_tiny_sd_model(root / "tiny"))
-        )
+        model = _model(ns.family, cuda, root)
         stamps: dict[int, float] = {}
 
         def on_progress(p: dict) -> None:
@@ -190,9 +272,8 @@ def main() -> None:
         out = {
             "bench": "builtin_lora_training",
             "device": torch.cuda.get_device_name(0) if cuda else f"cpu ({torch.get_num_threads()} threads)",
-            "model": "SD-1.5-sized random UNet/VAE/CLIP-L"
-            if cuda
-            else "tiny random SD (build_tiny_sd_model)",
+            "family": ns.family,
+            "model": MODEL_NAMES[(ns.family, cuda)],
             "resolution": resolution,
             "batch": batch,
             "mixed_precision": "bf16" if cuda else "fp32",

@@ -99,7 +99,7 @@ def _build_datasets(
     timed("captions", run_heavy, caption_flow, "caption", {"workspace": workspace, "config": config}, config)
     if config.tags.uses_tags:
         report_tags_task(workspace)  # the cluster report gains each character's top and core tags
-    pkg = timed("packaging", package_task, workspace, config.packaging)
+    pkg = timed("packaging", package_task, workspace, config.packaging, config.training)
     stages["packaging"]["low_resolution"] = len(pkg.get("low_resolution", []))
     for item in pkg.get("low_resolution", []):
         log.warning(f"left out of the training data: {item['path']}: {item['problem']}")

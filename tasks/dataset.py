@@ -13,6 +13,7 @@ from yokai_pipeline.config import (
     EmbeddingConfig,
     PackagingConfig,
     TagConfig,
+    TrainingConfig,
 )
 from yokai_pipeline.fsio import read_json
 from yokai_pipeline.workspace import Workspace
@@ -70,7 +71,7 @@ def caption_task(
 
 
 @task(name="package-kohya", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAYS)
-def package_task(workspace: str, cfg: PackagingConfig) -> dict:
+def package_task(workspace: str, cfg: PackagingConfig, training: TrainingConfig | None = None) -> dict:
     """Lay out kohya folders, dataset and training TOMLs and sample prompts per character."""
     ws = Workspace(workspace)
     sel = read_json(ws.selection_file)
@@ -82,6 +83,7 @@ def package_task(workspace: str, cfg: PackagingConfig) -> dict:
         cfg,
         analysis=read_json(ana_path) if ana_path.exists() else None,
         models_dir=ws.trained_models,
+        training=training,
     )
     get_run_logger().info("\n" + kohya.format_preparation_summary(summary))
     return summary

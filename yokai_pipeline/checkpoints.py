@@ -21,6 +21,7 @@ from yokai_pipeline.errors import BadInputError, ConfigError
 from yokai_pipeline.fsio import atomic_write_json, atomic_write_text, read_json, save_image
 from yokai_pipeline.training import (
     VALIDATION_FILE,
+    config_family,
     encode_prompts,
     read_training_args,
     resolve_config_path,
@@ -206,29 +207,31 @@ _pipe_lock = threading.Lock()
 _pipes: dict[tuple[str, str], Any] = {}
 
 
-def load_sampling_pipeline(base_model: str, device: str = "auto") -> Any:
-    """A StableDiffusionPipeline for the base model, memoised per process (one per model and device)."""
+def load_sampling_pipeline(base_model: str, device: str = "auto", family: str = "sd15") -> Any:
+    """A Stable Diffusion (XL for ``family="sdxl"``) pipeline for the base model, memoised per process."""
     try:
         import torch
-        from diffusers import StableDiffusionPipeline
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise ImportError(
             "checkpoint evidence needs diffusers and peft: pip install 'diffusers>=0.42' 'peft>=0.21'"
         ) from exc
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    key = (base_model, dev)
+    key = (base_model, dev, family)
     with _pipe_lock:
         if key in _pipes:
             return _pipes[key]
-        dtype = torch.float16 if dev.startswith("cuda") else torch.float32
+        # SDXL's VAE overflows in fp16 (kohya's no_half_vae): bf16 there.
+        half = torch.bfloat16 if family == "sdxl" else torch.float16
+        dtype = half if dev.startswith("cuda") else torch.float32
+        cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+        extra = {} if family == "sdxl" else {"safety_checker": None}
         path = Path(base_model).expanduser()
         try:
             if path.is_file():
-                pipe = StableDiffusionPipeline.from_single_file(str(path), dtype=dtype, safety_checker=None)
+                pipe = cls.from_single_file(str(path), dtype=dtype, **extra)
             else:
-                pipe = StableDiffusionPipeline.from_pretrained(
-                    str(path) if path.is_dir() else base_model, dtype=dtype, safety_checker=None
-                )
+                pipe = cls.from_pretrained(str(path) if path.is_dir() else base_model, dtype=dtype, **extra)
         except (OSError, ValueError) as exc:
             raise ConfigError(f"cannot load base model {base_model!r} for sampling: {exc}") from exc
         pipe.set_progress_bar_config(disable=True)
@@ -248,8 +251,13 @@ def _text_encoder_modules(text_encoder: Any) -> dict[str, Any]:
     return out
 
 
-def _merge_text_encoder_lora(text_encoder: Any, state: dict[str, Any], sign: float) -> int:
-    """Add (sign=1) or remove (sign=-1) a kohya text-encoder LoRA by merging ``alpha/r * up @ down``."""
+def _merge_text_encoder_lora(
+    text_encoder: Any, state: dict[str, Any], sign: float, prefix: str = r"^lora_te1?_"
+) -> int:
+    """Add (sign=1) or remove (sign=-1) a kohya text-encoder LoRA by merging ``alpha/r * up @ down``.
+
+    ``prefix`` selects the encoder's keys (SDXL: ``lora_te1_`` first encoder, ``lora_te2_`` second).
+    """
     import torch
 
     modules = _text_encoder_modules(text_encoder)
@@ -258,8 +266,8 @@ def _merge_text_encoder_lora(text_encoder: Any, state: dict[str, Any], sign: flo
         if not key.endswith(".lora_down.weight"):
             continue
         base = key[: -len(".lora_down.weight")]
-        name = re.sub(r"^lora_te1?_", "", base)
-        module = modules.get(name)
+        name = re.sub(prefix, "", base)
+        module = modules.get(name) if name != base else None
         if module is None:
             continue
         up = state[base + ".lora_up.weight"]
@@ -295,13 +303,34 @@ class _LoraApplied:
             unet_part = {k: v for k, v in state.items() if k.startswith("lora_unet_")}
             self.te_state = {k: v for k, v in state.items() if k.startswith("lora_te")}
             self.pipe.load_lora_weights(unet_part, adapter_name="evidence")
-            _merge_text_encoder_lora(self.pipe.text_encoder, self.te_state, 1.0)
+            self._merge(1.0)
         return self
+
+    def _merge(self, sign: float) -> None:
+        _merge_text_encoder_lora(self.pipe.text_encoder, self.te_state, sign)
+        if getattr(self.pipe, "text_encoder_2", None) is not None:
+            _merge_text_encoder_lora(self.pipe.text_encoder_2, self.te_state, sign, prefix=r"^lora_te2_")
 
     def __exit__(self, *exc: object) -> None:
         self.pipe.unload_lora_weights()
         if self.te_state:
-            _merge_text_encoder_lora(self.pipe.text_encoder, self.te_state, -1.0)
+            self._merge(-1.0)
+
+
+def _prompt_kwargs(pipe: Any, p: dict[str, Any], clip_skip: int, family: str) -> dict[str, Any]:
+    """SDXL: the pipeline encodes with both encoders as sdxl_train_network.py trains (no clip_skip).
+    SD 1.5: embeddings computed as the trainer does (kohya clip_skip), passed to the pipeline."""
+    import torch
+
+    negative = p.get("negative_prompt") or ""
+    if family == "sdxl":
+        return {"prompt": p["prompt"], "negative_prompt": negative}
+    with torch.no_grad():
+        pos, neg = (
+            encode_prompts(pipe.tokenizer, pipe.text_encoder, [t], clip_skip=clip_skip)
+            for t in (p["prompt"], negative)
+        )
+    return {"prompt_embeds": pos, "negative_prompt_embeds": neg}
 
 
 def render_checkpoint_evidence(
@@ -351,7 +380,8 @@ def render_checkpoint_evidence(
     base = base_model_override or args.get("pretrained_model_name_or_path")
     if not base:
         raise ConfigError(f"{config_file}: pretrained_model_name_or_path is not set; pass a base model")
-    pipe = load_sampling_pipeline(str(base), device)
+    family = config_family(args)
+    pipe = load_sampling_pipeline(str(base), device, family)
     default_sampler = str(args.get("sample_sampler") or "ddim")
     clip_skip = int(args.get("clip_skip") or 1)
     evidence = output_dir / EVIDENCE_DIR
@@ -367,15 +397,8 @@ def render_checkpoint_evidence(
                 w = max(8, int(p.get("width", 512)) // 8 * 8)
                 h = max(8, int(p.get("height", 512)) // 8 * 8)
                 gen = torch.Generator("cpu").manual_seed(int(p.get("seed", pi)))
-                # Embeddings computed as the trainer does (kohya clip_skip), passed to the pipeline.
-                with torch.no_grad():
-                    pos, neg = (
-                        encode_prompts(pipe.tokenizer, pipe.text_encoder, [t], clip_skip=clip_skip)
-                        for t in (p["prompt"], p.get("negative_prompt") or "")
-                    )
                 image = pipe(
-                    prompt_embeds=pos,
-                    negative_prompt_embeds=neg,
+                    **_prompt_kwargs(pipe, p, clip_skip, family),
                     width=w,
                     height=h,
                     num_inference_steps=num_inference_steps or int(p.get("steps", 30)),
@@ -401,6 +424,7 @@ def render_checkpoint_evidence(
     html = env.get_template("checkpoints.html.j2").render(
         name=name,
         base_model=str(base),
+        family=family,
         prompts=prompts,
         rows=rows,
         best_epoch=best,
@@ -415,6 +439,7 @@ def render_checkpoint_evidence(
         "images": images,
         "best_epoch": best,
         "curve": curve,
+        "family": family,
     }
     atomic_write_json(evidence / "evidence.json", report)
     return report

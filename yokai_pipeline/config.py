@@ -314,9 +314,10 @@ class PackagingConfig(_Stage):
     composite_color: tuple[int, int, int] = Field(
         (255, 255, 255), description="Background colour for composite mode."
     )
-    base_model: str = Field(
-        "runwayml/stable-diffusion-v1-5",
-        description="pretrained_model_name_or_path written into training configs.",
+    base_model: str | None = Field(
+        None,
+        description="pretrained_model_name_or_path written into training configs; None = the family's default "
+        "(sd15: stable-diffusion-v1-5/stable-diffusion-v1-5, sdxl: cagliostrolab/animagine-xl-3.1).",
     )
     multi_concept: bool = Field(
         False, description="Also write one config that trains all selected characters in one LoRA."
@@ -392,6 +393,27 @@ class TrainingConfig(_Stage):
         True,
         description="After training, sample every checkpoint into trained_models/<name>/evidence/index.html (the grid with the validation-loss curve).",
     )
+    # ---- model family (issue 17)
+    family: Literal["sd15", "sdxl"] = Field(
+        "sd15",
+        description="Model family: sd15 (kohya train_network.py, 512 px) or sdxl (sdxl_train_network.py, "
+        "1024 px buckets). SDXL anime checkpoints known to work: cagliostrolab/animagine-xl-3.1 (the sdxl "
+        "default), Laxhar/noobai-XL-1.0, OnomaAIResearch/Illustrious-xl-early-release-v0 (its single "
+        ".safetensors file), Pony Diffusion V6 XL (single file), stabilityai/stable-diffusion-xl-base-1.0.",
+    )
+    family_per_character: dict[str, Literal["sd15", "sdxl"]] = Field(
+        default_factory=dict,
+        description="Family by character name where it differs from `family` (e.g. one character on SDXL).",
+    )
+    sdxl_train_text_encoders: bool = Field(
+        False,
+        description="SDXL: also train both text encoders (text-encoder outputs are then computed every step, "
+        "so captions may be shuffled). Default: UNet only with cached text-encoder outputs, the usual SDXL LoRA.",
+    )
+
+    def family_of(self, name: str) -> str:
+        """The family one character trains on."""
+        return self.family_per_character.get(name, self.family)
 
 
 class StorageConfig(_Stage):

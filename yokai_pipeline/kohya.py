@@ -49,7 +49,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from yokai_pipeline.config import PackagingConfig
+from yokai_pipeline.config import PackagingConfig, TrainingConfig
 from yokai_pipeline.errors import BadInputError
 from yokai_pipeline.fsio import (
     atomic_write_bytes,
@@ -60,6 +60,7 @@ from yokai_pipeline.fsio import (
     safe_name,
 )
 from yokai_pipeline.tagging import read_tag_summary
+from yokai_pipeline.training.families import FAMILIES, Family, get_family
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 AUGMENT_MANIFEST = "augment_manifest.jsonl"
@@ -382,6 +383,14 @@ def build_dataset_config(subsets: list[dict[str, Any]], cfg: PackagingConfig) ->
     return {"general": general, "datasets": datasets}
 
 
+def for_family(cfg: PackagingConfig, family: Family) -> PackagingConfig:
+    """``cfg`` with the family's native resolution unless one was set, and its base model."""
+    update: dict[str, Any] = {"base_model": cfg.base_model or family.default_base_model}
+    if "resolution" not in cfg.model_fields_set:
+        update["resolution"] = family.resolution
+    return cfg.model_copy(update=update)
+
+
 def build_training_config(
     *,
     name: str,
@@ -391,12 +400,19 @@ def build_training_config(
     models_dir: Path,
     cfg: PackagingConfig,
     has_validation: bool,
+    family: Family = FAMILIES["sd15"],
+    train_text_encoders: bool = False,
 ) -> dict[str, Any]:
-    """train_network.py arguments (sections are only for humans: kohya flattens them)."""
+    """train_network.py / sdxl_train_network.py arguments (sections are only for humans: kohya flattens them).
+
+    ``train_text_encoders`` matters for SDXL only (SD 1.5 always trains its text encoder, as the
+    guide's table gives it a learning rate).
+    """
     out_dir = models_dir / name
     color_aug = random_crop = False  # we never turn these on, so latents can be cached
+    base_model = cfg.base_model or family.default_base_model
     doc: dict[str, Any] = {
-        "model": {"pretrained_model_name_or_path": cfg.base_model, "clip_skip": 2},
+        "model": {"pretrained_model_name_or_path": base_model, "clip_skip": 2},
         "network": {
             "network_module": "networks.lora",
             "network_dim": int(params["network_dim"]),
@@ -439,7 +455,44 @@ def build_training_config(
         doc["training"]["alpha_mask"] = True
     if has_validation:
         doc["validation"] = {"validate_every_n_epochs": 1}
+    if family.name == "sdxl":
+        _sdxl_arguments(doc, train_text_encoders)
     return doc
+
+
+def _sdxl_arguments(doc: dict[str, Any], train_text_encoders: bool) -> None:
+    """sdxl_train_network.py's settings (KOHYA_FACTS.md SDXL; sd-scripts docs/sdxl_train_network.md).
+
+    clip_skip is ignored by SDXL training (a warning), so it is not written; the VAE runs in fp32
+    (``no_half_vae``: SDXL's VAE gives NaNs in half precision). The usual SDXL LoRA trains the UNet
+    only with cached text-encoder outputs (sd-scripts' recommendation); caching asserts unless
+    ``network_train_unet_only`` is on and captions are neither shuffled nor dropped, which our
+    dataset configs never do.
+    """
+    del doc["model"]["clip_skip"]
+    doc["model"]["no_half_vae"] = True
+    if train_text_encoders:
+        doc["network"]["network_train_unet_only"] = False
+        return
+    doc["network"]["network_train_unet_only"] = True
+    doc["training"]["cache_text_encoder_outputs"] = True
+    del doc["optimizer"]["text_encoder_lr"]
+
+
+def caches_text_encoder_outputs(family: Family, train_text_encoders: bool) -> bool:
+    """Whether the training config caches text-encoder outputs (SDXL, UNet only: :func:`_sdxl_arguments`)."""
+    return family.name == "sdxl" and not train_text_encoders
+
+
+def caption_shuffle(tag_summary: dict[str, Any], family: Family, train_text_encoders: bool) -> bool:
+    """Whether kohya may shuffle a character's captions (``keep_tokens = 1`` keeps the trigger first).
+
+    Only pure tag lists are shuffled (the tag stage records the caption mode in tag_summary.json),
+    and never with cached text-encoder outputs, which kohya refuses to combine with shuffling.
+    """
+    tag_cfg = tag_summary.get("config") or {}
+    tags_only = tag_cfg.get("caption") == "tags" and bool(tag_cfg.get("shuffle_caption"))
+    return tags_only and not caches_text_encoder_outputs(family, train_text_encoders)
 
 
 def sample_prompt_lines(triggers: list[str], resolution: int) -> str:
@@ -473,9 +526,9 @@ def default_models_dir(out_dir: Path) -> Path:
     return root / "trained_models"
 
 
-def launch_command(config_path: Path) -> str:
+def launch_command(config_path: Path, script: str = "train_network.py") -> str:
     """The exact command that starts training for one config (run from the sd-scripts checkout)."""
-    return f"accelerate launch train_network.py --config_file {Path(config_path).resolve()}"
+    return f"accelerate launch {script} --config_file {Path(config_path).resolve()}"
 
 
 def prepare_training_data(
@@ -488,6 +541,7 @@ def prepare_training_data(
     selected_clusters: Iterable[int] | None = None,
     models_dir: str | Path | None = None,
     progress: Callable[[int, int], None] | None = None,
+    training: TrainingConfig | None = None,
 ) -> dict[str, Any]:
     """Package per-character image folders as kohya datasets with training configs.
 
@@ -501,6 +555,8 @@ def prepare_training_data(
         selected_clusters: only these cluster ids.
         models_dir: where training writes LoRAs (default: the workspace's ``trained_models``).
         progress: ``progress(done, total)`` callback over characters.
+        training: the model family per character (``family``, ``family_per_character``) and whether
+            SDXL trains its text encoders; None = SD 1.5.
 
     Returns:
         Summary dict (also written to ``configs/preparation_summary.json``): per-character folders,
@@ -513,13 +569,16 @@ def prepare_training_data(
     models_dir = Path(models_dir).resolve() if models_dir else default_models_dir(out_dir)
     configs = out_dir / "configs"
     configs.mkdir(parents=True, exist_ok=True)
+    training = training if training is not None else TrainingConfig()
+    get_family(training.family)
+
     chars = characters_from_inputs(src_dir, selection, analysis, selected_clusters)
     results: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []
     used_names: set[str] = set()
     for i, char in enumerate(chars):
         try:
-            res = _prepare_character(src_dir, out_dir, char, cfg, models_dir, used_names, skipped)
+            res = _prepare_character(src_dir, out_dir, char, cfg, models_dir, training, used_names, skipped)
         except BadInputError as exc:
             skipped.append({"path": exc.path, "problem": exc.problem})
             res = None
@@ -530,13 +589,14 @@ def prepare_training_data(
 
     multi = None
     if cfg.multi_concept and len(results) >= 2:
-        multi = _write_multi_concept(out_dir, results, cfg, models_dir)
+        multi = _write_multi_concept(out_dir, results, cfg, models_dir, training)
 
     summary = {
         "output_dir": str(out_dir),
         "models_dir": str(models_dir),
         "alpha_mode": cfg.alpha_mode,
-        "resolution": cfg.resolution,
+        "family": training.family,
+        "resolution": for_family(cfg, get_family(training.family)).resolution,
         "characters": results,
         "characters_prepared": len(results),
         "training_images": sum(r["train_images"] for r in results),
@@ -559,6 +619,7 @@ def _prepare_character(
     char: dict[str, Any],
     cfg: PackagingConfig,
     models_dir: Path,
+    training: TrainingConfig,
     used_names: set[str],
     skipped: list[dict[str, str]],
 ) -> dict[str, Any] | None:
@@ -568,6 +629,8 @@ def _prepare_character(
     while name in used_names:  # two hostile names may sanitise to the same folder
         name, n = f"{base}_{n}", n + 1
     used_names.add(name)
+    family = get_family(training.family_of(name))
+    cfg = for_family(cfg, family)
     trigger = clean_trigger(str(char.get("trigger") or raw_name), fallback=name)
     ctype = char.get("type") if char.get("type") in ("human", "yokai", "unknown") else "unknown"
     folder = _cluster_folder(src_dir, char.get("cluster", name), name)
@@ -587,9 +650,7 @@ def _prepare_character(
         raise BadInputError(folder, problem)
     sources = read_sources(folder)
     tag_doc = read_tag_summary(folder) or {}
-    # The tag stage records how captions are composed: only pure tag lists may be shuffled.
-    tag_cfg = tag_doc.get("config") or {}
-    shuffle = tag_cfg.get("caption") == "tags" and bool(tag_cfg.get("shuffle_caption"))
+    shuffle = caption_shuffle(tag_doc, family, training.sdxl_train_text_encoders)
     train, val, dropped = split_validation(paths, sources, cfg.validation_split, cfg.seed, name)
 
     # The guide's table is by the images a character has, before augmentation.
@@ -665,6 +726,8 @@ def _prepare_character(
             models_dir=models_dir,
             cfg=cfg,
             has_validation=k > 0,
+            family=family,
+            train_text_encoders=training.sdxl_train_text_encoders,
         ),
     )
     atomic_write_json(
@@ -701,7 +764,8 @@ def _prepare_character(
         "config": str(cfg_path),
         "sample_prompts": str(prompts),
         "output_dir": str(models_dir / name),
-        "command": launch_command(cfg_path),
+        "family": family.name,
+        "command": launch_command(cfg_path, family.kohya_script),
     }
 
 
@@ -791,7 +855,11 @@ def multi_concept_params(results: list[dict[str, Any]], auto: bool = True) -> di
 
 
 def _write_multi_concept(
-    out_dir: Path, results: list[dict[str, Any]], cfg: PackagingConfig, models_dir: Path
+    out_dir: Path,
+    results: list[dict[str, Any]],
+    cfg: PackagingConfig,
+    models_dir: Path,
+    training: TrainingConfig,
 ) -> dict[str, Any]:
     """One LoRA for all characters: one dataset per character folder in one dataset config.
 
@@ -799,17 +867,20 @@ def _write_multi_concept(
     dataset with a subset per character) keeps each character's exact held-out images.
     """
     params = multi_concept_params(results, auto=cfg.auto_params)
+    family = get_family(training.family)
     subsets = [
         {
             "image_dir": r["image_dir"],
             "num_repeats": r["params"]["repeat"],  # each character keeps its own repeat balance
             "trigger": r["trigger"],
             "validation_split": r["validation_split"],
-            "shuffle_caption": r.get("shuffle_caption", False),
+            "shuffle_caption": bool(r.get("shuffle_caption"))
+            and not caches_text_encoder_outputs(family, training.sdxl_train_text_encoders),
         }
         for r in results
     ]
     name = "multi_concept"
+    cfg = for_family(cfg, family)
     prompts = configs_path(out_dir, f"{name}_sample_prompts.txt")
     atomic_write_text(prompts, sample_prompt_lines([r["trigger"] for r in results], cfg.resolution))
     ds_path = configs_path(out_dir, f"{name}_dataset.toml")
@@ -825,6 +896,8 @@ def _write_multi_concept(
             models_dir=models_dir,
             cfg=cfg,
             has_validation=any(r["validation_images"] for r in results),
+            family=family,
+            train_text_encoders=training.sdxl_train_text_encoders,
         ),
     )
     return {
@@ -833,7 +906,8 @@ def _write_multi_concept(
         "params": params,
         "dataset_config": str(ds_path),
         "config": str(cfg_path),
-        "command": launch_command(cfg_path),
+        "family": family.name,
+        "command": launch_command(cfg_path, family.kohya_script),
     }
 
 

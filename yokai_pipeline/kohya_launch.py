@@ -1,4 +1,5 @@
-"""Launch kohya-ss/sd-scripts ``train_network.py`` for one character and relay its progress.
+"""Launch kohya-ss/sd-scripts ``train_network.py`` (SD 1.5) or ``sdxl_train_network.py`` (SDXL,
+recognised by the config's SDXL-only keys) for one character and relay its progress.
 
 The command is an argument list (never a shell string)::
 
@@ -10,7 +11,8 @@ run from the sd-scripts checkout. Output lines go to ``on_line``; tqdm redraws (
 parsed for steps / loss but not relayed, so logs stay readable. ``--save_state`` is always
 passed, so an interrupted run leaves a ``<output_name>-*-state`` folder and the next launch
 resumes from the newest one. A successful run writes ``<output_dir>/.finished`` (JSON naming
-the final checkpoint); a finished character is skipped.
+the final checkpoint and the fingerprint of the config and data); a finished character is skipped
+until its dataset or config changes.
 
 Where things come from: ``sd_scripts`` argument or ``YOKAI_SD_SCRIPTS``; ``python`` argument or
 ``YOKAI_SD_PYTHON`` (or ``venv/bin/python`` inside the checkout, kohya's own install layout).
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import time
 from collections import deque
@@ -33,10 +36,13 @@ from typing import Any
 from yokai_pipeline.errors import ConfigError
 from yokai_pipeline.fsio import read_json
 from yokai_pipeline.training import (
+    FAMILIES,
     TrainingError,
+    config_family,
     read_finished_marker,
     read_training_args,
     resolve_config_path,
+    training_fingerprint,
     write_finished_marker,
 )
 
@@ -55,8 +61,9 @@ __all__ = [
     "resolve_sd_scripts",
 ]
 
-# tqdm bar of train_network.py: "steps:  12%|█▏        | 120/1000 [00:30<03:40,  4.00it/s, avr_loss=0.123]"
-_STEPS = re.compile(r"\bsteps:\s*\d+%\|[^|]*\|\s*(\d+)/(\d+)")
+# tqdm bar of train_network.py: "steps:  12%|█▏        | 120/1000 [00:30<03:40,  4.00it/s, avr_loss=0.123]".
+# Its validation bars ("validation steps: ...", "epoch validation steps: ...") count other things.
+_STEPS = re.compile(r"(?<!validation )\bsteps:\s*\d+%\|[^|]*\|\s*(\d+)/(\d+)")
 # accelerator.print(f"\nepoch {epoch+1}/{num_train_epochs}\n")
 _EPOCH = re.compile(r"\bepoch (\d+)/(\d+)")
 _LOSS = re.compile(r"\bavr_loss=([-+0-9.eE]+|nan|inf)")
@@ -164,9 +171,10 @@ def build_kohya_command(
     resume: Path | None = None,
     accelerate_args: Sequence[str] = DEFAULT_ACCELERATE_ARGS,
     extra_args: Sequence[str] = (),
+    script_name: str = TRAIN_SCRIPT,
 ) -> list[str]:
-    """The argument list that runs train_network.py (no shell)."""
-    script = str(sd_scripts / TRAIN_SCRIPT)
+    """The argument list that runs train_network.py or sdxl_train_network.py (no shell)."""
+    script = str(sd_scripts / script_name)
     if launcher == "accelerate":
         cmd = [str(python), "-m", "accelerate.commands.launch", *accelerate_args, script]
     elif launcher == "python":
@@ -234,10 +242,13 @@ def launch_kohya(
     args = read_training_args(config_file)
     output_name = str(args.get("output_name") or "last")
     output_dir = resolve_config_path(args["output_dir"], config_file) if args.get("output_dir") else None
+    script_name = FAMILIES[config_family(args)].kohya_script
+    fingerprint = training_fingerprint(config_file)
     if output_dir is not None:
-        marker = read_finished_marker(output_dir)
+        marker = read_finished_marker(output_dir, fingerprint)
         if marker is not None:
             return {"status": "skipped", "output_dir": str(output_dir), **marker}
+        _drop_stale_states(output_dir, output_name)
     sd = resolve_sd_scripts(sd_scripts)
     py = resolve_sd_python(python, sd)
     if launcher == "auto":
@@ -252,6 +263,7 @@ def launch_kohya(
         resume=resume,
         accelerate_args=accelerate_args,
         extra_args=extra_args,
+        script_name=script_name,
     )
     run_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
     if on_line:
@@ -322,12 +334,12 @@ def launch_kohya(
     }
     if rc != 0:
         raise TrainingError(
-            f"{config_file}: {TRAIN_SCRIPT} exited with code {rc}. Last output:\n" + "\n".join(tail)
+            f"{config_file}: {script_name} exited with code {rc}. Last output:\n" + "\n".join(tail)
         )
     checkpoint = _final_checkpoint(output_dir, output_name, args) if output_dir is not None else None
     if checkpoint is None:
         raise TrainingError(
-            f"{config_file}: {TRAIN_SCRIPT} exited 0 but wrote no {output_name} checkpoint in {output_dir}"
+            f"{config_file}: {script_name} exited 0 but wrote no {output_name} checkpoint in {output_dir}"
         )
     result.update(status="finished", checkpoint=str(checkpoint))
     assert output_dir is not None
@@ -338,6 +350,18 @@ def launch_kohya(
             "backend": "kohya",
             "global_step": state.get("step"),
             "best_epoch": None,
+            "fingerprint": fingerprint,
         },
     )
     return result
+
+
+def _drop_stale_states(output_dir: Path, output_name: str) -> None:
+    """A ``.finished`` marker for other data or config: its resume states belong to that old run."""
+    if read_finished_marker(output_dir) is None:
+        return
+    pattern = re.compile(re.escape(output_name) + r"(-\d{6}|-step\d{8})?-state$")
+    for d in output_dir.iterdir():
+        if d.is_dir() and pattern.fullmatch(d.name):
+            shutil.rmtree(d)
+    (output_dir / ".finished").unlink(missing_ok=True)

@@ -47,9 +47,15 @@ ALLOWED_WRITES = {
     ("yokai_pipeline/embedding.py", "np.save(fh"): "inside fsio.atomic_path",
     ("yokai_pipeline/clustering.py", "os.link(src, dest)"): "into a .tmp- build folder swapped in whole",
     ("yokai_pipeline/clustering.py", "shutil.copy2(src, dest)"): "into a .tmp- build folder swapped in whole",
-    ("yokai_pipeline/training.py", "torch.save(obj.state_dict(), buf)"): "in-memory buffer",
-    ("yokai_pipeline/training.py", '/ "vocab.json").write_text'): "TemporaryDirectory (tiny test tokenizer)",
-    ("yokai_pipeline/training.py", '/ "merges.txt").write_text'): "TemporaryDirectory (tiny test tokenizer)",
+    ("yokai_pipeline/training/loop.py", "torch.save(obj.state_dict(), buf)"): "in-memory buffer",
+    (
+        "yokai_pipeline/training/tiny.py",
+        '/ "vocab.json").write_text',
+    ): "TemporaryDirectory (tiny test tokenizer)",
+    (
+        "yokai_pipeline/training/tiny.py",
+        '/ "merges.txt").write_text',
+    ): "TemporaryDirectory (tiny test tokenizer)",
     ("yokai_pipeline/models/u2net.py", "save_file(state, str(tmp)"): "inside fsio.atomic_path",
 }
 

@@ -114,7 +114,69 @@ TRAIN_ARG_TYPES: dict[str, Any] = {
     "random_crop": bool,
     "flip_aug": bool,
     "keep_tokens": int,
+    "no_half_vae": bool,
+    "cache_text_encoder_outputs": bool,
+    "cache_text_encoder_outputs_to_disk": bool,
+    "v_parameterization": bool,
 }
+
+# Every option train_network.py's parser defines (pinned from kohya-ss/sd-scripts 48d368fa, 2026-02-16:
+# the add_argument names of setup_parser and the add_*_arguments helpers it calls). A key outside
+# this set is kept silently by sd-scripts and never used.
+TRAIN_NETWORK_OPTIONS = frozenset(
+    """
+    adaptive_noise_scale alpha_mask async_upload base_weights base_weights_multiplier bucket_no_upscale
+    bucket_reso_steps cache_info cache_latents cache_latents_to_disk caption_dropout_every_n_epochs
+    caption_dropout_rate caption_extension caption_extention caption_prefix caption_separator
+    caption_suffix caption_tag_dropout_rate clip_skip color_aug conditioning_data_dir config_file
+    console_log_file console_log_level console_log_simple cpu_offload_checkpointing dataset_class
+    dataset_config dataset_repeats ddp_gradient_as_bucket_view ddp_static_graph ddp_timeout
+    debiased_estimation_loss debug_dataset deepspeed dim_from_weights dynamo_backend enable_bucket
+    enable_wildcard face_crop_aug_range flip_aug fp16_master_weights_and_gradients fp8_base
+    fp8_base_unet full_bf16 full_fp16 fused_backward_pass gradient_accumulation_steps
+    gradient_checkpointing highvram huber_c huber_scale huber_schedule huggingface_path_in_repo
+    huggingface_repo_id huggingface_repo_type huggingface_repo_visibility huggingface_token in_json
+    initial_epoch initial_step ip_noise_gamma ip_noise_gamma_random_strength keep_tokens
+    keep_tokens_separator learning_rate log_config log_prefix log_tracker_config log_tracker_name
+    log_with logging_dir loss_type lowram lr_decay_steps lr_scheduler lr_scheduler_args
+    lr_scheduler_min_lr_ratio lr_scheduler_num_cycles lr_scheduler_power lr_scheduler_timescale
+    lr_scheduler_type lr_warmup_steps masked_loss max_bucket_reso max_data_loader_n_workers
+    max_grad_norm max_timestep max_token_length max_train_epochs max_train_steps max_validation_steps
+    mem_eff_attn metadata_author metadata_description metadata_is_negative_embedding metadata_license
+    metadata_merged_from metadata_preprocessor metadata_tags metadata_thumbnail metadata_title
+    metadata_trigger_phrase metadata_usage_hint min_bucket_reso min_snr_gamma min_timestep
+    mixed_precision multires_noise_discount multires_noise_iterations network_alpha network_args
+    network_dim network_dropout network_module network_train_text_encoder_only network_train_unet_only
+    network_weights no_half_vae no_metadata noise_offset noise_offset_random_strength
+    offload_optimizer_device offload_optimizer_nvme_path offload_param_device offload_param_nvme_path
+    optimizer_args optimizer_type output_config output_dir output_name persistent_data_loader_workers
+    pretrained_model_name_or_path prior_loss_weight random_crop reg_data_dir resize_interpolation
+    resolution resume resume_from_huggingface sample_at_first sample_every_n_epochs sample_every_n_steps
+    sample_prompts sample_sampler save_every_n_epochs save_every_n_steps save_last_n_epochs
+    save_last_n_epochs_state save_last_n_steps save_last_n_steps_state save_model_as save_n_epoch_ratio
+    save_precision save_state save_state_on_train_end save_state_to_huggingface
+    scale_v_pred_loss_like_noise_pred scale_weight_norms sdpa secondary_separator seed shuffle_caption
+    skip_cache_check skip_until_initial_step text_encoder_lr token_warmup_min token_warmup_step
+    tokenizer_cache_dir torch_compile train_batch_size train_data_dir training_comment unet_lr
+    use_8bit_adam use_lion_optimizer v2 v_parameterization v_pred_like_loss vae vae_batch_size
+    validate_every_n_epochs validate_every_n_steps validation_seed validation_split wandb_api_key
+    wandb_run_name weighted_captions xformers zero3_init_flag zero3_save_16bit_model zero_stage
+    zero_terminal_snr
+    """.split()
+)
+
+# Options sdxl_train_network.py adds (sdxl_train_util.add_sdxl_training_arguments, its setup_parser).
+SDXL_ONLY_OPTIONS = frozenset(
+    """
+    cache_text_encoder_outputs cache_text_encoder_outputs_to_disk disable_mmap_load_safetensors
+    """.split()
+)
+SDXL_TRAIN_NETWORK_OPTIONS = TRAIN_NETWORK_OPTIONS | SDXL_ONLY_OPTIONS
+SCRIPT_OPTIONS = {
+    "train_network.py": TRAIN_NETWORK_OPTIONS,
+    "sdxl_train_network.py": SDXL_TRAIN_NETWORK_OPTIONS,
+}
+
 TRAIN_ARG_CHOICES = {
     "save_model_as": {"ckpt", "pt", "safetensors"},
     "save_precision": {"float", "fp16", "bf16"},
@@ -225,8 +287,10 @@ def check_dataset_files(doc: dict[str, Any]) -> list[str]:
     return problems
 
 
-def check_training_args(args: dict[str, Any], dataset_doc: dict[str, Any] | None = None) -> list[str]:
-    """Problems of a train_network.py --config_file TOML (sections flattened like kohya does)."""
+def check_training_args(
+    args: dict[str, Any], dataset_doc: dict[str, Any] | None = None, script: str = "train_network.py"
+) -> list[str]:
+    """Problems of a train_network.py / sdxl_train_network.py --config_file TOML (sections flattened)."""
     flat: dict[str, Any] = {}
     for key, value in args.items():
         if isinstance(value, dict):
@@ -235,7 +299,9 @@ def check_training_args(args: dict[str, Any], dataset_doc: dict[str, Any] | None
             flat[key] = value
     problems = []
     for key, value in flat.items():
-        if key not in TRAIN_ARG_TYPES:
+        if key not in SCRIPT_OPTIONS[script]:
+            problems.append(f"{key!r} is not an option of {script} (kohya keeps it silently and ignores it)")
+        elif key not in TRAIN_ARG_TYPES:
             problems.append(f"unknown argument {key!r} (kohya keeps it silently and ignores it)")
         elif not _type_ok(value, TRAIN_ARG_TYPES[key]):
             problems.append(
@@ -264,10 +330,40 @@ def check_training_args(args: dict[str, Any], dataset_doc: dict[str, Any] | None
         )
         if not alpha:
             problems.append("masked_loss without alpha_mask: the mask is never loaded")
+    if script == "sdxl_train_network.py":
+        problems += check_sdxl_rules(flat, dataset_doc)
     return problems
 
 
-def check_config_files(config_path: str | Path) -> list[str]:
+def check_sdxl_rules(flat: dict[str, Any], dataset_doc: dict[str, Any] | None) -> list[str]:
+    """sdxl_train_network.py's assertions (KOHYA_FACTS.md, SDXL section)."""
+    problems = []
+    if flat.get("v2"):
+        problems.append("v2 must be off for SDXL")
+    caching = flat.get("cache_text_encoder_outputs") or flat.get("cache_text_encoder_outputs_to_disk")
+    if caching and not flat.get("network_train_unet_only"):
+        problems.append("cache_text_encoder_outputs needs network_train_unet_only")
+    if not dataset_doc:
+        return problems
+    general = dataset_doc.get("general", {})
+    for i, ds in enumerate(dataset_doc.get("datasets", [])):
+        steps = ds.get("bucket_reso_steps", general.get("bucket_reso_steps", 64))
+        if steps % 32:
+            problems.append(f"datasets[{i}]: bucket_reso_steps {steps} is not a multiple of 32")
+        for sub in ds.get("subsets", []):
+            for key in (
+                "shuffle_caption",
+                "caption_dropout_rate",
+                "caption_tag_dropout_rate",
+                "token_warmup_step",
+            ):
+                value = sub.get(key, ds.get(key, general.get(key, flat.get(key))))
+                if caching and value:
+                    problems.append(f"datasets[{i}]: cache_text_encoder_outputs with {key} = {value!r}")
+    return problems
+
+
+def check_config_files(config_path: str | Path, script: str = "train_network.py") -> list[str]:
     """Load a training TOML + its dataset TOML the way kohya does (``toml`` library) and check both."""
     import toml
 
@@ -283,7 +379,7 @@ def check_config_files(config_path: str | Path) -> list[str]:
             return [f"dataset_config {ds_path} does not exist"]
         ds_doc = toml.load(ds_path)
         problems += check_dataset_config(ds_doc) + check_dataset_files(ds_doc)
-    return problems + check_training_args(args, ds_doc)
+    return problems + check_training_args(args, ds_doc, script)
 
 
 def kohya_subdirs(train_data_dir: str | Path) -> tuple[list[tuple[str, int, str]], list[str]]:

@@ -420,3 +420,32 @@ def test_wd14_on_cuda_from_png_files_through_the_decode_pool(tmp_path):
     )
     assert [i for i, _ in errors] == [5] and not gpu[5].any()
     np.testing.assert_allclose(np.delete(gpu, 5, axis=0), cpu, atol=2e-2)
+
+
+@pytest.mark.parametrize(("train_te", "shuffled"), [(False, False), (True, True)])
+def test_sdxl_with_cached_text_encoder_outputs_never_shuffles_tag_captions(tmp_path, train_te, shuffled):
+    """kohya asserts on cache_text_encoder_outputs with shuffle_caption: UNet-only SDXL keeps tag order."""
+    import tomllib
+
+    from tests.unit import kohya_rules
+    from tests.unit.test_kohya import LOW_RES_OK, _make_cluster, _selection
+    from yokai_pipeline.config import PackagingConfig, TrainingConfig
+    from yokai_pipeline.kohya import prepare_training_data
+
+    src = tmp_path / "augmented_clusters"
+    folder = _make_cluster(src, 3, char_id=3, n_orig=5)
+    for txt in folder.glob("*.txt"):
+        txt.unlink()
+    tag_folder(folder, TagConfig())
+    caption_folder(folder, CaptionConfig(), trigger="nyan", tags=TagConfig())
+    summary = prepare_training_data(
+        src,
+        tmp_path / "characters",
+        _selection((3, "nyan", "nyan", "yokai")),
+        PackagingConfig(**LOW_RES_OK),
+        training=TrainingConfig(family="sdxl", sdxl_train_text_encoders=train_te),
+    )
+    char = summary["characters"][0]
+    subset = tomllib.loads(Path(char["dataset_config"]).read_text())["datasets"][0]["subsets"][0]
+    assert subset.get("shuffle_caption", False) is shuffled and char["shuffle_caption"] is shuffled
+    assert kohya_rules.check_config_files(char["config"], script="sdxl_train_network.py") == []

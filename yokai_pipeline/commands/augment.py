@@ -23,7 +23,10 @@ def augment(
     ] = 30,
     min_original: Annotated[int, typer.Option(help="Clusters with fewer images are copied unchanged.")] = 5,
     aug_intensity: Annotated[
-        str, typer.Option(help="Transform strength: light, medium or heavy (the multiplier is automatic by count).")
+        str,
+        typer.Option(
+            help="Transform strength: light, medium or heavy (the multiplier is automatic by count)."
+        ),
     ] = "medium",
     selection: Annotated[Path | None, typer.Option(help="selection.json: only its clusters.")] = None,
     cluster_analysis: Annotated[

@@ -9,8 +9,9 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from yokai_pipeline.config import PackagingConfig, load_config
+from yokai_pipeline.config import PackagingConfig, TrainingConfig, load_config
 from yokai_pipeline.errors import BadInputError
+from yokai_pipeline.training.families import get_family
 
 console = Console(stderr=True)
 
@@ -82,14 +83,23 @@ def register(app: typer.Typer) -> None:
         config: Annotated[
             Path | None, typer.Option(help="PipelineConfig TOML/JSON (its [packaging] section).")
         ] = None,
+        family: Annotated[
+            str | None,
+            typer.Option(
+                help="Model family: sd15 (train_network.py, 512 px) or sdxl (sdxl_train_network.py, "
+                "1024 px). Default: training.family of the config (sd15)."
+            ),
+        ] = None,
     ) -> None:
         """Organise clusters into kohya {repeat}_{name}/ folders with dataset + training TOMLs."""
         from yokai_pipeline.kohya import format_preparation_summary, prepare_training_data
 
         try:
-            data = load_config(config).packaging.model_dump()
+            full = load_config(config)
+            # Only what was set: an unset resolution follows the family (512 / 1024).
+            data = full.packaging.model_dump(exclude_unset=True)
             data["validation_split"] = validation_split
-            data["auto_params"] = data["auto_params"] and not no_auto_params
+            data["auto_params"] = full.packaging.auto_params and not no_auto_params
             if alpha_mode:
                 data["alpha_mode"] = alpha_mode
             if resolution:
@@ -100,6 +110,10 @@ def register(app: typer.Typer) -> None:
             if multi_concept:
                 data["multi_concept"] = True
             cfg = PackagingConfig.model_validate(data)
+            training = full.training
+            if family:
+                get_family(family)  # names the bad value and the known families
+                training = TrainingConfig.model_validate({**full.training.model_dump(), "family": family})
         except Exception as exc:
             console.print(f"[red]invalid configuration:[/red] {exc}")
             raise typer.Exit(2) from exc
@@ -115,6 +129,7 @@ def register(app: typer.Typer) -> None:
                 cfg,
                 analysis=ana,
                 selected_clusters=parse_cluster_ids(selected_clusters),
+                training=training,
             )
         except BadInputError as exc:
             console.print(f"[red]bad input:[/red] {exc}")
