@@ -12,6 +12,8 @@ VENV ?= $(HOME)/.cache/yokai/venv-$(DEPS_HASH)
 PY := $(VENV)/bin/python
 export PYTHONPATH := $(CURDIR)
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
+# The temporary API server can take over the default 20 s to start on a loaded 2-core machine.
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
 export NUMBA_CACHE_DIR ?= $(HOME)/.cache/yokai/numba
 WORKSPACE ?= runs/demo
 PYTEST_ARGS ?=

@@ -22,6 +22,7 @@ app = typer.Typer(
 COMMAND_MODULES = [
     "run",
     "analyze",
+    "name",
     "select",
     "augment",
     "tag",

@@ -32,7 +32,7 @@ import warnings
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -56,6 +56,10 @@ DEFAULT_MERGE_DISTANCE = {"offline": 0.1, "other": 0.05}
 DEFAULT_SPLIT_DISTANCE = {"offline": 0.25, "other": 0.0}
 #: Largest cluster whose members are linked exactly; bigger ones are split on a sample.
 SPLIT_SAMPLE = 2000
+#: Most layers linked exactly under an identity metric (CCIP); the rest join their nearest group.
+METRIC_LINK_SAMPLE = 3000
+#: Members per cluster that stand for it when a layer is compared with it under an identity metric.
+METRIC_REPRESENTATIVES = 16
 
 _umap_lock = threading.Lock()
 _umap_ready = False
@@ -159,9 +163,12 @@ def reduce_embeddings(X: np.ndarray, cfg: ClusteringConfig) -> np.ndarray:
 
 
 def cluster_embeddings(
-    X: np.ndarray, cfg: ClusteringConfig, allow_single_cluster: bool = False
+    X: np.ndarray,
+    cfg: ClusteringConfig,
+    allow_single_cluster: bool = False,
+    metric: IdentityMetric | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Cluster embeddings with UMAP then HDBSCAN.
+    """Cluster embeddings with UMAP then HDBSCAN (or, given an identity ``metric``, its own linkage).
 
     Deterministic for a given ``cfg.seed``. Cluster ids are ordered by size (0 = largest;
     ties by first member), -1 is noise.
@@ -171,11 +178,15 @@ def cluster_embeddings(
         cfg: clustering settings.
         allow_single_cluster: let HDBSCAN return one cluster for all points (otherwise a
             set of one character is all noise); used for the leftovers of incremental runs.
+        metric: a model's own identity distance and threshold (CCIP); then
+            :func:`cluster_by_metric` clusters instead of UMAP + HDBSCAN.
 
     Returns:
         ``labels`` (int64 ``[n]``) and ``probabilities`` (float32 ``[n]``, HDBSCAN membership
         strength, 0 for noise).
     """
+    if metric is not None:
+        return cluster_by_metric(X, cfg, metric)
     X = normalise_rows(X)
     n = X.shape[0]
     labels = np.full(n, -1, dtype=np.int64)
@@ -246,6 +257,108 @@ def split_incoherent_clusters(
             else:
                 out[idx[parts == part]] = -1
     return out
+
+
+# --------------------------------------------------------------------------- identity metric (CCIP)
+
+
+class IdentityMetric(Protocol):
+    """A model's own "same character" distance between feature rows, and its threshold."""
+
+    threshold: float
+
+    def differences(self, a: np.ndarray, b: np.ndarray | None = None) -> np.ndarray: ...
+
+
+def identity_metric(embedding: Mapping[str, Any]) -> IdentityMetric | None:
+    """The metric that goes with the embeddings' backend: CCIP's metric model, or None (cosine).
+
+    The CCIP source and threshold come from what the embedding stage recorded, so clustering
+    uses the model (and threshold) that produced the features.
+    """
+    if embedding.get("backend") != "ccip":
+        return None
+    from yokai_pipeline.models.ccip import REPO_ID, load_ccip
+
+    rec = embedding.get("ccip") or {}
+    return load_ccip(rec.get("source") or REPO_ID, threshold=rec.get("threshold"))
+
+
+def cluster_by_metric(
+    X: np.ndarray, cfg: ClusteringConfig, metric: IdentityMetric
+) -> tuple[np.ndarray, np.ndarray]:
+    """Average-linkage clusters cut at the metric's own threshold; small groups are noise.
+
+    Two layers belong together when their mean difference is within ``metric.threshold``
+    (CCIP's "same character" rule, applied to groups). Above :data:`METRIC_LINK_SAMPLE`
+    layers a seeded sample is linked and the others join their nearest group. A member's
+    probability is ``1 - difference to its group / threshold``.
+    """
+    from scipy.cluster.hierarchy import fcluster, linkage
+    from scipy.spatial.distance import squareform
+
+    n = X.shape[0]
+    labels = np.full(n, -1, dtype=np.int64)
+    probs = np.zeros(n, dtype=np.float32)
+    if n < max(cfg.min_cluster_size, 2):
+        return labels, probs
+    rng = np.random.default_rng(cfg.seed)
+    sample = (
+        np.sort(rng.choice(n, METRIC_LINK_SAMPLE, replace=False)) if n > METRIC_LINK_SAMPLE else np.arange(n)
+    )
+    D = metric.differences(X[sample]).astype(np.float64)
+    D = np.clip((D + D.T) / 2, 0.0, None)
+    np.fill_diagonal(D, 0.0)
+    parts = fcluster(
+        linkage(squareform(D, checks=False), method="average"), t=metric.threshold, criterion="distance"
+    )
+    labels[sample] = parts
+    if sample.size < n:
+        rest = np.setdiff1d(np.arange(n), sample)
+        near, _ = nearest_by_metric(X[rest], representatives(X[sample], parts, cfg.seed), metric)
+        labels[rest] = near
+    for cid, size in Counter(labels[labels >= 0].tolist()).items():
+        if size < cfg.min_cluster_size:
+            labels[labels == cid] = -1
+    labels = relabel_by_size(labels)
+    reps = representatives(X, labels, cfg.seed)
+    for cid, R in reps.items():
+        idx = np.flatnonzero(labels == cid)
+        d = metric.differences(X[idx], R).mean(axis=1)
+        probs[idx] = np.clip(1.0 - d / metric.threshold, 0.0, 1.0)
+    return labels, probs
+
+
+def representatives(
+    X: np.ndarray, labels: np.ndarray, seed: int = 0, k: int = METRIC_REPRESENTATIVES
+) -> dict[int, np.ndarray]:
+    """Up to ``k`` members of each cluster id >= 0 (a seeded sample), as feature rows."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for cid in np.unique(labels):
+        if cid < 0:
+            continue
+        idx = np.flatnonzero(labels == cid)
+        out[int(cid)] = X[np.sort(rng.choice(idx, k, replace=False)) if idx.size > k else idx]
+    return out
+
+
+def nearest_by_metric(
+    X: np.ndarray, reps: Mapping[int, np.ndarray], metric: IdentityMetric
+) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest cluster of each row by mean metric difference to its representatives.
+
+    Returns:
+        ``(ids, differences)``; ids are -1 where the nearest is above ``metric.threshold``.
+    """
+    n = X.shape[0]
+    if not reps or n == 0:
+        return np.full(n, -1, dtype=np.int64), np.full(n, np.inf, dtype=np.float32)
+    ids = np.array(sorted(reps), dtype=np.int64)
+    D = np.stack([metric.differences(X, reps[int(c)]).mean(axis=1) for c in ids], axis=1)
+    j = D.argmin(axis=1)
+    best = D[np.arange(n), j].astype(np.float32)
+    return np.where(best <= metric.threshold, ids[j], -1), best
 
 
 def resolve_config(cfg: ClusteringConfig, embedding: Mapping[str, Any]) -> ClusteringConfig:
@@ -368,6 +481,8 @@ def load_layers(workspace: Workspace, episode_ids: Sequence[str]) -> _Layers:
         this = {"backend": meta.get("backend"), "dim": int(vectors.shape[1])}
         if meta.get("model"):
             this["model"] = meta["model"]
+        if meta.get("ccip"):
+            this["ccip"] = meta["ccip"]
         if embedding is None:
             embedding = this
         elif this != embedding:
@@ -530,11 +645,16 @@ def _stats(doc: dict[str, Any], t0: float, **extra: Any) -> dict[str, Any]:
 # --------------------------------------------------------------------------- stage functions
 
 
-def _reassign_noise(X: np.ndarray, labels: np.ndarray, cfg: ClusteringConfig) -> tuple[np.ndarray, int]:
+def _reassign_noise(
+    X: np.ndarray, labels: np.ndarray, cfg: ClusteringConfig, metric: IdentityMetric | None = None
+) -> tuple[np.ndarray, int]:
     noise = labels < 0
     if not cfg.reassign_noise or not noise.any() or not (labels >= 0).any():
         return labels, 0
-    ids, _ = nearest_centroid(X[noise], centroids_of(X, labels), cfg.reassign_max_distance)
+    if metric is not None:
+        ids, _ = nearest_by_metric(X[noise], representatives(X, labels, cfg.seed), metric)
+    else:
+        ids, _ = nearest_centroid(X[noise], centroids_of(X, labels), cfg.reassign_max_distance)
     labels = labels.copy()
     labels[noise] = ids
     return labels, int((ids >= 0).sum())
@@ -555,8 +675,9 @@ def cluster_layers(workspace: Workspace, episode_ids: Sequence[str], cfg: Cluste
     t0 = time.perf_counter()
     layers = load_layers(workspace, episode_ids)
     cfg = resolve_config(cfg, layers.embedding)
-    labels, probs = cluster_embeddings(layers.X, cfg)
-    labels, reassigned = _reassign_noise(layers.X, labels, cfg)
+    metric = identity_metric(layers.embedding)
+    labels, probs = cluster_embeddings(layers.X, cfg, metric=metric)
+    labels, reassigned = _reassign_noise(layers.X, labels, cfg, metric)
     members = [_member(r, c, p) for r, c, p in zip(layers.rows, labels, probs, strict=True)]
     doc = build_document(members, dict(zip(layers.ids, layers.X, strict=True)), layers.embedding, cfg)
     placed = write_cluster_tree(workspace, doc, cfg)
@@ -593,33 +714,36 @@ def assign_incremental(
     rows = [new.rows[i] for i in keep]
     X = new.X[keep] if keep else np.zeros((0, new.X.shape[1]), dtype=np.float32)
 
-    centroids = {c["id"]: np.asarray(c["centroid"], dtype=np.float32) for c in doc["clusters"]}
-    ids, dist = nearest_centroid(X, centroids, cfg.reassign_max_distance)
-    probs = np.where(ids >= 0, np.clip(1.0 - dist / cfg.reassign_max_distance, 0.0, 1.0), 0.0)
+    metric = identity_metric(new.embedding)
+    X_by_layer = _embeddings_of_members(workspace, doc["members"])
+    if metric is not None:
+        old_labels = np.array([m["cluster"] for m in doc["members"] if m["layer_id"] in X_by_layer])
+        old_X = np.stack([X_by_layer[m["layer_id"]] for m in doc["members"] if m["layer_id"] in X_by_layer])
+        targets: Any = representatives(old_X, old_labels, cfg.seed)
+    else:
+        targets = {c["id"]: np.asarray(c["centroid"], dtype=np.float32) for c in doc["clusters"]}
+    ids, probs = _nearest(X, targets, cfg, metric)
     joined = int((ids >= 0).sum())
 
     unmatched = np.flatnonzero(ids < 0)
     n_new_clusters = 0
     if unmatched.size:
-        sub_labels, sub_probs = cluster_embeddings(X[unmatched], cfg, allow_single_cluster=True)
+        sub_labels, sub_probs = cluster_embeddings(
+            X[unmatched], cfg, allow_single_cluster=True, metric=metric
+        )
         # HDBSCAN leaves the fringe of a lone cluster as noise; the centroid rule that placed
         # the other new layers applies to them as well.
         fringe = sub_labels < 0
         if fringe.any() and (sub_labels >= 0).any():
-            near, d = nearest_centroid(
-                X[unmatched][fringe], centroids_of(X[unmatched], sub_labels), cfg.reassign_max_distance
-            )
-            sub_labels[fringe] = near
-            sub_probs[fringe] = np.where(
-                near >= 0, np.clip(1.0 - d / cfg.reassign_max_distance, 0.0, 1.0), 0.0
-            )
+            sub_X, sub_l = X[unmatched], sub_labels
+            new_targets = representatives(sub_X, sub_l, cfg.seed) if metric else centroids_of(sub_X, sub_l)
+            sub_labels[fringe], sub_probs[fringe] = _nearest(sub_X[fringe], new_targets, cfg, metric)
         next_id = max([c["id"] for c in doc["clusters"]], default=-1) + 1
         ids[unmatched] = np.where(sub_labels >= 0, sub_labels + next_id, -1)
         probs[unmatched] = sub_probs
         n_new_clusters = int(sub_labels.max() + 1) if (sub_labels >= 0).any() else 0
 
     members = list(doc["members"]) + [_member(r, c, p) for r, c, p in zip(rows, ids, probs, strict=True)]
-    X_by_layer = _embeddings_of_members(workspace, doc["members"])
     X_by_layer.update(zip((r["layer_id"] for r in rows), X, strict=True))
     new_doc = build_document(members, X_by_layer, doc.get("embedding", new.embedding), cfg)
     placed = write_cluster_tree(workspace, new_doc, cfg)
@@ -633,6 +757,24 @@ def assign_incremental(
         skipped=new.skipped,
         missing=placed["missing"],
     )
+
+
+def _nearest(
+    X: np.ndarray, targets: Mapping[int, np.ndarray], cfg: ClusteringConfig, metric: IdentityMetric | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest cluster within the bound and ``1 - distance / bound`` as its probability.
+
+    Targets are centroids (cosine, bound ``cfg.reassign_max_distance``) or, under an identity
+    metric, each cluster's representative members (bound: the metric's threshold).
+    """
+    if metric is not None:
+        ids, dist = nearest_by_metric(X, targets, metric)
+        bound = metric.threshold
+    else:
+        ids, dist = nearest_centroid(X, targets, cfg.reassign_max_distance)
+        bound = cfg.reassign_max_distance
+    probs = np.where(ids >= 0, np.clip(1.0 - dist / bound, 0.0, 1.0), 0.0).astype(np.float32)
+    return ids, probs
 
 
 def _check_same_embedding(doc: dict[str, Any], embedding: Mapping[str, Any], workspace: Workspace) -> None:
@@ -704,8 +846,9 @@ def recluster(workspace: Workspace, episode_ids: Sequence[str], cfg: ClusteringC
         return {**stats, "kept_ids": [], "new_ids": [c for c in range(stats["n_clusters"])]}
     layers = load_layers(workspace, episode_ids)
     cfg = resolve_config(cfg, layers.embedding)
-    labels, probs = cluster_embeddings(layers.X, cfg)
-    labels, reassigned = _reassign_noise(layers.X, labels, cfg)
+    metric = identity_metric(layers.embedding)
+    labels, probs = cluster_embeddings(layers.X, cfg, metric=metric)
+    labels, reassigned = _reassign_noise(layers.X, labels, cfg, metric)
     old = {m["layer_id"]: m["cluster"] for m in doc["members"]}
     mapping = match_ids(old, dict(zip(layers.ids, (int(c) for c in labels), strict=True)))
     final = np.array([mapping[int(c)] if c >= 0 else -1 for c in labels], dtype=np.int64)

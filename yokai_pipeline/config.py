@@ -51,12 +51,15 @@ class FramesConfig(_Stage):
 class LayeringConfig(_Stage):
     """Character/background layering (segmentation)."""
 
-    backend: Literal["offline", "u2net", "u2netp"] = Field(
-        "offline", description="offline: line-art segmenter, no weights. u2net/u2netp: neural saliency model."
+    backend: Literal["offline", "u2net", "u2netp", "isnet"] = Field(
+        "offline",
+        description="offline: line-art segmenter, no weights. u2net/u2netp: neural saliency model. "
+        "isnet: skytnt/anime-segmentation's anime IS-Net (isnetis, rembg's isnet-anime).",
     )
     weights: Path | None = Field(
         None,
-        description="Local U2Net weight file (.pth state dict or .safetensors); required for u2net/u2netp.",
+        description="Local weight file: U2Net .pth / .safetensors for u2net/u2netp; isnetis.ckpt "
+        "(or its net state dict as .pth / .safetensors) for isnet. Required for the neural backends.",
     )
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
     batch_size: int = Field(16, ge=1, le=1024, description="Images per forward pass on the GPU.")
@@ -81,13 +84,22 @@ class LayeringConfig(_Stage):
     compile: bool = Field(
         False, description="torch.compile the U2Net model (CUDA; slow first batch, faster afterwards)."
     )
+    isnet_input_size: int = Field(
+        1024,
+        ge=32,
+        le=2048,
+        multiple_of=32,
+        description="isnet backend: square side frames are letterboxed to (upstream trains and infers at 1024).",
+    )
 
 
 class EmbeddingConfig(_Stage):
     """Image embeddings for identity clustering."""
 
-    backend: Literal["offline", "clip"] = Field(
-        "offline", description="offline: colour+shape descriptor, no weights. clip: open_clip model."
+    backend: Literal["offline", "clip", "ccip"] = Field(
+        "offline",
+        description="offline: colour+shape descriptor, no weights. clip: open_clip model. "
+        "ccip: deepghs' CCIP anime character-identity model (ONNX); clustering then uses its metric and threshold.",
     )
     model: str = Field("ViT-B-32", description="open_clip model name (clip backend).")
     pretrained: str | None = Field(
@@ -96,6 +108,17 @@ class EmbeddingConfig(_Stage):
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
     batch_size: int = Field(64, ge=1, le=4096, description="Images per forward pass.")
     num_workers: int = Field(2, ge=0, le=64, description="Decoding threads feeding the model.")
+    ccip_model: str = Field(
+        "deepghs/ccip_onnx",
+        description="ccip backend: a folder with model_feat.onnx, model_metrics.onnx and metrics.json, "
+        "or deepghs/ccip_onnx[/<model name>] in the local Hugging Face cache (never downloaded).",
+    )
+    ccip_threshold: float | None = Field(
+        None,
+        gt=0,
+        lt=2,
+        description="ccip backend: same-character difference threshold (None = the model's metrics.json).",
+    )
 
 
 class ClusteringConfig(_Stage):
@@ -192,6 +215,31 @@ class SelectionConfig(_Stage):
     )
     names: dict[str, str] = Field(
         default_factory=dict, description="Cluster id -> character name (also the trigger word)."
+    )
+
+
+class NamingConfig(_Stage):
+    """Reference naming (`yokai name`): clusters take the names of matching reference images."""
+
+    max_distance: float | None = Field(
+        None,
+        gt=0,
+        lt=2,
+        description="Identity distance within which a reference names a cluster (None = the CCIP threshold "
+        "for ccip embeddings, cosine_max_distance otherwise).",
+    )
+    cosine_max_distance: float = Field(
+        0.25, gt=0, lt=2, description="Default cosine-distance threshold for offline / CLIP embeddings."
+    )
+    representatives: int = Field(
+        16, ge=1, le=256, description="Members per cluster compared with the references."
+    )
+    seed_clusters: bool = Field(
+        True,
+        description="A reference that names no cluster gathers matching noise layers into a new cluster.",
+    )
+    min_seed_layers: int = Field(
+        2, ge=1, description="Fewest matching noise layers that make a seeded cluster."
     )
 
 
@@ -484,6 +532,7 @@ class PipelineConfig(_Stage):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
+    naming: NamingConfig = Field(default_factory=NamingConfig)
 
     @model_validator(mode="before")
     @classmethod
@@ -504,7 +553,7 @@ class PipelineConfig(_Stage):
 
     @model_validator(mode="after")
     def _check_weights(self) -> PipelineConfig:
-        if self.layering.backend in ("u2net", "u2netp") and self.layering.weights is None:
+        if self.layering.backend in ("u2net", "u2netp", "isnet") and self.layering.weights is None:
             raise ValueError(
                 f"layering.backend={self.layering.backend} needs layering.weights (a local .pth or .safetensors file)"
             )

@@ -373,12 +373,55 @@ class ClipEmbedder:
         return out
 
 
+class CCIPEmbedder:
+    """deepghs' CCIP character-identity features (:mod:`yokai_pipeline.models.ccip`).
+
+    Rows are CCIP's raw features, not unit-normalised: its metric model, which clustering
+    uses for distances (see :func:`yokai_pipeline.clustering.identity_metric`), takes them
+    as the feature model gives them.
+    """
+
+    backend = "ccip"
+
+    def __init__(self, cfg: EmbeddingConfig):
+        from yokai_pipeline.models.ccip import load_ccip
+
+        self.cfg = cfg
+        self.ccip = load_ccip(cfg.ccip_model, cfg.device, cfg.batch_size, threshold=cfg.ccip_threshold)
+        self.model = cfg.ccip_model
+        self.dim = self.ccip.dim
+
+    def embed(self, images: Iterable[ImageLike], errors: Errors | None = None) -> np.ndarray:
+        items = list(images)
+        out = np.zeros((len(items), self.dim), dtype=np.float32)
+        for start in range(0, len(items), self.cfg.batch_size):
+            part = items[start : start + self.cfg.batch_size]
+            opened, where = [], []
+            for k, item in enumerate(part, start):
+                try:
+                    opened.append(open_image(item))
+                    where.append(k)
+                except BadInputError as exc:
+                    if errors is None:
+                        raise
+                    errors.append((k, f"{name_of(item, k)}: {exc.problem}"))
+            if opened:
+                out[where] = self.ccip.features(opened)
+        return out
+
+    def record(self) -> dict[str, Any]:
+        """What clustering needs to rebuild the metric: the model source and the threshold."""
+        return {"source": self.cfg.ccip_model, "name": self.ccip.name, "threshold": self.ccip.threshold}
+
+
 def get_embedder(cfg: EmbeddingConfig) -> Embedder:
-    """Build the embedder that ``cfg.backend`` names (the clip model is memoised per process)."""
+    """Build the embedder that ``cfg.backend`` names (clip and ccip models are memoised per process)."""
     if cfg.backend == "offline":
         return OfflineEmbedder(num_workers=cfg.num_workers)
     if cfg.backend == "clip":
         return ClipEmbedder(cfg)
+    if cfg.backend == "ccip":
+        return CCIPEmbedder(cfg)
     raise ValueError(f"unknown embedding backend {cfg.backend!r}")  # pragma: no cover - pydantic rejects it
 
 
@@ -400,6 +443,8 @@ def embedding_signature(cfg: EmbeddingConfig) -> dict[str, Any]:
     sig: dict[str, Any] = {"backend": cfg.backend, "version": SIDECAR_VERSION}
     if cfg.backend == "clip":
         sig.update(model=cfg.model, pretrained=cfg.pretrained)
+    elif cfg.backend == "ccip":
+        sig.update(model=cfg.ccip_model, threshold=cfg.ccip_threshold)
     else:
         sig.update(model=None, descriptor_dim=OFFLINE_DIM)
     return sig
@@ -476,6 +521,7 @@ def embed_layers(workspace: Workspace, episode_id: str, cfg: EmbeddingConfig) ->
             "dim": int(vectors.shape[1]),
             "config_hash": config_hash,
             "failed": failed,
+            **({"ccip": embedder.record()} if isinstance(embedder, CCIPEmbedder) else {}),
         },
     )
     return {

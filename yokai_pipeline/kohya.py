@@ -23,6 +23,10 @@ How this meets kohya's real rules (``/work/shared/KOHYA_FACTS.md``):
   copies dropped so nothing leaks into training), then name the files so that kohya's seeded
   shuffle holds out exactly those images, and set ``validation_split`` so its two rounding rules
   give exactly our counts. There is no ``validation/`` folder: kohya would silently skip it.
+  So a ``{repeat}_{name}`` folder copied into a bare train_data_dir (the guide's multi-concept
+  ``cp -r`` recipe) would train its held-out images too; ``packaging.multi_concept`` writes that
+  set-up instead: one dataset per character folder, each with its own exact ``validation_split``,
+  rank and LR combined per type (:func:`multi_concept_params`).
 * ``caption_extension = ".txt"``, ``resolution`` and ``keep_tokens = 1`` (the trigger is the first
   caption token) are always set; every TOML is written with ``tomli_w`` so the types are TOML's.
 * RGBA layers: ``alpha_mode="alpha_mask"`` keeps the alpha channel and turns on ``alpha_mask``

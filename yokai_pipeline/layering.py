@@ -1,10 +1,12 @@
 """Layering: split each extracted frame into RGBA character layers and an inpainted background.
 
-A :class:`Segmenter` turns RGB frames into foreground masks; two backends exist:
+A :class:`Segmenter` turns RGB frames into foreground masks; these backends exist:
 
 - :class:`OfflineSegmenter` (no weights): line-art segmentation for cel animation.
 - :class:`U2NetSegmenter`: the U^2-Net / U^2-NetP saliency model (``models/u2net.py``),
   batched on the GPU with decoding and writing overlapping the model.
+- :class:`ISNetSegmenter`: the anime IS-Net of skytnt/anime-segmentation (``models/isnet.py``),
+  on U2Net's batching machinery.
 
 From each mask, :func:`layers_from_mask` cuts one RGBA layer per connected instance and
 inpaints the character regions out of the background. :func:`segment_layers` runs that over
@@ -164,19 +166,17 @@ class U2NetSegmenter:
         """
         import torch
 
-        from yokai_pipeline.models.u2net import predict_masks
-
         n = batch.shape[0]
         with torch.inference_mode():
             if not self._cuda:
-                return self._to_u8(predict_masks(self.model, self._pad(batch))[:n], binarize_above).numpy()
+                return self._to_u8(self._masks(self._pad(batch))[:n], binarize_above).numpy()
             up, down = streams
             main = torch.cuda.current_stream(self.device)
             with torch.cuda.stream(up):
                 x = batch.to(self.device, non_blocking=True)
             main.wait_stream(up)
             x.record_stream(main)  # allocated on the upload stream, read on the main one
-            u8 = self._to_u8(predict_masks(self.model, self._pad(x))[:n], binarize_above)
+            u8 = self._to_u8(self._masks(self._pad(x))[:n], binarize_above)
             host = torch.empty(u8.shape, dtype=torch.uint8, pin_memory=True)
             down.wait_stream(main)
             with torch.cuda.stream(down):
@@ -185,6 +185,12 @@ class U2NetSegmenter:
                 ready.record(down)
             u8.record_stream(down)
             return host, ready
+
+    def _masks(self, x: Any) -> Any:
+        """float [N, H, W] masks in [0, 1] for a uint8 NHWC batch on the model's device."""
+        from yokai_pipeline.models.u2net import predict_masks
+
+        return predict_masks(self.model, x)
 
     @staticmethod
     def _collect(handle: Any) -> np.ndarray:
@@ -321,6 +327,37 @@ class U2NetSegmenter:
                     t.join(0.05)
 
 
+class ISNetSegmenter(U2NetSegmenter):
+    """skytnt/anime-segmentation's anime IS-Net ("isnetis"), batched like :class:`U2NetSegmenter`.
+
+    Only the model and its preprocessing differ (1024 x 1024 letterbox, pixels / 255,
+    ``sigmoid(side1)``: :func:`yokai_pipeline.models.isnet.predict_masks`); the prefetch thread,
+    pinned buffers, side streams and bf16 autocast on CUDA are U2Net's.
+    """
+
+    def __init__(
+        self,
+        weights: str | Path,
+        device: str = "auto",
+        batch_size: int = 16,
+        compile: bool = False,
+        input_size: int = 1024,
+    ):
+        from yokai_pipeline.models.isnet import load_isnet
+        from yokai_pipeline.models.u2net import resolve_device
+
+        self.device = resolve_device(device)
+        self.batch_size = batch_size
+        self.compile = compile
+        self.input_size = input_size
+        self.model = load_isnet(weights, device=self.device, compile=compile)
+
+    def _masks(self, x: Any) -> Any:
+        from yokai_pipeline.models.isnet import predict_masks
+
+        return predict_masks(self.model, x, input_size=self.input_size)
+
+
 _segmenters: dict[str, Any] = {}
 _segmenters_lock = threading.Lock()
 
@@ -328,7 +365,7 @@ _segmenters_lock = threading.Lock()
 def get_segmenter(cfg: LayeringConfig) -> Segmenter:
     """The segmenter for ``cfg.backend``, memoised per process and configuration."""
     key = cfg.model_dump_json(
-        include={"backend", "weights", "device", "batch_size", "compile", "min_area_frac"}
+        include={"backend", "weights", "device", "batch_size", "compile", "min_area_frac", "isnet_input_size"}
     )
     with _segmenters_lock:
         if key not in _segmenters:
@@ -337,11 +374,16 @@ def get_segmenter(cfg: LayeringConfig) -> Segmenter:
             else:
                 if cfg.weights is None:
                     raise ConfigError(
-                        f"layering.backend={cfg.backend} needs layering.weights (a .pth or .safetensors file)"
+                        f"layering.backend={cfg.backend} needs layering.weights (a .pth, .ckpt or .safetensors file)"
                     )
-                _segmenters[key] = U2NetSegmenter(
-                    cfg.weights, cfg.backend, cfg.device, cfg.batch_size, cfg.compile
-                )
+                if cfg.backend == "isnet":
+                    _segmenters[key] = ISNetSegmenter(
+                        cfg.weights, cfg.device, cfg.batch_size, cfg.compile, cfg.isnet_input_size
+                    )
+                else:
+                    _segmenters[key] = U2NetSegmenter(
+                        cfg.weights, cfg.backend, cfg.device, cfg.batch_size, cfg.compile
+                    )
         return _segmenters[key]
 
 

@@ -175,3 +175,24 @@ def test_third_episode_joins_existing_clusters_incrementally(demo_run, sample_se
     # and the clusters the new layers joined are the ones holding the same characters already
     truth_all = synthetic.ground_truth_labels(doc["members"], sample_series / "ground_truth")
     assert clustering.evaluate_clusters(doc["members"], truth_all)["purity"] >= 0.95
+
+
+def test_low_resolution_is_reported_and_stops_training(demo_run, sample_series):
+    """Runs last: re-packages the demo workspace without upscaling, keeping the low-resolution layers."""
+    from flows.pipeline import EpisodesFailed, pipeline_flow
+
+    ws, _ = demo_run
+    cfg = PipelineConfig.model_validate(json.loads((ws / "config.json").read_text()))
+    cfg.packaging.upscale_to = 0  # the sample layers are 50-130 px: all below the 512 px minimum
+    cfg.packaging.low_resolution = "keep"
+    state = pipeline_flow(str(sample_series / "episodes"), str(ws), cfg, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(EpisodesFailed) as err:
+        state.result()
+    report = ws / "logs" / "validation_report.json"
+    assert f"training not started: the training data failed validation. Report: {report}" in str(err.value)
+    summary = json.loads((ws / "summary.json").read_text())
+    val = summary["stages"]["validation"]
+    assert val["passed"] is False and val["resolution_too_low"] == val["total_images"] > 0
+    assert "training" not in summary["stages"]
+    assert json.loads(report.read_text())["issue_counts"]["Resolution too low"] == val["total_images"]

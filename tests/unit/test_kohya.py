@@ -276,6 +276,20 @@ def test_low_resolution_layers_are_dropped_or_reported_by_validation(tmp_path):
     assert kept["low_resolution"] == []
     report = validate_training_data(tmp_path / "b", min_resolution=256)
     assert not report["passed"] and report["issue_counts"]["Resolution too low"] == 6
+    from yokai_pipeline.cli import app
+
+    res = CliRunner().invoke(
+        app,
+        [
+            "validate",
+            str(tmp_path / "b"),
+            "--min-resolution",
+            "256",
+            "--output-report",
+            str(tmp_path / "r.json"),
+        ],
+    )
+    assert res.exit_code == 1 and "Resolution too low: 6" in res.output, res.output
 
     # nothing at or above the minimum: the character is skipped with a message naming the folder
     none = prepare_training_data(src, tmp_path / "c", None, PackagingConfig(min_resolution=1024))

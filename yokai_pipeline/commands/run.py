@@ -169,10 +169,14 @@ def register(app: typer.Typer) -> None:
         ),
         config: Annotated[Path | None, typer.Option(help="PipelineConfig as TOML or JSON.")] = None,
         backend: Annotated[
-            str | None, typer.Option(help="Layering backend: offline, u2net or u2netp.")
+            str | None, typer.Option(help="Layering backend: offline, u2net, u2netp or isnet.")
         ] = None,
-        weights: Annotated[Path | None, typer.Option(help="U2Net weight file (.pth / .safetensors).")] = None,
-        embedder: Annotated[str | None, typer.Option(help="Embedding backend: offline or clip.")] = None,
+        weights: Annotated[
+            Path | None, typer.Option(help="U2Net / IS-Net weight file (.pth / .ckpt / .safetensors).")
+        ] = None,
+        embedder: Annotated[
+            str | None, typer.Option(help="Embedding backend: offline, clip or ccip.")
+        ] = None,
         ground_truth: Annotated[
             Path | None, typer.Option(help="Ground-truth folder (sample series) for quality figures.")
         ] = None,

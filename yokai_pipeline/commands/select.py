@@ -109,6 +109,11 @@ def select(
             "clusters": cluster_ids or None,
         }
         base.update({k: v for k, v in overrides.items() if v is not None})
+        from yokai_pipeline.naming import read_names
+        from yokai_pipeline.workspace import Workspace
+
+        # Names from `yokai name` (naming.json) first; the config's and --name override them.
+        named = read_names(Workspace(workspace))
         base["names"] = {**base.get("names", {}), **_parse_names(name or [])}
         cfg = SelectionConfig.model_validate(base)
     except ValidationError as exc:
@@ -119,6 +124,10 @@ def select(
         raise typer.Exit(2) from exc
     try:
         result = analysis.read_analysis(analysis_path)
+        known = {str(c["id"]) for c in result["clusters"]}
+        # A cluster named by reference but not analysed yet (seeded after the analysis) is left out.
+        named = {k: v for k, v in named.items() if k in known and k not in cfg.names}
+        cfg = cfg.model_copy(update={"names": {**named, **cfg.names}})
         if batch:
             sel = selection.select_clusters(result, cfg)
         else:

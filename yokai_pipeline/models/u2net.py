@@ -18,6 +18,7 @@ the classes themselves need torch and are created through :func:`build_u2net`.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -258,10 +259,21 @@ def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+def read_state_dict(
+    path: str | Path,
+    label: str = "U2Net",
+    select: Callable[[dict, Path], dict] | None = None,
+    hint: str = "",
+) -> dict[str, torch.Tensor]:
     """Read a state dict from ``.safetensors`` or a ``.pth``/``.pt`` file (``weights_only=True``).
 
     A ``module.`` prefix (DataParallel checkpoints) is stripped.
+
+    Args:
+        path: the weight file.
+        label: the model's name in error messages.
+        select: picks the model's weights out of a larger checkpoint (IS-Net's Lightning file).
+        hint: appended to the "cannot read" error (how to convert an unreadable checkpoint).
 
     Raises:
         BadInputError: the file is missing or not a readable state dict.
@@ -269,7 +281,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     torch = _torch()
     path = Path(path)
     if not path.is_file():
-        raise BadInputError(path, "U2Net weight file not found")
+        raise BadInputError(path, f"{label} weight file not found")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -278,9 +290,11 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any reader failure means the same thing to the user
-        raise BadInputError(path, f"cannot read U2Net weights ({type(exc).__name__}: {exc})") from exc
+        raise BadInputError(path, f"cannot read {label} weights ({type(exc).__name__}: {exc}){hint}") from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
+    if select is not None and isinstance(state, dict):
+        state = select(state, path)
     if not isinstance(state, dict) or not all(hasattr(v, "shape") for v in state.values()):
         raise BadInputError(path, "is not a state dict of tensors")
     return {k.removeprefix("module."): v for k, v in state.items()}
@@ -342,15 +356,9 @@ def load_u2net(
     Raises:
         BadInputError: the file is missing, unreadable, or not a state dict of ``variant``.
     """
-    torch = _torch()
     path = Path(path).resolve()
     device = resolve_device(device)
-    try:
-        st = path.stat()
-        stamp = (st.st_size, st.st_mtime_ns)
-    except OSError:
-        stamp = None
-    key = (str(path), stamp, variant, device, str(dtype), fuse_bn, compile)
+    key = (str(path), file_stamp(path), variant, device, str(dtype), fuse_bn, compile)
     with _cache_lock:
         if key in _cache:
             return _cache[key]
@@ -362,17 +370,33 @@ def load_u2net(
         model.fused_only = True
         if dtype is not None:
             model.to(dtype=dtype)
-        model.to(device)
-        if device.startswith("cuda"):
-            # Fixed 320x320 inputs: let cuDNN pick the fastest kernels once.
-            torch.backends.cudnn.benchmark = True
-            model.to(memory_format=torch.channels_last)
-        if compile:
-            compiled = torch.compile(model, dynamic=False)
-            compiled.preprocess = model.preprocess
-            model = compiled
+        model = prepare_for_inference(model, device, compile)
         _cache[key] = model
         return model
+
+
+def file_stamp(path: Path) -> tuple[int, int] | None:
+    """(size, mtime) of a weight file, so a replaced file is loaded again; None when unreadable."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
+def prepare_for_inference(model: torch.nn.Module, device: str, compile: bool) -> torch.nn.Module:
+    """Move an eval-mode model to ``device``; on CUDA channels_last + cuDNN autotuning; optional compile."""
+    torch = _torch()
+    model.to(device)
+    if device.startswith("cuda"):
+        # Fixed input sizes: let cuDNN pick the fastest kernels once.
+        torch.backends.cudnn.benchmark = True
+        model.to(memory_format=torch.channels_last)
+    if compile:
+        compiled = torch.compile(model, dynamic=False)
+        compiled.preprocess = model.preprocess
+        model = compiled
+    return model
 
 
 def save_u2net_safetensors(model: torch.nn.Module, path: str | Path) -> Path:

@@ -1,0 +1,257 @@
+"""Anime person / half-body / head detectors (deepghs' YOLO exports), batched, ONNX or torch.
+
+deepghs publishes YOLOv8-family detectors trained on anime images as ONNX files
+(``deepghs/anime_person_detection``, ``deepghs/anime_halfbody_detection``,
+``deepghs/anime_head_detection``, each ``<model name>/model.onnx``). Pre- and post-processing
+follow imgutils' ``imgutils/generic/yolo.py`` (what ``imgutils/detect/person.py``,
+``halfbody.py`` and ``head.py`` call), so boxes agree with the tools users know:
+
+* the image is resized, not letterboxed, to the graph's ``imgsz`` metadata (640 when absent),
+  with PIL's bicubic filter, scaled to [0, 1], RGB, NCHW; no mean/std;
+* the output is ``[4 + classes, boxes]`` (centre x, y, width, height, then class scores) for
+  NMS-based models, or ``[boxes, 6]`` (x0, y0, x1, y1, score, class) for end-to-end ones;
+* boxes scoring above the confidence threshold go through greedy NMS (imgutils' ``+1``
+  pixel-area convention), then are scaled back to source pixels and clipped to the image.
+
+Boxes stay floats (imgutils rounds them to ints for display). The thresholds are imgutils'
+defaults per detector kind.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from yokai_pipeline.errors import BadInputError
+from yokai_pipeline.models.onnx_graph import OnnxModel, Runtime, load_onnx_model, resolve_model_file
+
+Kind = Literal["person", "halfbody", "head"]
+
+
+@dataclass(frozen=True)
+class DetectorSpec:
+    """Where a detector kind is published and the thresholds imgutils uses for it."""
+
+    repo_id: str
+    filename: str
+    conf_threshold: float
+    iou_threshold: float
+
+
+#: imgutils/detect/person.py (detect_person: v1.1 "m", conf 0.3, iou 0.5), halfbody.py (v1.0 "s",
+#: conf 0.5, iou 0.7), head.py (head_detect_v2.0_s, conf 0.4, iou 0.7).
+SPECS: dict[str, DetectorSpec] = {
+    "person": DetectorSpec("deepghs/anime_person_detection", "person_detect_v1.1_m/model.onnx", 0.3, 0.5),
+    "halfbody": DetectorSpec(
+        "deepghs/anime_halfbody_detection", "halfbody_detect_v1.0_s/model.onnx", 0.5, 0.7
+    ),
+    "head": DetectorSpec("deepghs/anime_head_detection", "head_detect_v2.0_s/model.onnx", 0.4, 0.7),
+}
+DEFAULT_IMGSZ = 640
+
+
+# --------------------------------------------------------------------------- pure pre/post-processing
+
+
+def input_size(meta: dict[str, str], shape: list[int | None]) -> tuple[int, int]:
+    """The model's ``(width, height)``: fixed graph dims, else ``imgsz`` metadata, else 640."""
+    if len(shape) == 4 and shape[2] and shape[3]:
+        return int(shape[3]), int(shape[2])
+    if "imgsz" in meta:
+        size = json.loads(meta["imgsz"])
+        # imgutils unpacks imgsz as (width, height); ultralytics writes [h, w]: equal for square models.
+        return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    return DEFAULT_IMGSZ, DEFAULT_IMGSZ
+
+
+def labels_of(meta: dict[str, str], default: str) -> list[str]:
+    """Class names from the ``names`` metadata (a Python dict literal, parsed safely)."""
+    if "names" not in meta:
+        return [default]
+    names = ast.literal_eval(meta["names"])
+    return [str(names[i]) for i in range(len(names))]
+
+
+def preprocess(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """RGB uint8 HxWx3 -> float32 3xHxW in [0, 1] at ``size`` = (width, height), PIL bicubic."""
+    from PIL import Image
+
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"expected an RGB uint8 HxWx3 image, got {image.dtype} {image.shape}")
+    resized = np.asarray(Image.fromarray(image).resize(size, Image.BICUBIC))
+    return (resized.transpose(2, 0, 1) / 255.0).astype(np.float32)
+
+
+def xywh_to_xyxy(x: np.ndarray) -> np.ndarray:
+    """Centre/size boxes to corner boxes (imgutils ``_yolo_xywh2xyxy``)."""
+    y = np.array(x, dtype=np.float32, copy=True)
+    y[..., 0] = x[..., 0] - x[..., 2] / 2
+    y[..., 1] = x[..., 1] - x[..., 3] / 2
+    y[..., 2] = x[..., 0] + x[..., 2] / 2
+    y[..., 3] = x[..., 1] + x[..., 3] / 2
+    return y
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> list[int]:
+    """Greedy NMS, highest score first, boxes with IoU above the threshold dropped (imgutils ``_yolo_nms``)."""
+    x1, y1, x2, y2 = boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3]
+    areas = (x2 - x1 + 1) * (y2 - y1 + 1)
+    order = scores.argsort(kind="stable")[::-1]
+    keep: list[int] = []
+    while order.size:
+        i = int(order[0])
+        keep.append(i)
+        rest = order[1:]
+        w = np.maximum(0.0, np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]) + 1)
+        h = np.maximum(0.0, np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]) + 1)
+        inter = w * h
+        iou = inter / (areas[i] + areas[rest] - inter)
+        order = rest[iou <= iou_threshold]
+    return keep
+
+
+def postprocess(
+    output: np.ndarray,
+    n_classes: int,
+    conf_threshold: float,
+    iou_threshold: float,
+    source_size: tuple[int, int],
+    model_size: tuple[int, int],
+) -> np.ndarray:
+    """One image's raw output -> float32 ``[N, 6]``: x0, y0, x1, y1 (source pixels), score, class.
+
+    Args:
+        output: ``[4 + n_classes, boxes]`` (NMS-based YOLO) or ``[boxes, 6]`` (end to end).
+        source_size, model_size: ``(width, height)`` of the source image and of the model input.
+    """
+    if output.ndim == 2 and output.shape[-1] == 6 and output.shape[0] != 4 + n_classes:
+        rows = output[output[:, 4] > conf_threshold]
+        boxes, scores, cls = rows[:, :4], rows[:, 4], rows[:, 5]
+    elif output.ndim == 2 and output.shape[0] == 4 + n_classes:
+        cand = output[:, output[4:].max(axis=0) > conf_threshold].T
+        boxes, cls_scores = xywh_to_xyxy(cand[:, :4]), cand[:, 4:]
+        scores, cls = cls_scores.max(axis=1), cls_scores.argmax(axis=1)
+    else:
+        raise ValueError(f"detector output of shape {output.shape} is neither [4+{n_classes}, N] nor [N, 6]")
+    if not len(boxes):
+        return np.zeros((0, 6), dtype=np.float32)
+    keep = nms(boxes, scores, iou_threshold)
+    sx, sy = source_size[0] / model_size[0], source_size[1] / model_size[1]
+    b = boxes[keep] * np.array([sx, sy, sx, sy], dtype=np.float32)
+    b = np.clip(b, 0, [source_size[0], source_size[1], source_size[0], source_size[1]])
+    return np.column_stack([b, scores[keep], cls[keep]]).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- model
+
+
+class Detector:
+    """A loaded detector: ``detect(images) -> [float32 [N, 6] per image]`` (see :func:`postprocess`)."""
+
+    def __init__(
+        self,
+        model: OnnxModel,
+        kind: str,
+        conf_threshold: float | None = None,
+        iou_threshold: float | None = None,
+    ):
+        spec = SPECS[kind]
+        self.model = model
+        self.kind = kind
+        self.size = input_size(model.metadata, model.input_shape)
+        self.labels = labels_of(model.metadata, kind)
+        self.conf_threshold = spec.conf_threshold if conf_threshold is None else conf_threshold
+        self.iou_threshold = spec.iou_threshold if iou_threshold is None else iou_threshold
+
+    @property
+    def runtime(self) -> str:
+        return self.model.runtime
+
+    def raw(self, images: list[np.ndarray]) -> np.ndarray:
+        """The graph's first output for a batch of images (preprocessed as upstream)."""
+        x = np.stack([preprocess(im, self.size) for im in images])
+        return self.model.run(x)[0]
+
+    def detect(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        """Boxes per RGB uint8 image: float32 ``[N, 6]`` = x0, y0, x1, y1, score, class id."""
+        if not images:
+            return []
+        out = self.raw(images)
+        return [
+            postprocess(
+                o,
+                len(self.labels),
+                self.conf_threshold,
+                self.iou_threshold,
+                (im.shape[1], im.shape[0]),
+                self.size,
+            )
+            for o, im in zip(out, images, strict=True)
+        ]
+
+
+_detectors: dict[tuple, Detector] = {}
+_detectors_lock = threading.Lock()
+
+
+def load_detector(
+    source: str | Path,
+    kind: Kind = "person",
+    device: str = "auto",
+    batch_size: int = 16,
+    *,
+    runtime: Runtime = "auto",
+    conf_threshold: float | None = None,
+    iou_threshold: float | None = None,
+) -> Detector:
+    """Load a person / half-body / head detector, memoised per process.
+
+    Args:
+        source: a local ``.onnx`` file; or a hub repo (``deepghs/anime_person_detection``,
+            then the kind's default model) or ``owner/repo/<model>/model.onnx``, looked up in
+            the local Hugging Face cache only.
+        kind: ``person``, ``halfbody`` or ``head`` (sets the default file and thresholds).
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        batch_size: images per forward pass (1 when the graph's batch is fixed at 1).
+        runtime: ``auto`` (torch on CUDA, onnxruntime on CPU), ``onnxruntime`` or ``torch``.
+        conf_threshold, iou_threshold: override imgutils' defaults for ``kind``.
+
+    Raises:
+        BadInputError: the file is missing, not in the cache, or not a valid ONNX detector.
+    """
+    if kind not in SPECS:
+        raise ValueError(f"unknown detector kind {kind!r}; expected one of {sorted(SPECS)}")
+    path = resolve_model_file(source, SPECS[kind].filename)
+    key = (str(path), kind, device, batch_size, runtime, conf_threshold, iou_threshold)
+    with _detectors_lock:
+        if key not in _detectors:
+            model = load_onnx_model(path, device, runtime, batch_size)
+            _check_detector_graph(model)
+            _detectors[key] = Detector(model, kind, conf_threshold, iou_threshold)
+        return _detectors[key]
+
+
+def _check_detector_graph(model: OnnxModel) -> None:
+    shape = model.input_shape
+    if len(shape) != 4 or shape[1] not in (3, None):
+        raise BadInputError(
+            model.path, f"not a YOLO detector: its input has shape {shape}, expected [N, 3, H, W]"
+        )
+
+
+def detector_info(det: Detector) -> dict[str, Any]:
+    """What a manifest records about the detector that produced its boxes."""
+    return {
+        "kind": det.kind,
+        "file": str(det.model.path),
+        "input_size": list(det.size),
+        "conf_threshold": det.conf_threshold,
+        "iou_threshold": det.iou_threshold,
+        "labels": det.labels,
+    }
