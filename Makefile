@@ -34,9 +34,9 @@ setup: $(VENV)/.ready
 	ln -sfn $(VENV) .venv
 	@echo "ready: source .venv/bin/activate && yokai --help"
 
-# Debian's chromium for the browser tests (HTML report, Prefect UI).
+# Debian's chromium and its WebDriver for the browser tests (HTML report, review app, Prefect UI).
 system-deps:
-	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
+	@(command -v chromium && command -v chromedriver) >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null)
 
 demo: setup
 	$(PY) -m yokai_pipeline.cli demo --workspace $(WORKSPACE)

@@ -9,7 +9,7 @@ from prefect import flow, get_run_logger, unmapped
 
 from flows.gpu import caption_flow, embedding_flow
 from flows.heavy import run_heavy
-from tasks.analysis import analyze_task, report_tags_task, select_task
+from tasks.analysis import analyze_task, report_tags_task, review_task, select_task
 from tasks.dataset import augment_task, backgrounds_task, package_task, selected_folders, validate_task
 from tasks.identity import cluster_task
 from yokai_pipeline import augmentation
@@ -70,6 +70,7 @@ def _build_datasets(
     params = {"workspace": workspace, "episode_ids": episode_ids, "config": config}
     timed("embedding", run_heavy, embedding_flow, "embedding", params, config)
     timed("clustering", cluster_task, workspace, episode_ids, config.clustering, full_recluster)
+    timed("review", review_task, workspace, config.clustering.link_mode)
     ana = timed("analysis", analyze_task, workspace, config.analysis, config.embedding)
     stages["analysis"].update({f"tier_{k}": v for k, v in ana["summary"]["by_tier"].items()})
     stages["analysis"].update({f"type_{k}": v for k, v in ana["summary"]["by_type"].items()})

@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from yokai_pipeline import analysis, augmentation, selection, tagging
+from yokai_pipeline import analysis, augmentation, edits, selection, tagging
 from yokai_pipeline.config import AnalysisConfig, EmbeddingConfig, SelectionConfig
 from yokai_pipeline.workspace import Workspace
 
@@ -16,10 +16,15 @@ def analyze_task(workspace: str, cfg: AnalysisConfig, embedding: EmbeddingConfig
     ws = Workspace(workspace)
     type_backend = "clip" if embedding.backend == "clip" else "offline"
     result = analysis.analyze_clusters(
-        ws.character_clusters, cfg, type_backend=type_backend, clip_cfg=embedding
+        edits.dataset_clusters(ws), cfg, type_backend=type_backend, clip_cfg=embedding
     )
+    attrs = edits.review_attributes(ws)
+    result = edits.apply_to_analysis(result, attrs)
     json_path, html_path = analysis.write_analysis(
-        result, ws.analysis_dir / "cluster_analysis.json", ws.analysis_dir / "cluster_analysis.html"
+        result,
+        ws.analysis_dir / "cluster_analysis.json",
+        ws.analysis_dir / "cluster_analysis.html",
+        names=edits.display_names(attrs),
     )
     log = get_run_logger()
     log.info("\n" + analysis.format_summary(result))
@@ -47,12 +52,23 @@ def report_tags_task(workspace: str) -> dict:
     return {"clusters": len(tags)}
 
 
+@task(name="apply-review-edits")
+def review_task(workspace: str, link_mode: str = "hardlink") -> dict:
+    """Apply the review edit log to the clusters: reviewed_clusters/ for the dataset stages."""
+    stats = edits.write_reviewed_clusters(Workspace(workspace), link_mode)
+    log = get_run_logger()
+    log.info(f"review: {stats['edits']} edits applied over {stats['clusters']} clusters")
+    if stats["skipped_edits"]:
+        log.warning(f"review: {stats['skipped_edits']} edits no longer fit the clusters and were skipped")
+    return stats
+
+
 @task(name="select-characters")
 def select_task(workspace: str, cfg: SelectionConfig) -> dict:
-    """Pick the clusters to train from the analysis and save selection.json."""
+    """Pick the clusters to train from the analysis and the review edits; save selection.json."""
     ws = Workspace(workspace)
     result = analysis.read_analysis(ws.analysis_dir / "cluster_analysis.json")
-    sel = selection.select_clusters(result, cfg)
+    sel = edits.select_with_edits(result, cfg, edits.review_attributes(ws))
     selection.write_selection(ws.selection_file, sel)
     names = ", ".join(f"{c['name']} ({c['tier']}, {c['images']})" for c in sel["characters"])
     get_run_logger().info(f"selected {len(sel['characters'])} characters: {names}")

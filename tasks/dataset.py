@@ -5,7 +5,16 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 
 from tasks.common import IO_RETRIES, IO_RETRY_DELAYS
-from yokai_pipeline import augmentation, backgrounds, captioning, clustering, kohya, tagging, validation
+from yokai_pipeline import (
+    augmentation,
+    backgrounds,
+    captioning,
+    clustering,
+    edits,
+    kohya,
+    tagging,
+    validation,
+)
 from yokai_pipeline.config import (
     AugmentConfig,
     BackgroundConfig,
@@ -29,7 +38,7 @@ def augment_task(workspace: str, folder: str, cfg: AugmentConfig, symmetric: boo
     """Augment one small cluster (or copy it unchanged when outside min/max)."""
     ws = Workspace(workspace)
     res = augmentation.augment_cluster(
-        ws.character_clusters / folder, ws.augmented_clusters / folder, cfg, symmetric=symmetric
+        edits.dataset_clusters(ws) / folder, ws.augmented_clusters / folder, cfg, symmetric=symmetric
     )
     get_run_logger().info(
         f"{folder}: {res['originals']} originals -> {res['total']} images ({res['status']})"

@@ -24,6 +24,7 @@ COMMAND_MODULES = [
     "analyze",
     "name",
     "select",
+    "review",
     "augment",
     "tag",
     "caption",

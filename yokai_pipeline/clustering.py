@@ -568,13 +568,13 @@ def build_document(
     }
 
 
-def _recover_tree(workspace: Workspace) -> None:
+def _recover_tree(workspace: Workspace, folder: str = "character_clusters") -> None:
     """Finish or undo a swap a crash interrupted; remove abandoned build folders."""
-    root, final = workspace.root, workspace.character_clusters
-    olds = sorted(root.glob(".old-character_clusters-*"), key=lambda p: p.stat().st_mtime)
+    root, final = workspace.root, workspace.root / folder
+    olds = sorted(root.glob(f".old-{folder}-*"), key=lambda p: p.stat().st_mtime)
     if not final.exists() and olds:
         os.replace(olds.pop(), final)
-    for p in [*olds, *root.glob(".tmp-character_clusters-*")]:
+    for p in [*olds, *root.glob(f".tmp-{folder}-*")]:
         shutil.rmtree(p, ignore_errors=True)
 
 
@@ -588,37 +588,39 @@ def _place(src: Path, dest: Path, mode: str) -> None:
     shutil.copy2(src, dest)
 
 
-def write_cluster_tree(workspace: Workspace, doc: dict[str, Any], cfg: ClusteringConfig) -> dict[str, Any]:
-    """Rebuild ``character_clusters/`` from a clusters document, atomically (build, then swap).
+def write_cluster_tree(
+    workspace: Workspace, doc: dict[str, Any], cfg: ClusteringConfig, folder: str = "character_clusters"
+) -> dict[str, Any]:
+    """Rebuild ``character_clusters/`` (or ``folder``) from a clusters document, atomically (build, then swap).
 
     A member whose layer file is missing keeps its record with ``cluster_path`` None.
 
     Returns:
         ``{"placed": n, "missing": [layer_id, ...]}``.
     """
-    _recover_tree(workspace)
-    root, final = workspace.root, workspace.character_clusters
+    _recover_tree(workspace, folder)
+    root, final = workspace.root, workspace.root / folder
     tag = uuid.uuid4().hex[:8]
-    tmp = root / f".tmp-character_clusters-{tag}"
+    tmp = root / f".tmp-{folder}-{tag}"
     tmp.mkdir(parents=True)
     missing: list[str] = []
     try:
         made: set[str] = set()
         for m in doc["members"]:
-            folder = folder_name(m["cluster"])
-            if folder not in made:
-                (tmp / folder).mkdir()
-                made.add(folder)
+            sub = folder_name(m["cluster"])
+            if sub not in made:
+                (tmp / sub).mkdir()
+                made.add(sub)
             src = workspace.abs(m["path"])
             try:
-                _place(src, tmp / folder / Path(m["path"]).name, cfg.link_mode)
+                _place(src, tmp / sub / Path(m["path"]).name, cfg.link_mode)
             except FileNotFoundError:
                 missing.append(m["layer_id"])
                 m["cluster_path"] = None
         for c in doc["clusters"]:  # an empty cluster still gets its folder
             (tmp / c["folder"]).mkdir(exist_ok=True)
         atomic_write_json(tmp / "clusters.json", doc)
-        old = root / f".old-character_clusters-{tag}"
+        old = root / f".old-{folder}-{tag}"
         if final.exists():
             os.replace(final, old)
         os.replace(tmp, final)

@@ -218,6 +218,20 @@ class SelectionConfig(_Stage):
     )
 
 
+class ReviewConfig(_Stage):
+    """The review web app (``yokai review``)."""
+
+    host: str = Field("127.0.0.1", description="Address to bind; any other than 127.0.0.1 requires a token.")
+    port: int = Field(8765, ge=0, le=65535, description="Port to bind (0 = any free port).")
+    page_size: int = Field(60, ge=1, le=1000, description="Thumbnails per cluster page.")
+    lookalike_distance: float = Field(
+        0.35,
+        gt=0,
+        lt=2,
+        description="Centroid cosine distance under which two clusters are flagged as alike.",
+    )
+
+
 class NamingConfig(_Stage):
     """Reference naming (`yokai name`): clusters take the names of matching reference images."""
 
@@ -524,6 +538,7 @@ class PipelineConfig(_Stage):
     clustering: ClusteringConfig = Field(default_factory=ClusteringConfig)
     analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)
     selection: SelectionConfig = Field(default_factory=SelectionConfig)
+    review: ReviewConfig = Field(default_factory=ReviewConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     caption: CaptionConfig = Field(default_factory=CaptionConfig)
     tags: TagConfig = Field(default_factory=TagConfig)

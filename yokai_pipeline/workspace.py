@@ -45,6 +45,11 @@ class Workspace:
         return self.root / "character_clusters"
 
     @property
+    def reviewed_clusters(self) -> Path:
+        """character_clusters with the review edits applied (what the dataset stages read)."""
+        return self.root / "reviewed_clusters"
+
+    @property
     def analysis_dir(self) -> Path:
         return self.root / "analysis"
 

@@ -101,6 +101,7 @@ STAGE_ORDER = [
     "layers",
     "embedding",
     "clustering",
+    "review",
     "analysis",
     "selection",
     "augmentation",

@@ -59,6 +59,21 @@ def _parse_names(items: list[str]) -> dict[str, str]:
     return names
 
 
+def _review_attributes(ws: Any) -> dict[int, dict[str, Any]]:
+    """The live edit log's per-cluster choices; warns when the reviewed tree is older than the log."""
+    from yokai_pipeline import edits
+
+    if not (ws.character_clusters / "clusters.json").is_file():
+        return {}
+    if not edits.reviewed_is_current(ws):
+        console.print(
+            "[yellow]the review edits changed since the last dataset run: names, training "
+            "choices and exclusions apply now; run the dataset flow to re-analyse merged "
+            "or split clusters[/yellow]"
+        )
+    return edits.current_attributes(ws)
+
+
 def select(
     clusters: Annotated[Path, typer.Argument(help="The character_clusters folder.")],
     analysis_file: Annotated[
@@ -95,7 +110,7 @@ def select(
     ] = None,
 ) -> None:
     """Select clusters to train: batch filters, or browse interactively when --batch is not given."""
-    from yokai_pipeline import analysis, selection
+    from yokai_pipeline import analysis, edits, selection
 
     workspace = clusters.resolve().parent
     analysis_path = analysis_file or workspace / "analysis" / "cluster_analysis.json"
@@ -128,8 +143,8 @@ def select(
         # A cluster named by reference but not analysed yet (seeded after the analysis) is left out.
         named = {k: v for k, v in named.items() if k in known and k not in cfg.names}
         cfg = cfg.model_copy(update={"names": {**named, **cfg.names}})
-        if batch:
-            sel = selection.select_clusters(result, cfg)
+        if batch:  # the review edits apply here as in the dataset flow
+            sel = edits.select_with_edits(result, cfg, _review_attributes(Workspace(workspace)))
         else:
             sel = selection.interactive_select(
                 result,

@@ -1,0 +1,1 @@
+"""The review web app (``yokai review``): look at the clusters and correct them in the browser."""
