@@ -25,7 +25,12 @@ def layering_flow(workspace: str, episode_id: str, config: PipelineConfig = Pipe
     chunks = [rows[i : i + n] for i in range(0, len(rows), n)]
     t0 = time.perf_counter()
     futures = segment_chunk_task.map(
-        chunks, unmapped(workspace), unmapped(config.layering), unmapped(episode_id), list(range(len(chunks)))
+        chunks,
+        unmapped(workspace),
+        unmapped(config.layering),
+        unmapped(episode_id),
+        list(range(len(chunks))),
+        unmapped(config.detection),
     )
     layers = write_layer_manifest_task(workspace, episode_id, [f.result() for f in futures])
     seconds = time.perf_counter() - t0

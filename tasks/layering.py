@@ -5,8 +5,8 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 
 from tasks.common import content_cache
-from yokai_pipeline import layering
-from yokai_pipeline.config import LayeringConfig
+from yokai_pipeline import detection, layering
+from yokai_pipeline.config import DetectionConfig, LayeringConfig
 from yokai_pipeline.fsio import read_jsonl
 from yokai_pipeline.workspace import Workspace
 
@@ -16,15 +16,20 @@ from yokai_pipeline.workspace import Workspace
     tags=["gpu"],
     retries=1,
     retry_delay_seconds=5,
-    cache_policy=content_cache("rows", modules=(layering,), root_param="workspace"),
+    cache_policy=content_cache("rows", modules=(layering, detection), root_param="workspace"),
     persist_result=True,
     task_run_name="segment-layers-{episode_id}-{chunk_id}",
 )
 def segment_chunk_task(
-    rows: list[dict], workspace: str, cfg: LayeringConfig, episode_id: str, chunk_id: int
+    rows: list[dict],
+    workspace: str,
+    cfg: LayeringConfig,
+    episode_id: str,
+    chunk_id: int,
+    detection_cfg: DetectionConfig | None = None,
 ) -> list[dict]:
-    """Segment one chunk of frames; returns its layer manifest rows."""
-    out = layering.segment_layers(rows, Workspace(workspace), cfg)
+    """Detect the instances of one chunk of frames and cut them into layers; returns its layer rows."""
+    out = layering.segment_layers(rows, Workspace(workspace), cfg, detection_cfg)
     get_run_logger().info(f"{episode_id} chunk {chunk_id}: {len(rows)} frames -> {len(out)} layers")
     return out
 

@@ -46,6 +46,13 @@ class FramesConfig(_Stage):
         ge=0,
         description="Downscale frames whose longer side exceeds this before saving (0 = keep source size).",
     )
+    shot_stack_side: int = Field(
+        640,
+        ge=0,
+        le=4096,
+        description="Also save every candidate frame of a shot (up to 3 x frames_per_shot, longer side capped "
+        "at this) as the shot's stack, for the offline detector's background plate (0 = no stacks).",
+    )
 
 
 class LayeringConfig(_Stage):
@@ -90,6 +97,72 @@ class LayeringConfig(_Stage):
         le=2048,
         multiple_of=32,
         description="isnet backend: square side frames are letterboxed to (upstream trains and infers at 1024).",
+    )
+
+
+class DetectionConfig(_Stage):
+    """Character instances per kept frame, found before layering cuts them out (yokai_pipeline/detection.py)."""
+
+    backend: Literal["offline", "yolo", "none"] = Field(
+        "offline",
+        description="offline: shot background plate + line art + motion (no weights); yolo: the anime "
+        "person/half-body/head detector (detection.model); none: one instance per connected blob of the mask.",
+    )
+    model: str | None = Field(
+        None, description="yolo: local .onnx file or Hugging Face hub id of the detector."
+    )
+    kind: Literal["person", "halfbody", "head"] = Field("person", description="yolo: which detector.")
+    device: str = Field("auto", description="yolo: auto, cpu, cuda or cuda:N.")
+    batch_size: int = Field(16, ge=1, le=1024, description="yolo: images per forward pass.")
+    score_threshold: float = Field(0.35, ge=0, le=1, description="yolo: lowest box score kept.")
+    dark_value: int = Field(
+        56, ge=1, le=255, description="offline: line art is darker than this (max channel)."
+    )
+    line_contrast: float = Field(
+        0.55, gt=0, le=1, description="offline: ... and darker than this share of the paint around it."
+    )
+    big_cell_frac: float = Field(
+        0.05,
+        gt=0,
+        le=1,
+        description="offline: regions between lines this large (share of frame) are open background.",
+    )
+    diff_tol: int = Field(
+        24, ge=1, le=255, description="offline: a pixel moved if it differs from the plate by more."
+    )
+    min_moving_px: int = Field(
+        40, ge=1, description="offline: fewest moving pixels that make an outlined figure move."
+    )
+    motion_frac: float = Field(
+        0.02, ge=0, le=1, description="offline: ... or this share of the figure, if more."
+    )
+    cell_fg_frac: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="offline: a region of a moving figure is kept if this share of it differs from the plate.",
+    )
+    mask_cell_frac: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="offline: building the plate, a region of a moving figure is left out if this share of it changed.",
+    )
+    seen_frac: float = Field(
+        0.3,
+        ge=0,
+        le=1,
+        description="offline: the plate saw the background where this share of the shot's frames show it.",
+    )
+    split_depth: float = Field(
+        0.55,
+        gt=0,
+        lt=1,
+        description="offline: touching figures split where a blob has 2+ cores this deep (x its max).",
+    )
+    min_area_frac: float = Field(0.002, ge=0, le=1, description="Smallest instance (share of the frame).")
+    plate_fill: bool = Field(
+        True, description="Fill character holes of the background from the plate where it saw them."
     )
 
 
@@ -547,6 +620,7 @@ class PipelineConfig(_Stage):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
+    detection: DetectionConfig = Field(default_factory=DetectionConfig)
     naming: NamingConfig = Field(default_factory=NamingConfig)
 
     @model_validator(mode="before")

@@ -16,6 +16,10 @@ two) shots still open plus a few chunks in flight, so memory does not grow with 
 
 Outputs (docs/data-formats.md): ``episodes/<id>/frames/*.png``, ``frames.jsonl`` and
 ``extract.json`` (statistics; also the completion marker used to skip a finished episode).
+With ``shot_stack_side`` set, each shot that keeps a frame also gets a *stack*
+(``episodes/<id>/shots/<id>_s{shot:05d}.npz``): the shot's candidate frames (the sharpest of each
+bin, spread over the shot, at most ``3 x frames_per_shot``), small, so the detection stage can
+build the shot's background plate (yokai_pipeline/detection.py) without decoding the video again.
 """
 
 from __future__ import annotations
@@ -127,6 +131,16 @@ def _capped_size(w: int, h: int, max_side: int) -> tuple[int, int]:
         return w, h
     s = max_side / max(h, w)
     return max(1, round(w * s)), max(1, round(h * s))
+
+
+def _save_stack(dest: Path, cands: list[_Candidate], side: int) -> Path:
+    """Write a shot's candidate frames as one compressed .npz (``frames`` NxHxWx3 RGB, ``index``)."""
+    import io
+
+    frames = np.stack([frame_pixels(c.frame, side, "rgb24") for c in cands])
+    buf = io.BytesIO()
+    np.savez_compressed(buf, frames=frames, index=np.array([c.index for c in cands], np.int64))
+    return fsio.atomic_write_bytes(dest, buf.getvalue())
 
 
 def _save_frame(dest: Path, frame: Any, max_side: int) -> Path:
@@ -428,8 +442,9 @@ def extract_frames(
             if isinstance(old, dict) and old.get("video_sha256") == sha and old.get("config_hash") == key:
                 return {**old, "skipped": True}
         frames_dir = ep_dir / "frames"
-        if frames_dir.exists():  # outputs of another config or a killed run
-            shutil.rmtree(frames_dir)
+        for old_dir in (frames_dir, ep_dir / "shots"):
+            if old_dir.exists():  # outputs of another config or a killed run
+                shutil.rmtree(old_dir)
         stats_path.unlink(missing_ok=True)
         rows, stats = _scan(
             video, container, stream, workspace, episode_id, frames_dir, cfg, list(reference_hashes), progress
@@ -478,6 +493,7 @@ def _scan(
     def finalise(shot: _Shot) -> None:
         shot_id = len(shot_starts)
         shot_starts.append(shot.start)
+        first_row = len(kept_rows)
         for cand in shot.pick(cfg.frames_per_shot):
             counters["candidates"] += 1
             h = perceptual_hash(cand.thumb)
@@ -493,6 +509,13 @@ def _scan(
             pending.append(writer.submit(_save_frame, workspace.abs(row["path"]), cand.frame, cfg.max_side))
             while len(pending) > _MAX_PENDING_WRITES:
                 pending.popleft().result()
+        if cfg.shot_stack_side and len(kept_rows) > first_row:
+            side = min(s for s in (cfg.max_side, cfg.shot_stack_side) if s > 0)
+            dest = frames_dir.parent / "shots" / f"{episode_id}_s{shot_id:05d}.npz"
+            cands = sorted(shot.bins.values(), key=lambda c: c.index)
+            for row in kept_rows[first_row:]:
+                row["stack_path"] = workspace.rel(dest)
+            pending.append(writer.submit(_save_stack, dest, cands, side))
 
     writer = ThreadPoolExecutor(max_workers=_FEATURE_WORKERS, thread_name_prefix="frames-png")
     pending: deque[Future] = deque()

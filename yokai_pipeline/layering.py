@@ -15,6 +15,13 @@ a chunk of frame-manifest rows and writes (docs/data-formats.md)::
     layered_frames/character/<ep>/<ep>_f{idx:06d}_i{k:02d}.png   RGBA crops
     layered_frames/background/<ep>/<ep>_f{idx:06d}.png           RGB, characters inpainted
     layered_frames/masks/<ep>/<ep>_f{idx:06d}.png                1-bit foreground mask
+    layered_frames/instances/<ep>/<ep>_f{idx:06d}.png            instance labels (0 = background, k = i{k-1})
+
+With a :class:`~yokai_pipeline.config.DetectionConfig` (backend "offline" or "yolo"), the
+instances come from the detection stage (yokai_pipeline/detection.py) before any cut: every
+character layer is one detected instance (touching characters are separate layers, props the
+detector rejected are background), and the background's character holes are filled from the
+shot's plate where it saw the background, inpainted only elsewhere.
 
 The mask is written last, so a frame whose mask and background exist is complete and is
 skipped on re-run (its rows are rebuilt from the mask). The per-frame CPU work (cutting,
@@ -39,7 +46,7 @@ import cv2
 import numpy as np
 
 from yokai_pipeline import fsio
-from yokai_pipeline.config import LayeringConfig
+from yokai_pipeline.config import DetectionConfig, LayeringConfig
 from yokai_pipeline.errors import BadInputError, ConfigError
 from yokai_pipeline.fsio import atomic_write_bytes, atomic_write_json, read_jsonl, write_jsonl
 from yokai_pipeline.workspace import Workspace
@@ -544,6 +551,54 @@ def _layers_and_mask(
     return layers, background, fg
 
 
+def layers_from_labels(
+    frame_rgb: np.ndarray,
+    labels: np.ndarray,
+    cfg: LayeringConfig,
+    mask_u8: np.ndarray | None = None,
+    plate: np.ndarray | None = None,
+    plate_seen: np.ndarray | None = None,
+) -> tuple[list[tuple[np.ndarray, Box, int]], np.ndarray, np.ndarray]:
+    """Cut one layer per detected instance and paint the instances out of the background.
+
+    Args:
+        frame_rgb: uint8 HxWx3.
+        labels: int HxW instance labels (0 = background, k = instance k).
+        cfg: crop margin.
+        mask_u8: the segmenter's soft mask, used as alpha inside each instance (else 255).
+        plate: the shot's background plate aligned to the frame: the hole is filled from it
+            where ``plate_seen``, inpainted elsewhere.
+        plate_seen: bool HxW.
+
+    Returns:
+        ([(rgba_crop, box, area), ...] in label order, background_rgb, foreground bool mask).
+    """
+    h, w = frame_rgb.shape[:2]
+    if labels.shape != (h, w):
+        raise ValueError(f"instance labels {labels.shape} do not match frame {(h, w)}")
+    fg = labels > 0
+    layers = []
+    n = int(labels.max()) if labels.size else 0
+    for k in range(1, n + 1):
+        ys, xs = np.nonzero(labels == k)
+        if xs.size == 0:
+            continue
+        tight = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+        x0, y0, x1, y1 = crop_box(tight, cfg.crop_margin, w, h)
+        inside = labels[y0:y1, x0:x1] == k
+        soft = mask_u8[y0:y1, x0:x1] if mask_u8 is not None else np.full(inside.shape, 255, np.uint8)
+        alpha = np.where(inside, np.maximum(soft, 1), 0).astype(np.uint8)
+        layers.append((np.dstack([frame_rgb[y0:y1, x0:x1], alpha]), (x0, y0, x1, y1), int(xs.size)))
+    background = inpaint_background(frame_rgb, fg)
+    if plate is not None and plate_seen is not None and fg.any():
+        # the plate shows what was behind the character where another frame saw it
+        kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (7, 7))
+        hole = cv2.dilate(fg.view(np.uint8), kernel) > 0
+        use = (hole & plate_seen).view(np.uint8)
+        cv2.copyTo(plate, use, background)
+    return layers, background, fg
+
+
 # ---------------------------------------------------------------------------------------------
 # Stage runner (file I/O at the edges)
 # ---------------------------------------------------------------------------------------------
@@ -559,6 +614,7 @@ def _paths(ws: Workspace, row: dict) -> dict[str, Path]:
     return {
         "background": lf / "background" / ep / f"{stem}.png",
         "mask": lf / "masks" / ep / f"{stem}.png",
+        "instances": lf / "instances" / ep / f"{stem}.png",
         "character_dir": lf / "character" / ep,
         "failure": lf / "failures" / ep / f"{stem}.json",
     }
@@ -630,11 +686,23 @@ def _rows_for(
 
 
 def _write_frame(
-    ws: Workspace, row: dict, rgb: np.ndarray, mask_u8: np.ndarray, cfg: LayeringConfig
+    ws: Workspace,
+    row: dict,
+    rgb: np.ndarray,
+    mask_u8: np.ndarray | None,
+    cfg: LayeringConfig,
+    det: Any = None,
 ) -> list[dict]:
+    """Write one frame's layers; ``det`` (a detection.Detection) gives the instances, else the mask's blobs."""
     paths = _paths(ws, row)
     stem = _frame_stem(row)
-    layers, background, fg = _layers_and_mask(rgb, mask_u8, cfg)
+    if det is None:
+        layers, background, fg = _layers_and_mask(rgb, mask_u8, cfg)
+    else:
+        layers, background, fg = layers_from_labels(rgb, det.labels, cfg, mask_u8, det.plate, det.plate_seen)
+        if len(layers) > 254:
+            raise BadInputError(ws.abs(row["path"]), f"{len(layers)} instances: more than 254 in one frame")
+        atomic_write_bytes(paths["instances"], _encode_png(np.clip(det.labels, 0, 255).astype(np.uint8)))
     for k, (rgba, _, _) in enumerate(layers):
         atomic_write_bytes(paths["character_dir"] / f"{stem}_i{k:02d}.png", _encode_png(rgba))
     atomic_write_bytes(paths["background"], _encode_png(background))
@@ -654,7 +722,13 @@ def _existing_rows(ws: Workspace, row: dict, cfg: LayeringConfig) -> list[dict] 
     if mask is None:
         return None
     h, w = mask.shape
-    _, instances = find_instances(mask > 127, cfg.min_area_frac * h * w)
+    labels = (
+        cv2.imread(str(paths["instances"]), cv2.IMREAD_GRAYSCALE) if paths["instances"].is_file() else None
+    )
+    if labels is not None:
+        instances = [(k, box, area) for k, box, area in _label_boxes(labels)]
+    else:
+        _, instances = find_instances(mask > 127, cfg.min_area_frac * h * w)
     stem = _frame_stem(row)
     layers = []
     for k, (_, box, area) in enumerate(instances):
@@ -662,6 +736,18 @@ def _existing_rows(ws: Workspace, row: dict, cfg: LayeringConfig) -> list[dict] 
             return None
         layers.append((crop_box(box, cfg.crop_margin, w, h), area))
     return _rows_for(ws, row, layers, (w, h), paths)
+
+
+def _label_boxes(labels: np.ndarray) -> list[tuple[int, Box, int]]:
+    """(label, tight box, area) of instances 1..max of a label map, in label order."""
+    out = []
+    for k in range(1, int(labels.max()) + 1):
+        ys, xs = np.nonzero(labels == k)
+        if xs.size:
+            out.append(
+                (k, (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1), int(xs.size))
+            )
+    return out
 
 
 #: Most frames in one decode or write task: enough that a task's overhead (a future; for a
@@ -713,8 +799,50 @@ def _mask_for(segmenter: Segmenter, img: np.ndarray) -> np.ndarray:
     return _mask_u8(segmenter.predict([img])[0])
 
 
+def _detect(
+    ws: Workspace,
+    row: dict,
+    img: np.ndarray,
+    mask: np.ndarray | None,
+    cfg: LayeringConfig,
+    det: DetectionConfig,
+) -> tuple[Any, np.ndarray | None]:
+    """(detection.Detection, mask for the layers' alpha) of one frame, by ``det.backend``.
+
+    offline: the offline detector's instances (with the shot's plate); with a model
+    segmenter its mask is then cut inside the instances' boxes. yolo: the detector's boxes
+    cut the segmenter's mask (the offline segmenter's when the layering backend is offline).
+    """
+    from yokai_pipeline import detection
+
+    h, w = img.shape[:2]
+    if det.backend == "yolo":
+        if mask is None:
+            mask = _mask_for(get_segmenter(cfg), img)
+        return detection.detect_yolo([img], [_mask_u8(mask)], det, round(cfg.mask_threshold * 255))[0], mask
+    stack = (
+        detection.read_stack(ws.abs(row["stack_path"]), int(row["frame_index"]))
+        if row.get("stack_path")
+        else None
+    )
+    found = detection.detect_offline(img, stack, det)
+    if not det.plate_fill:
+        found.plate = found.plate_seen = None
+    if mask is None:
+        return found, None
+    mask = _mask_u8(mask)
+    labels = detection.labels_in_boxes(
+        mask, found.boxes, round(cfg.mask_threshold * 255), det.min_area_frac * h * w
+    )
+    return detection.Detection(labels, detection.boxes_of(labels), found.plate, found.plate_seen), mask
+
+
 def _layer_chunk(
-    ws: Workspace, cfg: LayeringConfig, items: list[tuple], segmenter: Segmenter | None = None
+    ws: Workspace,
+    cfg: LayeringConfig,
+    items: list[tuple],
+    segmenter: Segmenter | None = None,
+    det: DetectionConfig | None = None,
 ) -> list[tuple[int, list[dict] | None, BaseException | None]]:
     """Cut and write the layers of a few frames; a frame's failure is returned, not raised.
 
@@ -724,6 +852,7 @@ def _layer_chunk(
         items: (index, row, RGB frame or None to read it from ``row["path"]``, uint8 mask or
             None to segment the frame with ``segmenter``).
         segmenter: for frames without a mask (default: :func:`get_segmenter` of ``cfg``).
+        det: detection settings; None or backend "none": instances are the mask's blobs.
 
     Returns:
         (index, layer rows or None, exception or None) per item.
@@ -733,6 +862,12 @@ def _layer_chunk(
         try:
             if img is None:
                 img = read_frame(ws.abs(row["path"]))
+            if det is not None and det.backend != "none":
+                if mask is None and (cfg.backend != "offline" or det.backend == "yolo"):
+                    mask = _mask_for(segmenter or get_segmenter(cfg), img)
+                found, mask = _detect(ws, row, img, mask, cfg, det)
+                out.append((i, _write_frame(ws, row, img, mask, cfg, found), None))
+                continue
             if mask is None:
                 mask = _mask_for(segmenter or get_segmenter(cfg), img)
             out.append((i, _write_frame(ws, row, img, mask, cfg), None))
@@ -752,10 +887,12 @@ class _WorkerError(Exception):
         return type(self), (self.record, str(self))
 
 
-def _layer_chunk_in_worker(ws: Workspace, cfg: LayeringConfig, items: list[tuple]) -> list[tuple]:
+def _layer_chunk_in_worker(
+    ws: Workspace, cfg: LayeringConfig, items: list[tuple], det: DetectionConfig | None = None
+) -> list[tuple]:
     """:func:`_layer_chunk` in a worker process, its failures made picklable."""
     out = []
-    for i, rows, exc in _layer_chunk(ws, cfg, items):
+    for i, rows, exc in _layer_chunk(ws, cfg, items, None, det):
         if exc is not None and not isinstance(exc, BadInputError):
             exc = _WorkerError(f"{type(exc).__name__}: {exc}", str(exc))
         out.append((i, rows, exc))
@@ -893,8 +1030,15 @@ def _use_processes(cfg: LayeringConfig, n_frames: int) -> bool:
 class _Tasks:
     """Layer-writing tasks in flight (threads or worker processes), collected in submission order."""
 
-    def __init__(self, ws: Workspace, cfg: LayeringConfig, pool: Any, processes: bool):
-        self.ws, self.cfg, self.pool, self.processes = ws, cfg, pool, processes
+    def __init__(
+        self,
+        ws: Workspace,
+        cfg: LayeringConfig,
+        pool: Any,
+        processes: bool,
+        det: DetectionConfig | None = None,
+    ):
+        self.ws, self.cfg, self.pool, self.processes, self.det = ws, cfg, pool, processes, det
         self.pending: deque[tuple[list[tuple], Future]] = deque()
         self.pending_frames = 0
         self.results: dict[int, list[dict]] = {}
@@ -902,9 +1046,9 @@ class _Tasks:
 
     def submit(self, items: list[tuple], segmenter: Segmenter | None = None) -> None:
         if self.processes:
-            fut = self.pool.submit(_layer_chunk_in_worker, self.ws, self.cfg, items)
+            fut = self.pool.submit(_layer_chunk_in_worker, self.ws, self.cfg, items, self.det)
         else:
-            fut = self.pool.submit(_layer_chunk, self.ws, self.cfg, items, segmenter)
+            fut = self.pool.submit(_layer_chunk, self.ws, self.cfg, items, segmenter, self.det)
         self.pending.append((items, fut))
         self.pending_frames += len(items)
 
@@ -935,7 +1079,12 @@ class _Tasks:
                     self.failures.append((i, rows_of[i], exc))
 
 
-def segment_layers(frame_rows: list[dict], workspace: Workspace, cfg: LayeringConfig) -> list[dict]:
+def segment_layers(
+    frame_rows: list[dict],
+    workspace: Workspace,
+    cfg: LayeringConfig,
+    detection: DetectionConfig | None = None,
+) -> list[dict]:
     """Segment a chunk of frames into character and background layers.
 
     Frames already complete from an earlier run are not redone. A frame that cannot be read
@@ -952,6 +1101,9 @@ def segment_layers(frame_rows: list[dict], workspace: Workspace, cfg: LayeringCo
         frame_rows: frame manifest rows (``frames.jsonl``).
         workspace: the run workspace.
         cfg: layering configuration (backend, thresholds, batch size, workers).
+        detection: instance detection before the cut (yokai_pipeline/detection.py); None or
+            backend "none": one instance per connected blob of the mask. With backend "yolo"
+            the work stays in this process's threads (one detector, not one per worker).
 
     Returns:
         Layer manifest rows (docs/data-formats.md) of every frame in the chunk, each frame's
@@ -977,6 +1129,7 @@ def segment_layers(frame_rows: list[dict], workspace: Workspace, cfg: LayeringCo
         model = getattr(segmenter, "batched", False) and hasattr(segmenter, "predict_batches")
         # Other segmenters live in this process only.
         processes = (model or isinstance(segmenter, OfflineSegmenter)) and _use_processes(cfg, len(todo))
+        processes = processes and (detection is None or detection.backend != "yolo")
         pool = None
         if processes:
             try:
@@ -987,7 +1140,7 @@ def segment_layers(frame_rows: list[dict], workspace: Workspace, cfg: LayeringCo
                 )
                 processes = False
         with ThreadPoolExecutor(workers, thread_name_prefix="layering") as threads:
-            tasks = _Tasks(ws, cfg, pool or threads, processes)
+            tasks = _Tasks(ws, cfg, pool or threads, processes, detection)
             if model:
                 # Decoding (threads), the model (this thread) and writing (tasks) overlap.
                 rows_by_index = dict(todo)

@@ -64,8 +64,76 @@ def evaluate_quality(ws: Workspace, episode_ids: list[str], ground_truth_dir: Pa
             "mean_iou": round(sum(means) / len(means), 4),
             "per_episode": ious,
         }
+    inst = instance_quality(ws, episode_ids, ground_truth_dir)
+    if inst:
+        quality["instances"] = inst
     quality.update(_identity_quality(ws, ground_truth_dir))
     return quality
+
+
+#: A character counts as visible in a frame from this many visible pixels (issue 15's floor).
+VISIBLE_PX = 1500
+
+
+def instance_quality(ws: Workspace, episode_ids: list[str], ground_truth_dir: Path) -> dict[str, Any]:
+    """How well the character layers are one character each, against the ground truth.
+
+    A layer *belongs* to the character that covers most of its alpha, if that is half of it
+    or more; a layer no character covers half of (a prop, a merge of two) matches none. A
+    visible character (>= :data:`VISIBLE_PX` visible pixels in a layered frame) *has a layer of
+    its own* when a layer belongs to it and covers half of its visible pixels or more.
+
+    Returns:
+        ``{"character_layers", "unmatched_share", "visible_characters", "own_layer_share"}``,
+        or {} when no episode has both ground truth and a layer manifest.
+    """
+    import cv2
+    import numpy as np
+
+    from yokai_pipeline import synthetic
+    from yokai_pipeline.fsio import read_jsonl
+
+    layers = unmatched = visible = own = 0
+    for ep in episode_ids:
+        gt_path, manifest = ground_truth_dir / f"{ep}.json", ws.layers_manifest(ep)
+        if not (gt_path.exists() and manifest.is_file()):
+            continue
+        gt = synthetic.load_ground_truth(gt_path)
+        by_frame: dict[int, list[dict]] = {}
+        for row in read_jsonl(manifest):
+            by_frame.setdefault(int(row["frame_index"]), []).append(row)
+        for fi, rows in by_frame.items():
+            truth = synthetic.gt_mask(gt, fi)
+            owned: dict[int, int] = {}
+            for row in rows:
+                if row["kind"] != "character":
+                    continue
+                layers += 1
+                alpha = cv2.imread(str(ws.abs(row["path"])), cv2.IMREAD_UNCHANGED)
+                x0, y0, x1, y1 = row["box"]
+                if alpha is None or alpha.ndim != 3 or alpha.shape[2] != 4:
+                    unmatched += 1
+                    continue
+                t = truth[y0:y1, x0:x1][alpha[..., 3] > 0]
+                ids, counts = np.unique(t, return_counts=True)
+                best = int(np.argmax(counts)) if counts.size else 0
+                if not counts.size or ids[best] == 0 or counts[best] * 2 < t.size:
+                    unmatched += 1
+                    continue
+                owned[int(ids[best])] = max(owned.get(int(ids[best]), 0), int(counts[best]))
+            ids, areas = np.unique(truth[truth > 0], return_counts=True)
+            for cid, area in zip(ids.tolist(), areas.tolist(), strict=True):
+                if area >= VISIBLE_PX:
+                    visible += 1
+                    own += owned.get(cid, 0) * 2 >= area
+    if not layers and not visible:
+        return {}
+    return {
+        "character_layers": layers,
+        "unmatched_share": round(unmatched / max(1, layers), 4),
+        "visible_characters": visible,
+        "own_layer_share": round(own / max(1, visible), 4),
+    }
 
 
 def _identity_quality(ws: Workspace, ground_truth_dir: Path) -> dict[str, Any]:

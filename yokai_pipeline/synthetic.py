@@ -228,6 +228,65 @@ CHARACTERS: list[CharacterSpec] = [
 CHARACTER_BY_ID = {c.id: c for c in CHARACTERS}
 
 
+@dataclass(frozen=True)
+class Variant:
+    """A harder sample series: which difficulties are switched on (all off = the default series).
+
+    Attributes:
+        name: Variant name (recorded in ``series.json`` unless "default").
+        props: Background buildings and props drawn with black outlines, like line art.
+        overlap: Characters of a shot overlap and walk past each other.
+        night: Night palette: the whole frame darkened and tinted blue (backgrounds near black).
+        edge: Characters walk across the left or right frame edge.
+        shared_colour: Two characters share a body colour (medama takes nyan's red).
+        shared_shape: Two characters share a shape (kappa is drawn as a second cat, in its colours).
+    """
+
+    name: str = "default"
+    props: bool = False
+    overlap: bool = False
+    night: bool = False
+    edge: bool = False
+    shared_colour: bool = False
+    shared_shape: bool = False
+
+
+VARIANTS: dict[str, Variant] = {
+    v.name: v
+    for v in (
+        Variant(),
+        Variant("props", props=True),
+        Variant("overlap", overlap=True),
+        Variant("night", night=True),
+        Variant("edge", edge=True),
+        Variant("shared_colour", shared_colour=True),
+        Variant("shared_shape", shared_shape=True),
+        Variant("hard", True, True, True, True, True, True),
+    )
+}
+
+#: Multiplier of the night palette (outlines stay black; a background pixel of 64 falls to 27-50).
+NIGHT_TINT = np.array([0.42, 0.48, 0.78], np.float32)
+
+
+def variant_characters(variant: Variant) -> list[CharacterSpec]:
+    """The character table of a variant (the default table unless colours or shapes are shared)."""
+    out = list(CHARACTERS)
+    if variant.shared_colour:
+        c = dict(out[5].colours, body=out[3].colours["body"])
+        out[5] = CharacterSpec(5, "medama", "yokai", True, c, share=out[5].share)
+    if variant.shared_shape:
+        c = {
+            "body": out[6].colours["body"],
+            "muzzle": out[6].colours["belly"],
+            "band": out[6].colours["beak"],
+            "ear": out[6].colours["plate"],
+            "tail_tip": out[6].colours["shell"],
+        }
+        out[6] = CharacterSpec(6, "kappa", "yokai", True, c, share=out[6].share)
+    return out
+
+
 # --------------------------------------------------------------------------------------
 # Character drawing
 
@@ -533,15 +592,17 @@ _YOKAI_DRAW: dict[int, Callable[[_Pen, CharacterSpec, float], None]] = {
 
 
 def _render_full(
-    char_id: int, scale: float, facing: int, pose: float
+    char_id: int, scale: float, facing: int, pose: float, variant: Variant = VARIANTS["default"]
 ) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
     """Render on the local canvas; returns (rgb, mask, origin_xy) before cropping."""
-    spec = CHARACTER_BY_ID.get(char_id)
-    if spec is None:
+    if char_id not in CHARACTER_BY_ID:
         raise ValueError(f"unknown character id {char_id}; ids are 0..{len(CHARACTERS) - 1}")
+    spec = variant_characters(variant)[char_id] if variant.name != "default" else CHARACTER_BY_ID[char_id]
     pen = _Pen(0.9 * scale, facing)
     if char_id in _BUILDS:
         _human(pen, spec, pose, _BUILDS[char_id])
+    elif variant.shared_shape and char_id == 6:
+        _cat(pen, spec, pose)
     else:
         _YOKAI_DRAW[char_id](pen, spec, pose)
     if pen.flip:
@@ -550,10 +611,10 @@ def _render_full(
 
 
 def _render_crop(
-    char_id: int, scale: float, facing: int, pose: float
+    char_id: int, scale: float, facing: int, pose: float, variant: Variant = VARIANTS["default"]
 ) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
     """Tight crop: (rgb, mask, (dx, dy)) where (dx, dy) is the feet origin relative to the crop's top-left."""
-    rgb, mask, (ox, oy) = _render_full(char_id, scale, facing, pose)
+    rgb, mask, (ox, oy) = _render_full(char_id, scale, facing, pose, variant)
     mask = np.ascontiguousarray(mask)
     x0, y0, bw, bh = cv2.boundingRect(mask)  # of the non-zero pixels; much faster than np.nonzero
     x1, y1 = x0 + bw, y0 + bh
@@ -897,6 +958,56 @@ def paint_backgrounds(height: int, width: int, seed: int = 0) -> list[np.ndarray
     return out
 
 
+def _draw_props(bg: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Outlined background props (the ``props`` variant): houses, signs, posts and fences in line art.
+
+    Drawn like characters (flat fill, black 2 px outlines, closed shapes) but static on the
+    background, so they pan with the camera and never move against it.
+    """
+    img = bg.copy()
+    h, w = img.shape[:2]
+    x = int(rng.uniform(0, 0.1 * h))
+    while x < w:
+        kind = int(rng.integers(0, 3))
+        fill = tuple(int(v) for v in rng.integers(120, 240, 3))
+        if kind == 0:  # house: wall, roof, outlined windows and a door
+            hw, top, base = int(h * rng.uniform(0.2, 0.32)), int(h * rng.uniform(0.3, 0.5)), int(h * 0.74)
+            cv2.rectangle(img, (x, top), (x + hw, base), fill, -1)
+            cv2.rectangle(img, (x, top), (x + hw, base), OUTLINE, 2)
+            roof = np.array([(x - 6, top), (x + hw // 2, top - int(h * 0.09)), (x + hw + 6, top)], np.int32)
+            cv2.fillPoly(img, [roof], (190, 80, 70))
+            cv2.polylines(img, [roof], True, OUTLINE, 2)
+            for wx in range(x + 8, x + hw - 16, 22):
+                cv2.rectangle(img, (wx, top + 10), (wx + 12, top + 24), (250, 230, 150), -1)
+                cv2.rectangle(img, (wx, top + 10), (wx + 12, top + 24), OUTLINE, 2)
+            x += hw + int(h * rng.uniform(0.08, 0.3))
+        elif kind == 1:  # signboard on a post
+            sw, top = int(h * rng.uniform(0.1, 0.16)), int(h * rng.uniform(0.45, 0.6))
+            cv2.rectangle(img, (x + sw // 2 - 3, top), (x + sw // 2 + 3, int(h * 0.78)), (150, 110, 80), -1)
+            cv2.rectangle(img, (x + sw // 2 - 3, top), (x + sw // 2 + 3, int(h * 0.78)), OUTLINE, 2)
+            cv2.rectangle(img, (x, top - int(h * 0.08)), (x + sw, top), fill, -1)
+            cv2.rectangle(img, (x, top - int(h * 0.08)), (x + sw, top), OUTLINE, 2)
+            x += sw + int(h * rng.uniform(0.1, 0.3))
+        else:  # fence of outlined pickets
+            n = int(rng.integers(3, 7))
+            for k in range(n):
+                px = x + k * 14
+                pts = np.array(
+                    [
+                        (px, int(h * 0.78)),
+                        (px, int(h * 0.66)),
+                        (px + 5, int(h * 0.63)),
+                        (px + 10, int(h * 0.66)),
+                        (px + 10, int(h * 0.78)),
+                    ],
+                    np.int32,
+                )
+                cv2.fillPoly(img, [pts], (236, 226, 200))
+                cv2.polylines(img, [pts], True, OUTLINE, 2)
+            x += n * 14 + int(h * rng.uniform(0.1, 0.3))
+    return img
+
+
 # --------------------------------------------------------------------------------------
 # Schedule
 
@@ -943,16 +1054,18 @@ class SeriesInfo:
         return self.root / "ground_truth"
 
 
-_envelope_cache: dict[tuple[int, float, int], tuple[int, int, int, int]] = {}
+_envelope_cache: dict[tuple, tuple[int, int, int, int]] = {}
 
 
-def _envelope(char_id: int, scale: float, facing: int) -> tuple[int, int, int, int]:
+def _envelope(
+    char_id: int, scale: float, facing: int, variant: Variant = VARIANTS["default"]
+) -> tuple[int, int, int, int]:
     """Max extents (left, right, up, down) in px around the feet origin over the pose cycle."""
-    key = (char_id, scale, facing)
+    key = (char_id, scale, facing) if variant.name == "default" else (char_id, scale, facing, variant)
     if key not in _envelope_cache:
         left = right = up = down = 0
         for k in range(24):
-            _, m, (dx, dy) = _render_crop(char_id, scale, facing, k / 24)
+            _, m, (dx, dy) = _render_crop(char_id, scale, facing, k / 24, variant)
             left, right = max(left, dx), max(right, m.shape[1] - dx)
             up, down = max(up, dy), max(down, m.shape[0] - dy)
         pad = 3  # poses between the samples may poke out a little further
@@ -992,8 +1105,75 @@ def _assign_casts(n_shots: int, rng: np.random.Generator) -> list[list[int]]:
     return casts
 
 
-def _layout(shot: _Shot, width: int, height: int, rng: np.random.Generator) -> None:
+def _fit_scale(
+    cid: int, facing: int, scale: float, max_w: float, height: int, variant: Variant
+) -> tuple[float, tuple[int, int, int, int]]:
+    """The largest scale (in steps of 0.05 from ``scale``) whose envelope fits ``max_w`` and the frame height."""
+    while True:
+        scale = round(scale * 20) / 20
+        env = _envelope(cid, scale, facing, variant)
+        if env[0] + env[1] <= max_w - 2 and env[2] + env[3] <= height - 2 * MARGIN - 2:
+            return scale, env
+        scale -= 0.05
+        if scale < 0.3:
+            raise ValueError(f"frame {max_w:.0f}x{height} too small for a character")
+
+
+def _layout_hard(shot: _Shot, width: int, height: int, rng: np.random.Generator, variant: Variant) -> None:
+    """Harder layouts: overlapping casts that walk past each other, and walks across a frame edge.
+
+    With ``overlap`` the cast stands in lanes a third narrower than their characters, facing
+    and walking towards each other, so neighbours overlap (the later one in front). With
+    ``edge`` one end of the cast starts or ends partly outside the frame.
+    """
+    k = len(shot.cast)
+    n = shot.end - shot.start
+    lane_w = (width - 2 * MARGIN - (k - 1) * GAP) / k
+    fit_w = lane_w * (1.5 if variant.overlap and k > 1 else 1.0)
+    edge_lane = int(rng.integers(0, k)) if variant.edge and rng.random() < 0.6 else -1
+    for lane, cid in enumerate(shot.cast):
+        facing = 1 if rng.random() < 0.5 else -1
+        scale, (left, right, up, down) = _fit_scale(
+            cid, facing, float(rng.uniform(0.75, 1.55)), min(fit_w, width * 0.9), height, variant
+        )
+        centre = MARGIN + (lane + 0.5) * (lane_w + GAP)
+        if variant.overlap and k > 1:
+            # neighbours walk towards each other and cross: lane centres swap over the shot
+            toward = 1 if lane < (k - 1) / 2 else -1
+            drift = float(rng.uniform(0.5, 0.9)) * lane_w
+            xs = (centre - toward * drift / 2, centre + toward * drift / 2)
+        else:
+            drift = min(lane_w * 0.6, max(40.0, n * rng.uniform(2.0, 4.0)))
+            xs = (
+                (centre - drift / 2, centre + drift / 2)
+                if rng.random() < 0.5
+                else (centre + drift / 2, centre - drift / 2)
+            )
+        if lane == edge_lane:
+            # leave through (or enter from) the nearer edge: 30-60% of the body outside at one end
+            out = float(rng.uniform(0.3, 0.6)) * (left + right)
+            if centre < width / 2:
+                xs = (xs[0], -out + left) if rng.random() < 0.5 else (-out + left, xs[1])
+            else:
+                xs = (xs[0], width + out - right) if rng.random() < 0.5 else (width + out - right, xs[1])
+        else:
+            xs = tuple(float(np.clip(x, left + MARGIN, width - right - MARGIN)) for x in xs)
+        ymin, ymax = MARGIN + up, height - MARGIN - down
+        y = float(rng.uniform(max(ymin, min(ymax, height * 0.72)), ymax)) if ymax > ymin else ymin
+        shot.actors.append(
+            _Actor(
+                cid, scale, facing, xs[0], xs[1], y, float(rng.uniform(0, 1)), float(rng.uniform(0.025, 0.06))
+            )
+        )
+
+
+def _layout(
+    shot: _Shot, width: int, height: int, rng: np.random.Generator, variant: Variant = VARIANTS["default"]
+) -> None:
     """Place the cast in side-by-side lanes so boxes never overlap and stay inside the frame."""
+    if variant.overlap or variant.edge:
+        _layout_hard(shot, width, height, rng, variant)
+        return
     k = len(shot.cast)
     lane_w = (width - 2 * MARGIN - (k - 1) * GAP) / k
     n = shot.end - shot.start
@@ -1001,15 +1181,9 @@ def _layout(shot: _Shot, width: int, height: int, rng: np.random.Generator) -> N
         facing = 1 if rng.random() < 0.5 else -1
         lo_x = MARGIN + lane * (lane_w + GAP)
         hi_x = lo_x + lane_w
-        scale = float(rng.uniform(0.75, 1.55))
-        while True:
-            scale = round(scale * 20) / 20
-            left, right, up, down = _envelope(cid, scale, facing)
-            if left + right <= lane_w - 2 and up + down <= height - 2 * MARGIN - 2:
-                break
-            scale -= 0.05
-            if scale < 0.3:
-                raise ValueError(f"frame {width}x{height} too small for {k} characters")
+        scale, (left, right, up, down) = _fit_scale(
+            cid, facing, float(rng.uniform(0.75, 1.55)), lane_w, height, variant
+        )
         xmin, xmax = lo_x + left, hi_x - right
         room = xmax - xmin
         drift = min(room, max(40.0, n * rng.uniform(2.0, 4.0)))
@@ -1025,7 +1199,15 @@ def _layout(shot: _Shot, width: int, height: int, rng: np.random.Generator) -> N
 
 
 def _plan_series(
-    seed: int, episodes: int, seconds: float, width: int, height: int, fps: float, n_bg: int, bg_width: int
+    seed: int,
+    episodes: int,
+    seconds: float,
+    width: int,
+    height: int,
+    fps: float,
+    n_bg: int,
+    bg_width: int,
+    variant: Variant = VARIANTS["default"],
 ) -> tuple[list[_Shot], list[list[_Shot]]]:
     """Opening shots (shared by every episode) and each episode's own shots."""
     n_frames = max(1, round(seconds * fps))
@@ -1040,7 +1222,7 @@ def _plan_series(
         pan = float(rng_open.uniform(0, bg_width - width - 1))
         shot = _Shot(a, b, k, pan, pan + (b - a) * 1.5 * (1 if k == 0 else 0), cast=opening_casts[k])
         shot.pan1 = min(shot.pan1, bg_width - width - 1)
-        _layout(shot, width, height, rng_open)
+        _layout(shot, width, height, rng_open, variant)
         opening.append(shot)
     rng = np.random.default_rng([seed, 11])
     lengths = [
@@ -1070,7 +1252,7 @@ def _plan_series(
                 p1 = p0
             shot = _Shot(start, start + ln, bg, p0, p1, cast=casts[ci])
             ci += 1
-            _layout(shot, width, height, rng)
+            _layout(shot, width, height, rng, variant)
             shots.append(shot)
             start += ln
         out.append(shots)
@@ -1088,12 +1270,29 @@ def _polygon(mask: np.ndarray, ox: int, oy: int) -> list[list[int]]:
     return [[int(p[0][0]) + ox, int(p[0][1]) + oy] for p in c]
 
 
+def _clip_paste(
+    frame: np.ndarray, rgb: np.ndarray, mask: np.ndarray, x: int, y: int
+) -> tuple[np.ndarray, int, int] | None:
+    """Paste a crop that may stick out of the frame; returns its visible (mask, x, y) or None."""
+    h, w = mask.shape
+    fh, fw = frame.shape[:2]
+    x0, y0, x1, y1 = max(0, x), max(0, y), min(fw, x + w), min(fh, y + h)
+    if x1 <= x0 or y1 <= y0:
+        return None
+    m = np.ascontiguousarray(mask[y0 - y : y1 - y, x0 - x : x1 - x])
+    if not m.any():
+        return None
+    np.copyto(frame[y0:y1, x0:x1], rgb[y0 - y : y1 - y, x0 - x : x1 - x], where=m[:, :, None] > 0)
+    return m, x0, y0
+
+
 def _render_frame(
     shot: _Shot,
     f: int,
     backgrounds: list[np.ndarray],
     width: int,
     height: int,
+    variant: Variant = VARIANTS["default"],
 ) -> tuple[np.ndarray, list[dict[str, Any]]]:
     n = max(1, shot.end - shot.start - 1)
     t = (f - shot.start) / n
@@ -1102,10 +1301,19 @@ def _render_frame(
     chars = []
     for a in shot.actors:
         pose = a.pose0 + a.pose_speed * (f - shot.start)
-        rgb, mask, (dx, dy) = _render_crop(a.char_id, a.scale, a.facing, pose)
+        rgb, mask, (dx, dy) = _render_crop(a.char_id, a.scale, a.facing, pose, variant)
         x = int(round(a.x0 + (a.x1 - a.x0) * t)) - dx
         y = int(round(a.y)) - dy
         h, w = mask.shape
+        if x < 0 or y < 0 or x + w > width or y + h > height:  # only the edge variant gets here
+            got = _clip_paste(frame, rgb, mask, x, y)
+            if got is not None:
+                m, vx, vy = got
+                mh, mw = m.shape
+                chars.append(
+                    {"id": a.char_id, "box": [vx, vy, vx + mw, vy + mh], "polygon": _polygon(m, vx, vy)}
+                )
+            continue
         np.copyto(frame[y : y + h, x : x + w], rgb, where=mask[:, :, None] > 0)
         chars.append(
             {
@@ -1114,13 +1322,17 @@ def _render_frame(
                 "polygon": _polygon(mask, int(x), int(y)),
             }
         )
+    if variant.night:
+        frame = (frame.astype(np.float32) * NIGHT_TINT).astype(np.uint8)
     return frame, chars
 
 
 def _series_params(
-    seed: int, episodes: int, seconds: float, width: int, height: int, fps: float
+    seed: int, episodes: int, seconds: float, width: int, height: int, fps: float, variant: str = "default"
 ) -> dict[str, Any]:
+    extra = {} if variant == "default" else {"variant": variant}  # the default series.json is unchanged
     return {
+        **extra,
         "generator_version": GENERATOR_VERSION,
         "seed": seed,
         "episodes": episodes,
@@ -1151,6 +1363,7 @@ def generate_series(
     width: int = 640,
     height: int = 360,
     fps: float = 24,
+    variant: str = "default",
 ) -> SeriesInfo:
     """Write the sample series (videos, ground truth, character list) under ``out_dir``.
 
@@ -1165,6 +1378,8 @@ def generate_series(
         width: Frame width in px.
         height: Frame height in px.
         fps: Frames per second.
+        variant: A name of :data:`VARIANTS`: "default", or a harder series (outlined props,
+            overlaps, night palette, frame-edge crossing, shared colours or shapes; "hard": all).
 
     Returns:
         The paths of what was written.
@@ -1172,7 +1387,10 @@ def generate_series(
     out_dir = Path(out_dir)
     if episodes < 1 or seconds <= 0 or width < 64 or height < 64 or fps <= 0:
         raise ValueError("episodes >= 1, seconds > 0, width/height >= 64 and fps > 0 are required")
-    params = _series_params(seed, episodes, float(seconds), width, height, fps)
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; one of {sorted(VARIANTS)}")
+    var = VARIANTS[variant]
+    params = _series_params(seed, episodes, float(seconds), width, height, fps, variant)
     info = _info(out_dir, params)
     marker = out_dir / "series.json"
     if marker.exists() and all(p.exists() for p in [*info.episodes, *info.ground_truth, info.characters]):
@@ -1183,10 +1401,14 @@ def generate_series(
             pass
     marker.unlink(missing_ok=True)
     backgrounds = paint_backgrounds(height, width, seed)
+    if var.props:
+        backgrounds = [
+            _draw_props(bg, np.random.default_rng([seed, 3000 + k])) for k, bg in enumerate(backgrounds)
+        ]
     opening, ep_shots = _plan_series(
-        seed, episodes, float(seconds), width, height, fps, len(backgrounds), backgrounds[0].shape[1]
+        seed, episodes, float(seconds), width, height, fps, len(backgrounds), backgrounds[0].shape[1], var
     )
-    fsio.atomic_write_json(info.characters, {"characters": [c.to_json() for c in CHARACTERS]})
+    fsio.atomic_write_json(info.characters, {"characters": [c.to_json() for c in variant_characters(var)]})
     for ep in range(episodes):
         _write_episode(
             info.episodes[ep],
@@ -1197,6 +1419,7 @@ def generate_series(
             width,
             height,
             fps,
+            var,
         )
     fsio.atomic_write_json(marker, params)
     return info
@@ -1211,6 +1434,7 @@ def _write_episode(
     width: int,
     height: int,
     fps: float,
+    variant: Variant = VARIANTS["default"],
 ) -> None:
     frames_gt: list[dict[str, Any]] = []
     n_frames = shots[-1].end
@@ -1221,7 +1445,7 @@ def _write_episode(
         try:
             for sid, shot in enumerate(shots):
                 for f in range(shot.start, shot.end):
-                    frame, chars = _render_frame(shot, f, backgrounds, width, height)
+                    frame, chars = _render_frame(shot, f, backgrounds, width, height, variant)
                     writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
                     frames_gt.append({"frame_index": f, "shot_id": sid, "characters": chars})
         finally:

@@ -16,6 +16,7 @@ from yokai_pipeline.errors import BadInputError
 from yokai_pipeline.workspace import Workspace
 
 ROW_KEYS = {
+    "stack_path",
     "episode",
     "episode_id",
     "frame_index",
@@ -98,6 +99,8 @@ def test_manifest_rows_and_frames_per_shot(series, extracted):
         per_shot: dict[int, list[int]] = {}
         for r in rows:
             assert set(r) == ROW_KEYS
+            with np.load(ws.abs(r["stack_path"])) as z:  # the shot's stack holds the kept frame
+                assert r["frame_index"] in z["index"].tolist() and z["frames"].shape[1:] == (360, 640, 3)
             assert r["episode"] == gt["episode"] and r["episode_id"] == ep
             assert r["timestamp"] == pytest.approx(r["frame_index"] / 24.0, abs=1e-3)
             assert len(r["phash"]) == 16 and int(r["phash"], 16) >= 0

@@ -1,0 +1,236 @@
+"""Detection: the offline detector's cues on hand-drawn shots with known truth, the yolo glue, stacks."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import cv2
+import numpy as np
+import pytest
+
+from yokai_pipeline import detection, synthetic
+from yokai_pipeline.config import DetectionConfig
+from yokai_pipeline.errors import BadInputError
+
+H, W = 180, 320
+CFG = DetectionConfig()
+
+
+def _backdrop(dark: bool = False) -> np.ndarray:
+    """A painted background 2x the frame width: gradient, hills, a few flat shapes, no lines."""
+    rng = np.random.default_rng(0)
+    bg = np.zeros((H, 2 * W, 3), np.uint8)
+    for y in range(H):
+        bg[y] = (120 + y // 3, 170 + y // 4, 230 - y // 4)
+    for _ in range(12):
+        c = tuple(int(v) for v in rng.integers(90, 230, 3))
+        cv2.circle(
+            bg, (int(rng.integers(0, 2 * W)), int(rng.integers(20, H - 20))), int(rng.integers(8, 30)), c, -1
+        )
+    if dark:  # a night palette: every background pixel's brightest channel below 56
+        bg = (bg.astype(np.float32) * 0.22).astype(np.uint8)
+    return bg
+
+
+def _figure(img: np.ndarray, x: int, y: int, fill=(250, 200, 60), r: int = 22) -> None:
+    """An outlined figure: an ellipse body with a head on top (one instance)."""
+    for c, ax in (((x, y), (r, int(r * 1.3))), ((x, y - int(r * 1.9)), (int(r * 0.7), int(r * 0.7)))):
+        cv2.ellipse(img, c, ax, 0, 0, 360, fill, -1)
+        cv2.ellipse(img, c, ax, 0, 0, 360, (0, 0, 0), 2)
+
+
+def _prop(img: np.ndarray, x: int) -> None:
+    """An outlined static prop (a house) drawn on the background."""
+    cv2.rectangle(img, (x, 60), (x + 50, 140), (200, 180, 150), -1)
+    cv2.rectangle(img, (x, 60), (x + 50, 140), (0, 0, 0), 2)
+    cv2.rectangle(img, (x + 15, 80), (x + 30, 95), (250, 230, 150), -1)
+    cv2.rectangle(img, (x + 15, 80), (x + 30, 95), (0, 0, 0), 2)
+
+
+def _shot(n: int = 7, pan: int = 6, figures=((100, 120, 4),), dark: bool = False, prop_x: int | None = 200):
+    """``n`` frames of a panning camera over a background (with a prop) and moving figures.
+
+    Returns the frames and, per frame, the truth mask of each figure (drawn order).
+    """
+    bg = _backdrop(dark)
+    if prop_x is not None:
+        _prop(bg, prop_x + 2 * pan * n)  # background coordinates: pans with the camera
+    frames, truths = [], []
+    for t in range(n):
+        x0 = 2 * pan * n - pan * t
+        img = bg[:, x0 : x0 + W].copy()
+        masks = []
+        for fx, fy, speed in figures:
+            layer = img.copy()
+            _figure(layer, fx + speed * t, fy)
+            m = np.any(layer != img, axis=2)
+            img = layer
+            masks.append(m)
+        frames.append(img)
+        truths.append(masks)
+    return frames, truths
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / max(1, (a | b).sum()))
+
+
+def test_moving_figure_found_static_outlined_prop_rejected():
+    frames, truths = _shot()
+    k = 3
+    det = detection.detect_offline(frames[k], np.stack(frames[:k] + frames[k + 1 :]), CFG)
+    assert det.labels.max() == 1, "one figure: one instance (the outlined house is background)"
+    assert _iou(det.labels == 1, truths[k][0]) > 0.9
+    assert det.boxes.shape == (1, 6)
+    # without the shot, line art alone cannot tell the house from a character
+    alone = detection.detect_offline(frames[k], None, CFG)
+    assert alone.labels.max() == 2
+
+
+def test_plate_sees_behind_the_figure_and_fills_the_hole():
+    frames, truths = _shot(figures=((150, 120, -14),))  # 20 px a frame against the background
+    k = 3
+    det = detection.detect_offline(frames[k], np.stack(frames[:k] + frames[k + 1 :]), CFG)
+    hole = truths[k][0]
+    seen = det.plate_seen & hole
+    assert seen.sum() > 0.5 * hole.sum(), "the figure moved: other frames saw most of what it hides"
+    # where seen, the plate is the background (the frame without the figure) within compression-free 0
+    bg_only, _ = _shot(figures=(), prop_x=200)
+    diff = np.abs(det.plate.astype(int) - bg_only[k].astype(int)).max(axis=2)
+    assert np.percentile(diff[seen], 95) <= 2
+
+
+def test_two_touching_silhouettes_split_at_the_thin_join():
+    frames, truths = _shot(figures=((130, 120, -6), (198, 120, -14)), prop_x=None)
+    a, b = truths[3][0] & ~truths[3][1], truths[3][1]
+    assert cv2.connectedComponents((a | b).view(np.uint8))[0] == 2, "they touch: one blob"
+    labels = detection.split_instances(a | b, 115, CFG.split_depth)
+    assert labels.max() == 2
+    # each part is mostly one figure, a different one (the cut is not exactly at the join)
+    assert (labels == 1)[a].sum() > (labels == 1)[b].sum() and (labels == 2)[b].sum() > (labels == 2)[a].sum()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known limit (docs/detection.md): the background pocket between two touching figures is "
+    "enclosed by their outlines and joins them thickly, so the watershed keeps one instance",
+)
+def test_touching_figures_become_two_instances():
+    # the second figure catches up with the first: their bodies touch in the middle frame
+    frames, truths = _shot(figures=((130, 120, -6), (198, 120, -14)), prop_x=None)
+    k = 3
+    det = detection.detect_offline(frames[k], np.stack(frames[:k] + frames[k + 1 :]), CFG)
+    assert det.labels.max() == 2
+    a, b = truths[k][0] & ~truths[k][1], truths[k][1]
+    assert (a | b).any() and cv2.connectedComponents((a | b).view(np.uint8))[0] == 2, "they touch"
+    got = sorted(((det.labels == i) for i in (1, 2)), key=lambda m: np.nonzero(m)[1].mean())
+    assert _iou(got[0], a) > 0.8 and _iou(got[1], b) > 0.8
+
+
+def test_figure_crossing_the_frame_edge_is_kept():
+    frames, truths = _shot(figures=((8, 120, 3),), prop_x=None)
+    k = 3
+    assert truths[k][0][:, 0].any(), "the figure is cut by the left edge"
+    det = detection.detect_offline(frames[k], np.stack(frames[:k] + frames[k + 1 :]), CFG)
+    assert det.labels.max() == 1
+    assert _iou(det.labels == 1, truths[k][0]) > 0.85
+
+
+def test_night_background_is_not_line_art():
+    frames, truths = _shot(dark=True, prop_x=None)
+    k = 3
+    assert frames[k][~truths[k][0]].max(axis=1).max() < 56, "the whole background is as dark as line art"
+    det = detection.detect_offline(frames[k], np.stack(frames[:k] + frames[k + 1 :]), CFG)
+    assert det.labels.max() == 1
+    assert _iou(det.labels == 1, truths[k][0]) > 0.85
+
+
+def test_one_character_with_a_head_on_its_shoulders_is_not_split():
+    bg = np.full((H, W, 3), (150, 200, 240), np.uint8)
+    for cid in (0, 2, 9):  # humans: head directly on the torso, as wide as it
+        rgba = synthetic.render_character(cid, scale=1.2)
+        img = bg.copy()
+        h, w = rgba.shape[:2]
+        y, x = (H - h) // 2, (W - w) // 2
+        np.copyto(img[y : y + h, x : x + w], rgba[..., :3], where=rgba[..., 3:] > 0)
+        labels = detection.split_instances(rgba[..., 3] > 0, 100, CFG.split_depth)
+        assert labels.max() == 1, f"character {cid} split into {labels.max()}"
+
+
+def test_masked_median_is_a_colour_seen_and_ignores_masked_frames():
+    frames = np.zeros((5, 2, 2, 3), np.uint8)
+    frames[:, 0, 0] = [(10, 20, 30), (10, 20, 30), (10, 20, 30), (200, 0, 0), (0, 0, 200)]
+    frames[:, 0, 1] = [(1, 1, 1), (5, 5, 5), (9, 9, 9), (250, 250, 250), (250, 250, 250)]
+    use = np.ones((5, 2, 2), bool)
+    use[3:, 0, 1] = False  # the two bright frames of pixel (0, 1) are masked out
+    use[:, 1, 1] = False
+    plate, count = detection.masked_median(frames, use)
+    assert tuple(plate[0, 0]) == (10, 20, 30)
+    assert tuple(plate[0, 1]) == (5, 5, 5)
+    assert count.tolist() == [[5, 3], [5, 0]]
+
+
+def test_align_offset_recovers_a_pan():
+    img = _backdrop()[:, :W]
+    grey = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)
+    moved = np.roll(grey, 7, axis=1)
+    dx, dy = detection.align_offset(grey, moved)
+    assert abs(dx + 7) < 0.5 and abs(dy) < 0.5
+    back, valid = detection.shift(moved, dx, dy)
+    assert np.abs(back[:, 10:-10].astype(int) - grey[:, 10:-10]).mean() < 3
+    assert not valid[:, -1].any() and valid[:, : W - 8].all()
+
+
+def test_labels_in_boxes_cuts_the_mask_inside_each_box():
+    mask = np.zeros((50, 100), np.uint8)
+    mask[10:40, 10:60] = 255  # two figures touching...
+    mask[5:15, 85:95] = 255  # ...and a prop no box covers
+    boxes = np.array([[35, 5, 65, 45, 0.6, 0], [5, 5, 36, 45, 0.9, 0]], np.float32)
+    labels = detection.labels_in_boxes(mask, boxes, 127, 20)
+    assert labels.max() == 2
+    assert (labels[10:40, 10:36] == 1).all(), "left box, first left to right"
+    assert (labels[10:40, 36:60] == 2).all()
+    assert (labels[5:15, 85:95] == 0).all(), "outside every box: no instance"
+
+
+def test_yolo_backend_calls_the_detector_interface(monkeypatch):
+    calls = {}
+
+    class FakeDetector:
+        def detect(self, images):
+            calls["n"] = len(images)
+            return [np.array([[0, 0, 20, 20, 0.9, 0], [30, 0, 50, 20, 0.1, 0]], np.float32) for _ in images]
+
+    def load_detector(source, kind="person", device="auto", batch_size=16):
+        calls["args"] = (source, kind, device, batch_size)
+        return FakeDetector()
+
+    mod = types.ModuleType("yokai_pipeline.models.detector")
+    mod.load_detector = load_detector
+    monkeypatch.setitem(sys.modules, "yokai_pipeline.models.detector", mod)
+    monkeypatch.setattr(detection, "_detectors", {})
+    cfg = DetectionConfig(backend="yolo", model="/models/person.onnx", kind="halfbody", batch_size=4)
+    img = np.zeros((20, 50, 3), np.uint8)
+    mask = np.full((20, 50), 255, np.uint8)
+    (det,) = detection.detect_yolo([img], [mask], cfg, 127)
+    assert calls == {"args": ("/models/person.onnx", "halfbody", "auto", 4), "n": 1}
+    assert det.labels.max() == 1, "the 0.1-score box is below score_threshold"
+    assert (det.labels[:, :20] == 1).all() and not det.labels[:, 20:].any()
+
+
+def test_yolo_backend_without_a_model_is_a_config_error():
+    from yokai_pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="detection.model"):
+        detection.get_detector(DetectionConfig(backend="yolo"))
+
+
+def test_unreadable_stack_names_the_file(tmp_path):
+    bad = tmp_path / "ep01_s00001.npz"
+    bad.write_bytes(b"not an npz")
+    with pytest.raises(BadInputError) as err:
+        detection.read_stack(bad)
+    assert str(bad) in str(err.value)
+    with pytest.raises(BadInputError):
+        detection.read_stack(tmp_path / "missing.npz")

@@ -1,0 +1,167 @@
+"""Characters as instances: the harder sample variants, layering with detection, and the quality floors."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from yokai_pipeline import detection, frames, layering, summary, synthetic
+from yokai_pipeline.config import DetectionConfig, FramesConfig, LayeringConfig, PipelineConfig
+from yokai_pipeline.fsio import read_json, read_jsonl
+from yokai_pipeline.workspace import Workspace
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+
+@pytest.fixture(scope="module")
+def hard(tmp_path_factory) -> synthetic.SeriesInfo:
+    return synthetic.generate_series(
+        tmp_path_factory.mktemp("hard"), seed=4, episodes=1, seconds=10.0, variant="hard"
+    )
+
+
+def _video_frames(video: Path, indices: set[int]) -> dict[int, np.ndarray]:
+    cap = cv2.VideoCapture(str(video))
+    out, i = {}, 0
+    while True:
+        ok, bgr = cap.read()
+        if not ok:
+            break
+        if i in indices:
+            out[i] = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+        i += 1
+    return out
+
+
+def test_hard_variant_has_each_difficulty(hard):
+    gt = synthetic.load_ground_truth(hard.ground_truth[0])
+    w = gt["width"]
+    edge = [c for f in gt["frames"] for c in f["characters"] if c["box"][0] == 0 or c["box"][2] == w]
+    assert edge, "some character crosses the frame edge"
+    overlaps = 0
+    for f in gt["frames"]:
+        boxes = [c["box"] for c in f["characters"]]
+        overlaps += any(synthetic.box_iou(a, b) > 0 for i, a in enumerate(boxes) for b in boxes[i + 1 :])
+    assert overlaps > 10, "characters overlap each other in many frames"
+    idx = {0, len(gt["frames"]) // 2}
+    for fi, rgb in _video_frames(hard.episodes[0], idx).items():
+        bg = synthetic.gt_mask(gt, fi) == 0
+        v = rgb.max(axis=2)
+        assert (v[bg] < 56).mean() > 0.01, "night: part of the background is as dark as line art"
+        assert (v[bg] < 20).sum() > 200, "outlined props: black lines on the background"
+    chars = {c["id"]: c for c in read_json(hard.characters)["characters"]}
+    assert chars[5]["colours"]["body"] == chars[3]["colours"]["body"], "shared body colour"
+    assert set(chars[6]["colours"]) == set(chars[3]["colours"]), "kappa drawn with the cat's shape"
+
+
+def test_default_series_table_unchanged():
+    assert synthetic.variant_characters(synthetic.VARIANTS["default"]) == synthetic.CHARACTERS
+    with pytest.raises(ValueError, match="unknown variant"):
+        synthetic.generate_series("/nonexistent", variant="nope")
+
+
+def test_layering_with_detection_writes_one_layer_per_instance_and_resumes(hard, tmp_path):
+    ws = Workspace(tmp_path / "ws")
+    frames.extract_frames(hard.episodes[0], ws, FramesConfig())
+    rows = read_jsonl(ws.frames_manifest("ep01"))
+    assert rows and all(ws.abs(r["stack_path"]).is_file() for r in rows)
+    cfg = LayeringConfig(num_workers=1)
+    det = DetectionConfig()
+    out = layering.segment_layers(rows, ws, cfg, det)
+    layering.write_layer_manifest(ws, "ep01", out)
+    chars = [r for r in out if r["kind"] == "character"]
+    assert chars
+    for r in out:
+        if r["kind"] != "background":
+            continue
+        stem = Path(r["path"]).stem
+        labels = cv2.imread(
+            str(ws.layered_frames / "instances" / "ep01" / f"{stem}.png"), cv2.IMREAD_GRAYSCALE
+        )
+        mine = [c for c in chars if c["frame_index"] == r["frame_index"]]
+        assert int(labels.max()) == len(mine), "one character layer per instance label"
+        for k, c in enumerate(sorted(mine, key=lambda c: c["layer_id"]), start=1):
+            rgba = cv2.imread(str(ws.abs(c["path"])), cv2.IMREAD_UNCHANGED)
+            x0, y0, x1, y1 = c["box"]
+            assert ((rgba[..., 3] > 0) == (labels[y0:y1, x0:x1] == k)).all()
+    assert layering.segment_layers(rows, ws, cfg, det) == out, "a re-run resumes from the files"
+    q = summary.instance_quality(ws, ["ep01"], hard.ground_truth_dir)
+    assert q["character_layers"] == len(chars) and 0 <= q["unmatched_share"] <= 1
+
+
+def test_background_hole_is_filled_from_the_plate_where_seen():
+    rgb = np.full((40, 60, 3), 200, np.uint8)
+    rgb[10:30, 10:30] = (0, 0, 255)  # the character
+    labels = np.zeros((40, 60), np.int32)
+    labels[10:30, 10:30] = 1
+    plate = np.zeros_like(rgb)
+    plate[:] = (10, 250, 10)
+    seen = np.zeros((40, 60), bool)
+    seen[:, :20] = True  # the plate saw the left half of the hole
+    layers, bg, fg = layering.layers_from_labels(
+        rgb, labels, LayeringConfig(crop_margin=0), None, plate, seen
+    )
+    assert len(layers) == 1 and layers[0][1] == (10, 10, 30, 30) and layers[0][2] == 400
+    assert (bg[12:28, 12:19] == (10, 250, 10)).all(), "seen: the plate's pixels"
+    assert (np.abs(bg[12:28, 22:28].astype(int) - 200) <= 2).all(), "unseen: inpainted from around"
+    assert (bg[:, 40:] == 200).all()
+
+
+_RUNS: dict[str, dict] = {}
+_PROPS = "props a character touches for the whole shot stay attached to it (docs/detection.md)"
+_VARIANTS = [
+    "default",
+    "overlap",
+    "night",
+    "edge",
+    "shared_colour",
+    "shared_shape",
+    pytest.param("props", marks=pytest.mark.xfail(strict=True, reason=_PROPS)),
+    pytest.param("hard", marks=pytest.mark.xfail(strict=True, reason=_PROPS)),
+]
+
+
+def _figures(variant: str, tmp_path_factory) -> dict:
+    """One run of the offline stages per variant (1 episode x 24 s), shared by the floor tests."""
+    if variant not in _RUNS:
+        from bench import bench_instances
+
+        root = tmp_path_factory.mktemp(f"floors-{variant}")
+        _RUNS[variant] = bench_instances.run_variant(variant, root, 1, 24.0, 0, PipelineConfig())
+    return _RUNS[variant]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", _VARIANTS)
+def test_instance_floors_on_the_variants(variant, tmp_path_factory):
+    """Issue 15's instance floors with the default offline config: <= 10% of character layers
+    match no character, >= 80% of visible characters (>= 1,500 px) have a layer of their own."""
+    fig = _figures(variant, tmp_path_factory)
+    assert fig["unmatched"] <= 0.10 and fig["own"] >= 0.80, fig
+    assert fig["ari"] >= 0.9, fig
+    if variant == "default":
+        assert fig["seg_iou"] >= 0.97, fig
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="purity 0.86-0.94 on a 24-s series with the offline colour descriptor (the 3 x 40 s demo "
+    "series reaches 1.00); identity embeddings (CCIP, issue 15 part A) are the fix",
+)
+@pytest.mark.parametrize("variant", ["default", "shared_colour"])
+def test_purity_floor_on_short_series(variant, tmp_path_factory):
+    fig = _figures(variant, tmp_path_factory)
+    assert fig["purity"] >= 0.95, fig
+
+
+def test_offline_detector_rejects_nothing_without_a_stack():
+    rgb = np.full((60, 80, 3), 220, np.uint8)
+    cv2.rectangle(rgb, (10, 10), (40, 50), (250, 120, 90), -1)
+    cv2.rectangle(rgb, (10, 10), (40, 50), (0, 0, 0), 2)
+    det = detection.detect_offline(rgb, None, DetectionConfig())
+    assert det.labels.max() == 1 and det.plate is None
