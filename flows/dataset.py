@@ -9,7 +9,7 @@ from prefect import flow, get_run_logger, unmapped
 
 from flows.gpu import caption_flow, embedding_flow
 from flows.heavy import run_heavy
-from tasks.analysis import analyze_task, review_task, select_task
+from tasks.analysis import analyze_task, report_tags_task, review_task, select_task
 from tasks.dataset import augment_task, backgrounds_task, package_task, selected_folders, validate_task
 from tasks.frames import series_dedup_task
 from tasks.identity import cluster_task
@@ -100,6 +100,8 @@ def _build_datasets(
         "seconds": round(time.perf_counter() - t0, 3),
     }
     timed("captions", run_heavy, caption_flow, "caption", {"workspace": workspace, "config": config}, config)
+    if config.tags.uses_tags:
+        report_tags_task(workspace)  # the cluster report gains each character's top and core tags
     pkg = timed("packaging", package_task, workspace, config.packaging, config.training)
     stages["packaging"]["low_resolution"] = len(pkg.get("low_resolution", []))
     for item in pkg.get("low_resolution", []):

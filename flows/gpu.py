@@ -12,7 +12,7 @@ from prefect import flow, get_run_logger
 
 from flows.heavy import gpu_flow_lease
 from tasks.common import run_bounded
-from tasks.dataset import caption_task, selected_folders
+from tasks.dataset import caption_task, selected_folders, tag_task
 from tasks.identity import embed_task
 from tasks.layering import read_frame_rows, segment_chunk_task, write_layer_manifest_task
 from yokai_pipeline.config import PipelineConfig
@@ -80,9 +80,15 @@ def embedding_flow(workspace: str, episode_ids: list[str], config: PipelineConfi
 
 @flow(name="caption", persist_result=True)
 def caption_flow(workspace: str, config: PipelineConfig = PipelineConfig()) -> dict:  # noqa: B008
-    """Caption every selected cluster folder, one mapped task per character."""
+    """Tag (when captions use tags), then caption every selected cluster folder, one mapped task per character."""
     chars = selected_folders(workspace)
     t0 = time.perf_counter()
+    folders = [c["folder"] for c in chars]
+    tagged = []
+    if config.tags.uses_tags:
+        tag_calls = [{"workspace": workspace, "folder": f, "cfg": config.tags} for f in folders]
+        tag_workers = stage_workers(config.tags.backend != "offline", len(tag_calls))
+        tagged = [f.result() for f in run_bounded(tag_task, tag_calls, tag_workers)]
     cfg = config.caption
     calls = [
         {
@@ -91,6 +97,7 @@ def caption_flow(workspace: str, config: PipelineConfig = PipelineConfig()) -> d
             "cfg": cfg,
             "trigger": c["trigger"],
             "char_type": c["type"],
+            "tags": config.tags,
         }
         for c in chars
     ]
@@ -102,6 +109,9 @@ def caption_flow(workspace: str, config: PipelineConfig = PipelineConfig()) -> d
         "captioned": sum(r["captioned"] for r in res),
         "skipped": sum(r["skipped"] for r in res),
         "failed": sum(len(r["failed"]) for r in res),
+        "tagged": sum(t["tagged"] for t in tagged),
+        "tag_failed": sum(len(t["failed"]) for t in tagged),
+        "tag_backend": config.tags.backend if tagged else None,
         "backend": config.caption.backend,
         "seconds": round(seconds, 3),
     }

@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from yokai_pipeline import analysis, edits, selection
+from yokai_pipeline import analysis, augmentation, edits, selection, tagging
 from yokai_pipeline.config import AnalysisConfig, EmbeddingConfig, SelectionConfig
 from yokai_pipeline.workspace import Workspace
 
@@ -34,6 +34,22 @@ def analyze_task(workspace: str, cfg: AnalysisConfig, embedding: EmbeddingConfig
         description="Clusters by tier, with a link to the HTML report",
     )
     return {"summary": result["summary"], "json": str(json_path), "html": str(html_path)}
+
+
+@task(name="report-tags")
+def report_tags_task(workspace: str) -> dict:
+    """Re-render the cluster report with each tagged character's top and core tags."""
+    ws = Workspace(workspace)
+    tags = tagging.cluster_tag_summaries(ws.augmented_clusters)
+    json_path = ws.analysis_dir / "cluster_analysis.json"
+    if not tags or not json_path.is_file():
+        return {"clusters": 0}
+    sel = augmentation.read_selection(ws.selection_file) if ws.selection_file.is_file() else {}
+    names = {cid: c.get("name") for cid, c in sel.items() if c.get("name")}
+    analysis.write_analysis(
+        analysis.read_analysis(json_path), json_path, ws.analysis_dir / "cluster_analysis.html", names, tags
+    )
+    return {"clusters": len(tags)}
 
 
 @task(name="apply-review-edits")

@@ -5,13 +5,23 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 
 from tasks.common import IO_RETRIES, IO_RETRY_DELAYS, stage_lease
-from yokai_pipeline import augmentation, backgrounds, captioning, clustering, edits, kohya, validation
+from yokai_pipeline import (
+    augmentation,
+    backgrounds,
+    captioning,
+    clustering,
+    edits,
+    kohya,
+    tagging,
+    validation,
+)
 from yokai_pipeline.config import (
     AugmentConfig,
     BackgroundConfig,
     CaptionConfig,
     EmbeddingConfig,
     PackagingConfig,
+    TagConfig,
     TrainingConfig,
 )
 from yokai_pipeline.fsio import read_json
@@ -36,16 +46,38 @@ def augment_task(workspace: str, folder: str, cfg: AugmentConfig, symmetric: boo
     return {k: v for k, v in res.items() if k != "config"}
 
 
+@task(name="tag-cluster", tags=["gpu"], retries=1, retry_delay_seconds=5, task_run_name="tag-{folder}")
+def tag_task(workspace: str, folder: str, cfg: TagConfig) -> dict:
+    """Tag one cluster folder (a sidecar per image); images with current tags are skipped."""
+    ws = Workspace(workspace)
+    meta = tagging.layer_meta(ws.layered_frames / "manifests") if cfg.backend == "offline" else None
+    with stage_lease(cfg.device, uses_gpu=cfg.backend != "offline") as lease:
+        leased = cfg.model_copy(update={"device": lease.resolve(cfg.device)})
+        res = tagging.tag_folder(ws.augmented_clusters / folder, leased, meta=meta)
+    get_run_logger().info(
+        f"{folder}: {res['tagged']} tagged, {res['skipped']} already had tags; core tags: "
+        + (", ".join(res["core_tags"]) or "none")
+    )
+    return res
+
+
 @task(
     name="caption-cluster", tags=["gpu"], retries=1, retry_delay_seconds=5, task_run_name="caption-{folder}"
 )
-def caption_task(workspace: str, folder: str, cfg: CaptionConfig, trigger: str, char_type: str) -> dict:
+def caption_task(
+    workspace: str,
+    folder: str,
+    cfg: CaptionConfig,
+    trigger: str,
+    char_type: str,
+    tags: TagConfig | None = None,
+) -> dict:
     """Caption one cluster folder; images that already have a caption are skipped."""
     ws = Workspace(workspace)
     with stage_lease(cfg.device, uses_gpu=cfg.backend != "offline") as lease:
         leased = cfg.model_copy(update={"device": lease.resolve(cfg.device)})
         res = captioning.caption_folder(
-            ws.augmented_clusters / folder, leased, trigger=trigger, char_type=char_type
+            ws.augmented_clusters / folder, leased, trigger=trigger, char_type=char_type, tags=tags
         )
     get_run_logger().info(f"{folder}: {res['captioned']} captioned, {res['skipped']} already had one")
     return res

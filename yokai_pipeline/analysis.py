@@ -728,12 +728,16 @@ def thumbnail_data_uri(path: str | Path, size: int) -> str:
     return "data:image/webp;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def render_report(result: dict[str, Any], names: dict[int, str] | None = None) -> str:
+def render_report(
+    result: dict[str, Any], names: dict[int, str] | None = None, tags: dict[int, dict[str, Any]] | None = None
+) -> str:
     """The self-contained HTML report (thumbnails embedded as WebP data URIs).
 
     Args:
         result: an analysis result.
         names: optional cluster id -> character name, shown on each cluster (escaped).
+        tags: optional cluster id -> tag summary (``top_tags``, ``core_tags``; see
+            :func:`yokai_pipeline.tagging.cluster_tag_summaries`), shown on each cluster.
     """
     import jinja2
 
@@ -745,6 +749,7 @@ def render_report(result: dict[str, Any], names: dict[int, str] | None = None) -
     size = int(result.get("config", {}).get("thumbnail_size", 128))
     root = Path(result["clusters_dir"])
     names = {int(k): str(v) for k, v in (names or {}).items()}
+    tags = {int(k): v for k, v in (tags or {}).items()}
     clusters = []
     for c in result["clusters"]:
         thumbs = []
@@ -754,7 +759,13 @@ def render_report(result: dict[str, Any], names: dict[int, str] | None = None) -
             except BadInputError:
                 continue  # a vanished file must not leave a broken image in the report
         clusters.append(
-            {**c, "name": names.get(int(c["id"])), "thumbs": thumbs, "anchor": cluster_anchor(c["id"])}
+            {
+                **c,
+                "name": names.get(int(c["id"])),
+                "tags": tags.get(int(c["id"])),
+                "thumbs": thumbs,
+                "anchor": cluster_anchor(c["id"]),
+            }
         )
     return env.get_template("report.html.j2").render(
         result=result,
@@ -778,9 +789,10 @@ def write_analysis(
     json_path: str | Path,
     html_path: str | Path | None,
     names: dict[int, str] | None = None,
+    tags: dict[int, dict[str, Any]] | None = None,
 ) -> tuple[Path, Path | None]:
     """Write the analysis JSON and (unless ``html_path`` is None) the HTML report, atomically."""
     json_path = fsio.atomic_write_json(json_path, result)
     if html_path is None:
         return json_path, None
-    return json_path, fsio.atomic_write_text(html_path, render_report(result, names))
+    return json_path, fsio.atomic_write_text(html_path, render_report(result, names, tags))

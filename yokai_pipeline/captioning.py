@@ -43,7 +43,7 @@ from yokai_pipeline.augmentation import (
     normalise_analysis,
     read_selection,
 )
-from yokai_pipeline.config import CaptionConfig
+from yokai_pipeline.config import CaptionConfig, TagConfig
 from yokai_pipeline.errors import BadInputError
 from yokai_pipeline.fsio import atomic_write_json, atomic_write_text, read_image
 
@@ -87,13 +87,67 @@ def composite_on_white(image: Any) -> Any:
 
 def format_caption(trigger: str, text: str, char_type: str = "unknown") -> str:
     """``"<trigger>, <text>"`` cleaned up; never empty (fallback from the type when ``text`` is)."""
+    text = clean_description(trigger, text, char_type)
+    return f"{trigger}, {text}" if trigger else text
+
+
+def clean_description(trigger: str, text: str, char_type: str = "unknown") -> str:
+    """A captioner's answer without prompt echoes or a leading trigger; the type's fallback when empty."""
     text = re.sub(r"\s+", " ", str(text or "")).strip()
     text = re.sub(r"^(answer|caption)\s*:\s*", "", text, flags=re.IGNORECASE).strip(" ,.;:")
-    if text.lower().startswith(trigger.lower()):
+    if trigger and text.lower().startswith(trigger.lower()):
         text = text[len(trigger) :].strip(" ,.;:")
     if not any(ch.isalnum() for ch in text):
         text = fallback_description(char_type)
-    return f"{trigger}, {text}" if trigger else text
+    return text
+
+
+def compose_caption(trigger: str, tags: Sequence[str] = (), sentence: str | None = None) -> str:
+    """``"<trigger>, <tag>, <tag>, ..., <sentence>"``: tags as kohya users write them, each once.
+
+    Args:
+        trigger: the character's trigger word (always first: kohya's ``keep_tokens = 1`` keeps it).
+        tags: Danbooru tags (underscores), most important first.
+        sentence: an optional captioner sentence put after the tags.
+    """
+    from yokai_pipeline.tagging import format_tag
+
+    parts, seen = ([trigger], {trigger.lower()}) if trigger else ([], set())
+    for tag in tags:
+        text = format_tag(tag)
+        if text and text.lower() not in seen:
+            parts.append(text)
+            seen.add(text.lower())
+    if sentence:
+        parts.append(sentence)
+    return ", ".join(parts)
+
+
+def folder_tags(
+    images: Sequence[Path], cfg: TagConfig
+) -> tuple[dict[Path, list[str]], list[str], list[dict[str, str]]]:
+    """Per-image caption tags of one character folder with its core tags pruned.
+
+    Returns:
+        ``(tags per image, core tags, failed)``: images without a current tag sidecar are
+        listed in ``failed`` (the tag stage has to run first).
+    """
+    from yokai_pipeline.tagging import caption_tags, core_tags, read_tags, sidecar_path
+
+    # Any tagger's sidecar will do: the tag stage (run first, same settings in the flow) keeps them current.
+    docs = {p: read_tags(p) for p in images}
+    lists = {p: caption_tags(d) for p, d in docs.items() if d is not None}
+    core = core_tags(list(lists.values()), cfg.core_tag_ratio, cfg.never_prune) if cfg.prune_core_tags else []
+    drop = set(core)
+    failed = [
+        {
+            "name": p.name,
+            "problem": f"no tags in {sidecar_path(p).name}: run the tag stage (yokai tag) first",
+        }
+        for p, d in docs.items()
+        if d is None
+    ]
+    return {p: [t for t in tags if t not in drop] for p, tags in lists.items()}, core, failed
 
 
 def fallback_description(char_type: str) -> str:
@@ -386,6 +440,7 @@ def caption_folder(
     captioner: Captioner | None = None,
     progress: Callable[[int, int], None] | None = None,
     num_workers: int = 4,
+    tags: TagConfig | None = None,
 ) -> dict[str, Any]:
     """Caption every image directly in ``folder`` that has no caption yet.
 
@@ -397,11 +452,13 @@ def caption_folder(
         captioner: Use this instead of building one from ``cfg``.
         progress: ``progress(done, total)`` callback over the images to caption.
         num_workers: Image-decoding threads.
+        tags: With ``tags.caption`` ``tags`` or ``both``: the tags of each image's sidecar (core
+            tags pruned) follow the trigger; ``tags`` alone needs no captioner.
 
     Returns:
         ``{"folder", "trigger", "type", "images", "captioned", "skipped", "failed": [{name, problem}],
-        "fallback", "seconds", "images_per_s", "timing"}``; ``timing`` splits the seconds into
-        waiting for decoded input, the model (preprocessing on the GPU included) and the last writes.
+        "fallback", "core_tags", "seconds", "images_per_s", "timing"}``; ``timing`` splits the seconds
+        into waiting for decoded input, the model (preprocessing on the GPU included) and the last writes.
     """
     t0 = time.perf_counter()
     folder = Path(folder)
@@ -418,83 +475,143 @@ def caption_folder(
         "skipped": len(images) - len(todo),
         "failed": [],
         "fallback": 0,
+        "core_tags": [],
     }
+    per_image: dict[Path, list[str]] | None = None
+    if tags is not None and tags.uses_tags:
+        per_image, result["core_tags"], missing = folder_tags(images, tags)
+        pending = {p.name for p in todo}  # an image captioned earlier needs no tags
+        result["failed"].extend(m for m in missing if m["name"] in pending)
+        todo = [p for p in todo if p in per_image]
+        if tags.caption == "tags":
+            _write_tag_captions(todo, per_image, trigger, result, progress)
+            todo = []
     if todo:
-        captioner = captioner or get_captioner(cfg)
-        prompt = prompt_for(char_type)
-        bs = cfg.batch_size
-        batches = [todo[i : i + bs] for i in range(0, len(todo), bs)]
-        can_prepare = hasattr(captioner, "prepare") and hasattr(captioner, "generate")
-
-        def load(
-            batch_paths: list[Path],
-        ) -> tuple[list[Path], list[Any], list[dict[str, str]], Any, str | None]:
-            paths, ims, failed = _decode_batch(batch_paths, decode_pool)
-            prepared, error = None, None
-            if can_prepare and ims:
-                try:
-                    prepared = captioner.prepare(ims, [prompt] * len(ims))  # type: ignore[attr-defined]
-                except Exception as exc:  # noqa: BLE001 - reported per image, the run goes on
-                    error = f"{type(exc).__name__}: {exc}"
-            return paths, ims, failed, prepared, error
-
-        done = 0
-        wait_s = model_s = 0.0  # where the time goes: waiting for decoded input vs the model
-        writes: list[tuple[Path, Any]] = []
-        with (
-            ThreadPoolExecutor(max_workers=max(1, num_workers), thread_name_prefix="decode") as decode_pool,
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") as prefetch,
-            # Atomic writes fsync; on their own threads they overlap the next batch's generation.
-            ThreadPoolExecutor(max_workers=2, thread_name_prefix="write") as writer,
-        ):
-            future = prefetch.submit(load, batches[0])
-            for i in range(len(batches)):
-                tw = time.perf_counter()
-                paths, ims, failed, prepared, error = future.result()
-                wait_s += time.perf_counter() - tw
-                if i + 1 < len(batches):
-                    future = prefetch.submit(load, batches[i + 1])  # overlaps the generation below
-                result["failed"].extend(failed)
-                texts: list[str] | None = None
-                if paths and error is None:
-                    tm = time.perf_counter()
-                    try:
-                        if prepared is not None:
-                            texts = captioner.generate(prepared)  # type: ignore[attr-defined]
-                        else:
-                            texts = captioner.caption(ims, [prompt] * len(ims))
-                    except Exception as exc:  # noqa: BLE001 - one bad batch must not stop the folder
-                        error = f"{type(exc).__name__}: {exc}"
-                    model_s += time.perf_counter() - tm
-                if error is not None:
-                    result["failed"].extend(
-                        {"name": p.name, "problem": f"captioner failed: {error}"} for p in paths
-                    )
-                elif texts is not None:
-                    for p, text in zip(paths, texts, strict=True):
-                        if not any(ch.isalnum() for ch in str(text or "")):
-                            result["fallback"] += 1
-                        cap = format_caption(trigger, text, char_type) + "\n"
-                        writes.append((p, writer.submit(atomic_write_text, caption_path(p), cap)))
-                done += len(batches[i])
-                if progress is not None:
-                    progress(done, len(todo))
-            tw = time.perf_counter()
-            for p, fut in writes:
-                try:
-                    fut.result()
-                    result["captioned"] += 1
-                except OSError as exc:
-                    result["failed"].append({"name": p.name, "problem": f"cannot write caption: {exc}"})
-            result["timing"] = {
-                "wait_input_s": round(wait_s, 3),
-                "model_s": round(model_s, 3),
-                "write_tail_s": round(time.perf_counter() - tw, 3),
-            }
+        _caption_with_model(
+            todo,
+            captioner or get_captioner(cfg),
+            cfg,
+            trigger,
+            char_type,
+            per_image,
+            result,
+            progress,
+            num_workers,
+        )
     secs = time.perf_counter() - t0
     result["seconds"] = round(secs, 3)
     result["images_per_s"] = round(result["captioned"] / secs, 2) if secs > 0 else 0.0
     return result
+
+
+def _caption_with_model(
+    todo: list[Path],
+    captioner: Captioner,
+    cfg: CaptionConfig,
+    trigger: str,
+    char_type: str,
+    per_image: Mapping[Path, Sequence[str]] | None,
+    result: dict[str, Any],
+    progress: Callable[[int, int], None] | None,
+    num_workers: int,
+) -> None:
+    """The captioner over ``todo``: decode + prepare the next batch on threads while it generates.
+
+    Captions (with ``per_image`` tags before the sentence, when given) are written on threads;
+    counts, failures and timing go into ``result``.
+    """
+    prompt = prompt_for(char_type)
+    bs = cfg.batch_size
+    batches = [todo[i : i + bs] for i in range(0, len(todo), bs)]
+    can_prepare = hasattr(captioner, "prepare") and hasattr(captioner, "generate")
+
+    def load(
+        batch_paths: list[Path],
+    ) -> tuple[list[Path], list[Any], list[dict[str, str]], Any, str | None]:
+        paths, ims, failed = _decode_batch(batch_paths, decode_pool)
+        prepared, error = None, None
+        if can_prepare and ims:
+            try:
+                prepared = captioner.prepare(ims, [prompt] * len(ims))  # type: ignore[attr-defined]
+            except Exception as exc:  # noqa: BLE001 - reported per image, the run goes on
+                error = f"{type(exc).__name__}: {exc}"
+        return paths, ims, failed, prepared, error
+
+    done = 0
+    wait_s = model_s = 0.0  # where the time goes: waiting for decoded input vs the model
+    writes: list[tuple[Path, Any]] = []
+    with (
+        ThreadPoolExecutor(max_workers=max(1, num_workers), thread_name_prefix="decode") as decode_pool,
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") as prefetch,
+        # Atomic writes fsync; on their own threads they overlap the next batch's generation.
+        ThreadPoolExecutor(max_workers=2, thread_name_prefix="write") as writer,
+    ):
+        future = prefetch.submit(load, batches[0])
+        for i in range(len(batches)):
+            tw = time.perf_counter()
+            paths, ims, failed, prepared, error = future.result()
+            wait_s += time.perf_counter() - tw
+            if i + 1 < len(batches):
+                future = prefetch.submit(load, batches[i + 1])  # overlaps the generation below
+            result["failed"].extend(failed)
+            texts: list[str] | None = None
+            if paths and error is None:
+                tm = time.perf_counter()
+                try:
+                    if prepared is not None:
+                        texts = captioner.generate(prepared)  # type: ignore[attr-defined]
+                    else:
+                        texts = captioner.caption(ims, [prompt] * len(ims))
+                except Exception as exc:  # noqa: BLE001 - one bad batch must not stop the folder
+                    error = f"{type(exc).__name__}: {exc}"
+                model_s += time.perf_counter() - tm
+            if error is not None:
+                result["failed"].extend(
+                    {"name": p.name, "problem": f"captioner failed: {error}"} for p in paths
+                )
+            elif texts is not None:
+                for p, text in zip(paths, texts, strict=True):
+                    if not any(ch.isalnum() for ch in str(text or "")):
+                        result["fallback"] += 1
+                    if per_image is None:
+                        cap = format_caption(trigger, text, char_type) + "\n"
+                    else:
+                        sentence = clean_description(trigger, text, char_type)
+                        cap = compose_caption(trigger, per_image[p], sentence) + "\n"
+                    writes.append((p, writer.submit(atomic_write_text, caption_path(p), cap)))
+            done += len(batches[i])
+            if progress is not None:
+                progress(done, len(todo))
+        tw = time.perf_counter()
+        for p, fut in writes:
+            try:
+                fut.result()
+                result["captioned"] += 1
+            except OSError as exc:
+                result["failed"].append({"name": p.name, "problem": f"cannot write caption: {exc}"})
+        result["timing"] = {
+            "wait_input_s": round(wait_s, 3),
+            "model_s": round(model_s, 3),
+            "write_tail_s": round(time.perf_counter() - tw, 3),
+        }
+
+
+def _write_tag_captions(
+    todo: Sequence[Path],
+    per_image: Mapping[Path, Sequence[str]],
+    trigger: str,
+    result: dict[str, Any],
+    progress: Callable[[int, int], None] | None,
+) -> None:
+    """Tags-only captions: no model, one atomic write per image."""
+    for k, p in enumerate(todo, 1):
+        try:
+            atomic_write_text(caption_path(p), compose_caption(trigger, per_image[p]) + "\n")
+            result["captioned"] += 1
+        except OSError as exc:
+            result["failed"].append({"name": p.name, "problem": f"cannot write caption: {exc}"})
+        if progress is not None and (k % 64 == 0 or k == len(todo)):
+            progress(k, len(todo))
 
 
 def character_info(
@@ -520,6 +637,7 @@ def caption_clusters(
     selection: Mapping[str, Any] | str | Path | None = None,
     captioner: Captioner | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    tags: TagConfig | None = None,
 ) -> dict[str, Any]:
     """Caption every cluster folder under ``clusters_dir`` (or ``clusters_dir`` itself when it holds images).
 
@@ -531,6 +649,7 @@ def caption_clusters(
             its clusters are captioned.
         captioner: Use this instead of building one from ``cfg`` (one model for all folders).
         progress: ``progress(folder name, done, total)`` callback.
+        tags: caption composition from the tag sidecars (see :func:`caption_folder`).
 
     Returns:
         Totals and per-folder results; also written to ``caption_summary.json`` in ``clusters_dir``.
@@ -549,6 +668,7 @@ def caption_clusters(
                 char_type=job["type"],
                 captioner=captioner,
                 progress=cb,
+                tags=tags,
             )
         )
     return summarize_captions(

@@ -26,6 +26,7 @@ COMMAND_MODULES = [
     "select",
     "review",
     "augment",
+    "tag",
     "caption",
     "prepare",
     "validate",

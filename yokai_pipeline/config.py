@@ -369,6 +369,69 @@ class CaptionConfig(_Stage):
     )
 
 
+class TagConfig(_Stage):
+    """Booru tags (WD14 v3 taggers) and how captions are composed from them."""
+
+    backend: Literal["offline", "wd14"] = Field(
+        "offline",
+        description="offline: tags read off the layer itself (colours, framing, background), no weights. wd14: a SmilingWolf v3 tagger.",
+    )
+    model: str = Field(
+        "SmilingWolf/wd-eva02-large-tagger-v3",
+        description="WD14 tagger hub id (from the Hugging Face cache, never downloaded) or local folder.",
+    )
+    runtime: Literal["torch", "onnx"] = Field(
+        "torch", description="torch: timm weights (bf16 on CUDA). onnx: the published model.onnx on CPU."
+    )
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N (torch runtime).")
+    batch_size: int = Field(64, ge=1, le=4096, description="Images per forward pass.")
+    num_workers: int = Field(4, ge=0, le=64, description="Decode processes feeding the tagger (0 = inline).")
+    general_threshold: float = Field(
+        0.35, gt=0, lt=1, description="Probability a general tag needs (the wd-tagger space's default)."
+    )
+    character_threshold: float = Field(
+        0.85, gt=0, lt=1, description="Probability a character tag needs (the wd-tagger space's default)."
+    )
+    general_mcut: bool = Field(
+        False, description="Pick the general threshold per image by MCut (largest gap in the sorted scores)."
+    )
+    character_mcut: bool = Field(
+        False, description="Pick the character threshold per image by MCut (never below 0.15)."
+    )
+    caption: Literal["tags", "sentence", "both"] = Field(
+        "tags",
+        description="Caption content after the trigger: tags, the captioner's sentence, or tags then sentence.",
+    )
+    prune_core_tags: bool = Field(
+        True,
+        description="Leave tags found on most of a character's images out of its captions, so the trigger word learns them.",
+    )
+    core_tag_ratio: float = Field(
+        0.7, gt=0, le=1, description="Share of a character's images a tag must be on to count as core."
+    )
+    never_prune: list[str] = Field(
+        default_factory=lambda: [
+            "solo",
+            "full_body",
+            "upper_body",
+            "portrait",
+            "simple_background",
+            "white_background",
+            "transparent_background",
+        ],  # fmt: skip
+        description="Framing and background tags kept even when core (they vary in use, not in the character).",
+    )
+    shuffle_caption: bool = Field(
+        True,
+        description="Tag captions: kohya shuffles the tags each step (keep_tokens keeps the trigger first).",
+    )
+
+    @property
+    def uses_tags(self) -> bool:
+        """Whether captions contain tags (the tag stage must run)."""
+        return self.caption in ("tags", "both")
+
+
 class PackagingConfig(_Stage):
     """kohya dataset packaging."""
 
@@ -580,6 +643,7 @@ class PipelineConfig(_Stage):
     review: ReviewConfig = Field(default_factory=ReviewConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     caption: CaptionConfig = Field(default_factory=CaptionConfig)
+    tags: TagConfig = Field(default_factory=TagConfig)
     packaging: PackagingConfig = Field(default_factory=PackagingConfig)
     backgrounds: BackgroundConfig = Field(default_factory=BackgroundConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)

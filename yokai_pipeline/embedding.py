@@ -20,10 +20,9 @@ into ``embeddings/<episode_id>.npy`` with a sidecar ``.json`` and skips work alr
 
 from __future__ import annotations
 
-import atexit
 import contextlib
+import functools
 import math
-import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -43,6 +42,11 @@ from yokai_pipeline.fsio import (
     read_jsonl,
     stable_hash,
 )
+from yokai_pipeline.runtime import DeviceUploader, name_of, pixel_batches
+from yokai_pipeline.runtime import decode_pool as _decode_pool
+
+# Re-exported: callers and tests stop the decode pool through this module.
+from yokai_pipeline.runtime import shutdown_decode_pools as shutdown_decode_pools
 from yokai_pipeline.workspace import Workspace
 
 ImageLike = Any  # PIL.Image.Image | str | os.PathLike
@@ -226,8 +230,8 @@ class OfflineEmbedder:
                 if errors is None:
                     if isinstance(exc, BadInputError):
                         raise
-                    raise BadInputError(_name_of(item, i), str(exc)) from exc
-                return i, None, f"{_name_of(item, i)}: {exc}"
+                    raise BadInputError(name_of(item, i), str(exc)) from exc
+                return i, None, f"{name_of(item, i)}: {exc}"
 
         # OpenCV and PNG decoding release the GIL, so threads overlap them.
         workers = max(1, min(self.num_workers, len(items)))
@@ -253,17 +257,7 @@ class _Inline:
         return map(fn, it)
 
 
-def _name_of(item: ImageLike, i: int) -> str:
-    return str(item) if isinstance(item, str | os.PathLike) else f"<image #{i}>"
-
-
 # --------------------------------------------------------------------------- clip input side
-
-#: Batches a decode pool works on ahead of the one the device is encoding.
-_PREFETCH_BATCHES = 4
-#: Most images per worker task: a batch is split over all workers, so the first batch is ready
-#: after ``batch_size / workers`` images per worker instead of a whole batch on one worker.
-_MAX_CHUNK = 32
 
 
 def _preprocess(item: ImageLike, plan: Any, transform: Any, size: tuple[int, int]) -> np.ndarray:
@@ -294,272 +288,6 @@ def _preprocess(item: ImageLike, plan: Any, transform: Any, size: tuple[int, int
     return arr
 
 
-def _fill(
-    out: np.ndarray, items: Sequence[ImageLike], index0: int, plan: Any, transform: Any
-) -> list[tuple[int, str]]:
-    """Preprocess ``items`` into the rows of ``out``; unreadable ones become zero rows.
-
-    Returns:
-        ``(index, "name: problem")`` for each failed item, ``index`` counted from ``index0``.
-    """
-    errs = []
-    size = out.shape[1:3]
-    for k, item in enumerate(items):
-        try:
-            out[k] = _preprocess(item, plan, transform, size)
-        except (BadInputError, OSError, ValueError) as exc:
-            out[k] = 0
-            errs.append((index0 + k, f"{_name_of(item, index0 + k)}: {exc}"))
-    return errs
-
-
-def _decode_worker(tasks: Any, results: Any) -> None:
-    """Body of a decode-pool process: fill rows of shared-memory batches until a None task."""
-    import queue
-    import signal
-    import traceback
-    from multiprocessing import shared_memory
-
-    # Ctrl-C reaches the whole process group; the parent decides what happens to the pool.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    parent = os.getppid()
-    slots: dict[str, tuple[Any, np.ndarray]] = {}
-    generation = None
-    while True:
-        try:
-            task = tasks.get(timeout=5.0)
-        except queue.Empty:
-            if os.getppid() != parent:  # the parent was killed without shutting the pool down
-                break
-            continue
-        if task is None:
-            break
-        call, job, gen, name, shape, row0, items, index0, plan, transform = task
-        try:
-            if gen != generation:  # the parent replaced its slots: let go of the old ones
-                _release(slots)
-                generation = gen
-            if name not in slots:
-                shm = shared_memory.SharedMemory(name=name)
-                slots[name] = (shm, np.ndarray(shape, dtype=np.uint8, buffer=shm.buf))
-            errs = _fill(slots[name][1][row0 : row0 + len(items)], items, index0, plan, transform)
-            results.put((call, job, errs, None))
-        except Exception:  # a bug or MemoryError: report it instead of leaving the parent waiting
-            results.put((call, job, [], traceback.format_exc()))
-    _release(slots)
-
-
-def _release(slots: dict[str, tuple[Any, np.ndarray]]) -> None:
-    """Close shared-memory slots; a view still held elsewhere only delays the unmapping."""
-    for shm, _ in slots.values():
-        try:
-            shm.close()
-        except BufferError:
-            pass
-    slots.clear()
-
-
-class _DecodePool:
-    """Spawned decode processes that fill uint8 batches in shared memory, kept for the process.
-
-    Workers import neither torch nor CUDA (start-up is a plain interpreter plus PIL and numpy)
-    and are started with ``spawn`` because the parent holds a CUDA context. Each batch is
-    split into chunks over all workers and written in place into one of a few shared-memory
-    slots, so nothing is pickled per image and the parent copies one block per batch.
-    One embedding call at a time uses a pool; other threads wait for it.
-    """
-
-    def __init__(self, workers: int):
-        import multiprocessing as mp
-
-        ctx = mp.get_context("spawn")
-        self.pid = os.getpid()
-        self.closed = False
-        self.lock = threading.RLock()
-        self.tasks = ctx.Queue()
-        self.results = ctx.Queue()
-        self.procs = [
-            ctx.Process(
-                target=_decode_worker, args=(self.tasks, self.results), daemon=True, name=f"yokai-decode-{i}"
-            )
-            for i in range(workers)
-        ]
-        for p in self.procs:
-            p.start()
-        self._slots: list[tuple[Any, np.ndarray]] = []
-        self._shape: tuple[int, ...] | None = None
-        self._generation = 0
-        self._calls = 0
-
-    def batches(
-        self, items: Sequence[ImageLike], batch_size: int, size: tuple[int, int], plan: Any, transform: Any
-    ) -> Iterator[tuple[int, np.ndarray, list[tuple[int, str]]]]:
-        """Yield ``(start, pixels, errors)`` per batch in order; see :meth:`ClipEmbedder.pixel_batches`."""
-        with self.lock:
-            if self.closed:
-                raise RuntimeError("decode pool is shut down")
-            self._calls += 1
-            call, n = self._calls, len(items)
-            n_batches = math.ceil(n / batch_size)
-            self._ensure_slots((batch_size, *size, 3))
-            chunk = max(1, min(_MAX_CHUNK, math.ceil(batch_size / len(self.procs))))
-            payload = [str(x) if isinstance(x, os.PathLike) else x for x in items]
-            free = list(range(len(self._slots)))[::-1]
-            slot_of: dict[int, int] = {}
-            remaining: dict[int, int] = {}
-            bad: dict[int, list[tuple[int, str]]] = {}
-            outstanding = 0
-
-            def submit(j: int) -> int:
-                slot_of[j] = s = free.pop()
-                start, end = j * batch_size, min(n, (j + 1) * batch_size)
-                head = (call, j, self._generation, self._slots[s][0].name, self._slots[s][1].shape)
-                remaining[j], bad[j] = 0, []
-                for a in range(start, end, chunk):
-                    b = min(end, a + chunk)
-                    self.tasks.put((*head, a - start, payload[a:b], a, plan, transform))
-                    remaining[j] += 1
-                return remaining[j]
-
-            submitted = 0
-            try:
-                while submitted < n_batches and free:
-                    outstanding += submit(submitted)
-                    submitted += 1
-                for j in range(n_batches):
-                    while remaining[j]:
-                        job, errs, failure = self._receive(call)
-                        remaining[job] -= 1
-                        outstanding -= 1
-                        if failure:
-                            raise RuntimeError(f"decode worker failed:\n{failure}")
-                        bad[job].extend(errs)
-                    start = j * batch_size
-                    pixels = self._slots[slot_of[j]][1][: min(n, start + batch_size) - start]
-                    yield start, pixels, sorted(bad.pop(j))
-                    del pixels
-                    free.append(slot_of.pop(j))
-                    if submitted < n_batches:
-                        outstanding += submit(submitted)
-                        submitted += 1
-            finally:
-                # Tasks still running write into the slots: wait for them before the next call.
-                try:
-                    while outstanding and not self.closed:
-                        self._receive(call)
-                        outstanding -= 1
-                except BaseException:
-                    self.close()
-                    raise
-
-    def _receive(self, call: int) -> tuple[int, list[tuple[int, str]], str | None]:
-        import queue
-
-        while True:
-            try:
-                c, job, errs, failure = self.results.get(timeout=1.0)
-            except queue.Empty:
-                dead = [p for p in self.procs if not p.is_alive()]
-                if dead:
-                    self.close()
-                    raise RuntimeError(
-                        f"decode worker {dead[0].name} died (exit code {dead[0].exitcode}); "
-                        "out of memory, or /dev/shm too small for the batches?"
-                    ) from None
-                continue
-            if c == call:
-                return job, errs, failure
-
-    def _ensure_slots(self, shape: tuple[int, ...]) -> None:
-        from multiprocessing import shared_memory
-
-        if self._shape == shape:
-            return
-        self._free_slots()
-        nbytes = int(np.prod(shape))
-        if os.path.isdir("/dev/shm"):
-            st = os.statvfs("/dev/shm")
-            if st.f_bavail * st.f_frsize < _PREFETCH_BATCHES * nbytes:
-                raise RuntimeError(
-                    f"/dev/shm has {st.f_bavail * st.f_frsize / 2**20:.0f} MiB free; the decode workers need "
-                    f"{_PREFETCH_BATCHES * nbytes / 2**20:.0f} MiB: lower embedding.batch_size or enlarge /dev/shm "
-                    "(docker run --shm-size)"
-                )
-        for _ in range(_PREFETCH_BATCHES):
-            shm = shared_memory.SharedMemory(create=True, size=nbytes)
-            self._slots.append((shm, np.ndarray(shape, dtype=np.uint8, buffer=shm.buf)))
-        self._shape = shape
-        self._generation += 1
-
-    def _free_slots(self) -> None:
-        slots, self._slots, self._shape = self._slots, [], None
-        for shm, _ in slots:
-            try:
-                shm.close()
-            except BufferError:  # a caller still holds a view; the mapping goes with it
-                pass
-            shm.unlink()
-
-    def close(self) -> None:
-        """Stop the workers and free the shared memory (no-op in a forked child)."""
-        if self.closed or os.getpid() != self.pid:
-            return
-        # Bounded wait: at exit a daemon thread may still be inside a call, holding the lock.
-        locked = self.lock.acquire(timeout=10)
-        try:
-            self.closed = True
-            for _ in self.procs:
-                self.tasks.put(None)
-            # One deadline for all: a worker killed inside tasks.get() leaves the queue locked.
-            deadline = time.monotonic() + 5.0
-            for p in self.procs:
-                p.join(timeout=max(0.0, deadline - time.monotonic()))
-            for p in self.procs:
-                if p.is_alive():
-                    p.terminate()
-                    p.join(timeout=5)
-            self.tasks.cancel_join_thread()
-            self.tasks.close()
-            self.results.close()
-            self._free_slots()
-        finally:
-            if locked:
-                self.lock.release()
-
-
-_POOLS: dict[tuple[int, int], _DecodePool] = {}
-_POOLS_LOCK = threading.Lock()
-_AT_EXIT: list[bool] = []  # whether shutdown_decode_pools is registered with atexit yet
-
-
-def _decode_pool(workers: int) -> _DecodePool:
-    """This process's pool of ``workers`` decode processes, started on first use."""
-    key = (os.getpid(), workers)
-    with _POOLS_LOCK:
-        pool = _POOLS.get(key)
-        if pool is not None and not all(p.is_alive() for p in pool.procs):
-            pool.close()  # a worker was killed between calls (OOM killer): start afresh
-        if pool is None or pool.closed:
-            if not _AT_EXIT:
-                atexit.register(shutdown_decode_pools)
-                _AT_EXIT.append(True)
-            pool = _POOLS[key] = _DecodePool(workers)
-    return pool
-
-
-def shutdown_decode_pools() -> None:
-    """Stop this process's CLIP decode workers and free their shared memory.
-
-    Runs at interpreter exit; call it to get the memory back earlier. The next embedding
-    call starts a new pool.
-    """
-    with _POOLS_LOCK:
-        pools = [p for (pid, _), p in _POOLS.items() if pid == os.getpid()]
-        _POOLS.clear()  # pools inherited through fork belong to the parent: forget, don't stop
-    for pool in pools:
-        pool.close()
-
-
 class ClipEmbedder:
     """open_clip image encoder fed by a persistent pool of decode processes.
 
@@ -583,7 +311,7 @@ class ClipEmbedder:
         self.model = cfg.model
         self.dim = self.bundle.dim
         self._lock = threading.Lock()
-        self._staging: list[Any] = []
+        self._uploader = DeviceUploader(self.bundle.device)
 
     def pixel_batches(
         self, items: Sequence[ImageLike]
@@ -601,19 +329,11 @@ class ClipEmbedder:
             ``items[start:start + n]``, valid only until the next batch is requested; failed
             images are zero rows, listed in ``errors`` as ``(index, "name: problem")``.
         """
-        b, bs = self.bundle, self.cfg.batch_size
+        b = self.bundle
         # Without a plan the workers run open_clip's PIL transform (they then import torchvision).
         transform = None if b.resize_plan is not None else b.pil_transform
-        if self.cfg.num_workers:
-            yield from _decode_pool(self.cfg.num_workers).batches(
-                items, bs, b.image_size, b.resize_plan, transform
-            )
-            return
-        buf = np.empty((bs, *b.image_size, 3), dtype=np.uint8)
-        for start in range(0, len(items), bs):
-            part = items[start : start + bs]
-            errs = _fill(buf[: len(part)], part, start, b.resize_plan, transform)
-            yield start, buf[: len(part)], errs
+        prep = functools.partial(_preprocess, plan=b.resize_plan, transform=transform, size=b.image_size)
+        yield from pixel_batches(items, self.cfg.batch_size, b.image_size, prep, self.cfg.num_workers)
 
     def embed(self, images: Iterable[ImageLike], errors: Errors | None = None) -> np.ndarray:
         import torch
@@ -629,30 +349,16 @@ class ClipEmbedder:
             batches = stack.enter_context(contextlib.closing(self.pixel_batches(items)))
             mean = torch.tensor(b.mean, device=b.device).view(1, 3, 1, 1)
             std = torch.tensor(b.std, device=b.device).view(1, 3, 1, 1)
-            staging = self._pinned((self.cfg.batch_size, *b.image_size, 3)) if on_cuda else []
-            copied: list[Any] = [None] * len(staging)
+            self._uploader.start((self.cfg.batch_size, *b.image_size, 3))
             chunks, failed = [], []
-            for k, (_, pixels, bad) in enumerate(batches):
+            for _, pixels, bad in batches:
                 if bad:
                     if errors is None:
                         path, _, problem = bad[0][1].partition(": ")
                         raise BadInputError(path, problem)
                     failed.extend(bad)
                 n = len(pixels)
-                if on_cuda:
-                    # Through pinned memory: the copy to the device is asynchronous and the shared
-                    # slot is free at once. Waiting for the copy made two batches ago keeps the
-                    # device queue short while the decoders stay ahead. A numpy copy is one plain
-                    # memcpy; torch's copy_ would wake its thread pool next to the busy decoders.
-                    s = k % len(staging)
-                    if copied[s] is not None:
-                        copied[s].synchronize()
-                    staging[s].numpy()[:n] = pixels
-                    u8 = staging[s][:n].to(b.device, non_blocking=True)
-                    copied[s] = torch.cuda.Event()
-                    copied[s].record()
-                else:
-                    u8 = torch.from_numpy(pixels)
+                u8 = self._uploader.upload(pixels)
                 # uint8 over the bus (4x less than float); layout and normalisation on the device.
                 x = torch.empty((n, 3, *b.image_size), device=b.device).copy_(u8.permute(0, 3, 1, 2))
                 x.div_(255).sub_(mean).div_(std)
@@ -665,16 +371,6 @@ class ClipEmbedder:
             out[i] = 0.0
             errors.append((i, e))  # type: ignore[union-attr]
         return out
-
-    def _pinned(self, shape: tuple[int, ...]) -> list[Any]:
-        """Two page-locked uint8 batch buffers, kept for this embedder's later calls."""
-        import torch
-
-        if not self._staging or tuple(self._staging[0].shape) != shape:
-            # Normal tensors, not inference tensors: they are written again outside inference mode.
-            with torch.inference_mode(False):
-                self._staging = [torch.empty(shape, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
-        return self._staging
 
 
 class CCIPEmbedder:
@@ -708,7 +404,7 @@ class CCIPEmbedder:
                 except BadInputError as exc:
                     if errors is None:
                         raise
-                    errors.append((k, f"{_name_of(item, k)}: {exc.problem}"))
+                    errors.append((k, f"{name_of(item, k)}: {exc.problem}"))
             if opened:
                 out[where] = self.ccip.features(opened)
         return out

@@ -63,6 +63,7 @@ from yokai_pipeline.fsio import (
     read_jsonl,
     safe_name,
 )
+from yokai_pipeline.tagging import read_tag_summary
 from yokai_pipeline.training.families import FAMILIES, Family, get_family
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -355,7 +356,9 @@ def _types_from_analysis(analysis: dict | None) -> dict[int, str]:
 def build_dataset_config(subsets: list[dict[str, Any]], cfg: PackagingConfig) -> dict[str, Any]:
     """kohya dataset config: one ``[[datasets]]`` per entry, each with one subset.
 
-    Each entry: image_dir, num_repeats, trigger, validation_split (exact, may be 0).
+    Each entry: image_dir, num_repeats, trigger, validation_split (exact, may be 0), and
+    optionally shuffle_caption (tag captions: kohya shuffles the tags, ``keep_tokens = 1`` keeps
+    the trigger first).
     """
     general: dict[str, Any] = {"caption_extension": ".txt", "keep_tokens": 1, "shuffle_caption": False}
     datasets = []
@@ -375,6 +378,8 @@ def build_dataset_config(subsets: list[dict[str, Any]], cfg: PackagingConfig) ->
             "caption_extension": ".txt",
             "keep_tokens": 1,
         }
+        if s.get("shuffle_caption"):
+            subset["shuffle_caption"] = True
         if cfg.alpha_mode == "alpha_mask":
             subset["alpha_mask"] = True
         ds["subsets"] = [subset]
@@ -476,6 +481,22 @@ def _sdxl_arguments(doc: dict[str, Any], train_text_encoders: bool) -> None:
     doc["network"]["network_train_unet_only"] = True
     doc["training"]["cache_text_encoder_outputs"] = True
     del doc["optimizer"]["text_encoder_lr"]
+
+
+def caches_text_encoder_outputs(family: Family, train_text_encoders: bool) -> bool:
+    """Whether the training config caches text-encoder outputs (SDXL, UNet only: :func:`_sdxl_arguments`)."""
+    return family.name == "sdxl" and not train_text_encoders
+
+
+def caption_shuffle(tag_summary: dict[str, Any], family: Family, train_text_encoders: bool) -> bool:
+    """Whether kohya may shuffle a character's captions (``keep_tokens = 1`` keeps the trigger first).
+
+    Only pure tag lists are shuffled (the tag stage records the caption mode in tag_summary.json),
+    and never with cached text-encoder outputs, which kohya refuses to combine with shuffling.
+    """
+    tag_cfg = tag_summary.get("config") or {}
+    tags_only = tag_cfg.get("caption") == "tags" and bool(tag_cfg.get("shuffle_caption"))
+    return tags_only and not caches_text_encoder_outputs(family, train_text_encoders)
 
 
 def sample_prompt_lines(triggers: list[str], resolution: int) -> str:
@@ -632,6 +653,8 @@ def _prepare_character(
             )
         raise BadInputError(folder, problem)
     sources = read_sources(folder)
+    tag_doc = read_tag_summary(folder) or {}
+    shuffle = caption_shuffle(tag_doc, family, training.sdxl_train_text_encoders)
     train, val, dropped = split_validation(paths, sources, cfg.validation_split, cfg.seed, name)
 
     # The guide's table is by the images a character has, before augmentation.
@@ -690,6 +713,7 @@ def _prepare_character(
                     "num_repeats": params["repeat"],
                     "trigger": trigger,
                     "validation_split": split,
+                    "shuffle_caption": shuffle,
                 }
             ],
             cfg,
@@ -736,6 +760,8 @@ def _prepare_character(
         "low_resolution": low_res,
         "dropped_images": len(dropped),
         "captions_missing": captions_missing,
+        "core_tags": list(tag_doc.get("core_tags") or []),
+        "shuffle_caption": shuffle,
         "validation_split": split,
         "params": params,
         "dataset_config": str(ds_path),
@@ -845,17 +871,19 @@ def _write_multi_concept(
     dataset with a subset per character) keeps each character's exact held-out images.
     """
     params = multi_concept_params(results, auto=cfg.auto_params)
+    family = get_family(training.family)
     subsets = [
         {
             "image_dir": r["image_dir"],
             "num_repeats": r["params"]["repeat"],  # each character keeps its own repeat balance
             "trigger": r["trigger"],
             "validation_split": r["validation_split"],
+            "shuffle_caption": bool(r.get("shuffle_caption"))
+            and not caches_text_encoder_outputs(family, training.sdxl_train_text_encoders),
         }
         for r in results
     ]
     name = "multi_concept"
-    family = get_family(training.family)
     cfg = for_family(cfg, family)
     prompts = configs_path(out_dir, f"{name}_sample_prompts.txt")
     atomic_write_text(prompts, sample_prompt_lines([r["trigger"] for r in results], cfg.resolution))
@@ -910,6 +938,10 @@ def format_preparation_summary(summary: dict[str, Any]) -> str:
     for i, r in enumerate(summary["characters"], 1):
         lines.append(f"{i}. {r['name']}:")
         lines.append(f"   {r['command']}")
+        if r.get("core_tags"):
+            lines.append(
+                f"   core tags (left out of captions, learned by {r['trigger']}): {', '.join(r['core_tags'])}"
+            )
     multi = summary.get("multi_concept")
     if multi:
         lines.append(f"{len(summary['characters']) + 1}. {multi['name']} ({', '.join(multi['characters'])}):")

@@ -7,6 +7,9 @@ folders of image + ``.txt`` pairs and a ``configs/`` folder of TOMLs. Checked:
   (shorter side below ``min_resolution`` is an issue), aspect ratio (beyond 4:1 a warning),
   caption present, UTF-8 and not empty (issues), very short caption (< 3 words, warning),
   several caption lines (warning: kohya reads the first), filename conventions (warning);
+  caption tokens (comma-separated): the trigger word (the subset's ``class_tokens``) not first is
+  an issue (``keep_tokens = 1`` would pin another token), a caption with nothing after the
+  trigger ("Empty tag list") and a token written twice ("Duplicate tags") are warnings;
 * structure: a folder without an int repeat prefix or with repeats < 1 holding images is an issue
   (kohya skips it silently), images outside any repeat folder, nested folders and stray files are
   warnings, captions without an image are warnings;
@@ -345,6 +348,40 @@ def check_caption(path: Path) -> tuple[str | None, list[str], list[str]]:
     return text, [], warnings
 
 
+def check_caption_tokens(text: str, trigger: str | None) -> tuple[list[str], list[str]]:
+    """Trigger first, a non-empty tag list and no repeated tag in a caption's first line: (issues, warnings)."""
+    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    tokens = [t.strip() for t in line.split(",") if t.strip()]
+    issues, warnings = [], []
+    if trigger and (not tokens or tokens[0] != trigger):
+        issues.append("Trigger word not first")
+    if trigger and len(tokens) <= 1:
+        warnings.append("Empty tag list")
+    lowered = [t.lower() for t in tokens]
+    if len(set(lowered)) < len(lowered):
+        warnings.append("Duplicate tags")
+    return issues, warnings
+
+
+def _folder_triggers(configs: Path) -> dict[Path, str]:
+    """image_dir -> class_tokens (the trigger word) from the dataset TOMLs in ``configs``."""
+    out: dict[Path, str] = {}
+    for path in sorted(configs.glob("*.toml")) if configs.is_dir() else []:
+        try:
+            doc = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError, OSError):
+            continue  # reported by the config checks
+        for ds in doc.get("datasets", []) if isinstance(doc.get("datasets"), list) else []:
+            for sub in ds.get("subsets", []) if isinstance(ds, dict) else []:
+                if (
+                    isinstance(sub, dict)
+                    and isinstance(sub.get("class_tokens"), str)
+                    and sub.get("image_dir")
+                ):
+                    out[Path(str(sub["image_dir"])).resolve()] = sub["class_tokens"]
+    return out
+
+
 def check_filename(name: str) -> list[str]:
     """Warnings for names that break shell commands or other tools (spaces, odd characters)."""
     return [] if _FILENAME_OK.match(name) else ["Unusual characters in filename"]
@@ -373,6 +410,7 @@ def validate_training_data(
     structure_warnings: list[dict[str, str]] = []
     config_issues: list[dict[str, str]] = []
     folders: list[dict[str, Any]] = []
+    triggers = _folder_triggers(root / "configs")
 
     if not root.is_dir():
         structure_issues.append({"path": str(root), "problem": "Training data folder does not exist"})
@@ -406,7 +444,8 @@ def validate_training_data(
                 structure_warnings.append({"path": rel, "problem": problem})
             continue
         folders.append({"folder": rel, "repeats": int(m.group(1)), "name": m.group(2)})
-        pairs += _validate_folder(root, entry, min_resolution, structure_warnings)
+        trigger = triggers.get(entry.resolve())
+        pairs += _validate_folder(root, entry, min_resolution, structure_warnings, trigger)
 
     if root.is_dir() and not folders:
         structure_issues.append({"path": str(root), "problem": "No {repeat}_{name} folder with images"})
@@ -481,7 +520,11 @@ def _short(problem: str) -> str:
 
 
 def _validate_folder(
-    root: Path, folder: Path, min_resolution: int, structure_warnings: list[dict[str, str]]
+    root: Path,
+    folder: Path,
+    min_resolution: int,
+    structure_warnings: list[dict[str, str]],
+    trigger: str | None = None,
 ) -> list[dict[str, Any]]:
     pairs = []
     images = set()
@@ -496,6 +539,9 @@ def _validate_folder(
             info, issues, warnings = check_image(p, min_resolution)
             caption_path = p.with_suffix(CAPTION_SUFFIX)
             text, c_issues, c_warnings = check_caption(caption_path)
+            if text is not None and not c_issues:
+                t_issues, t_warnings = check_caption_tokens(text, trigger)
+                c_issues, c_warnings = c_issues + t_issues, c_warnings + t_warnings
             pairs.append(
                 {
                     "image": rel,

@@ -76,11 +76,11 @@ def test_interrupted_run_redoes_only_unfinished_chunks(short_series, tmp_path, m
     real = layering.segment_layers
     seen: list[int] = []
 
-    def dies_after_two_chunks(rows, workspace, lcfg):
+    def dies_after_two_chunks(rows, workspace, lcfg, detection=None):
         seen.append(rows[0]["frame_index"])
         if len(seen) > 2:
             raise RuntimeError("worker killed")
-        return real(rows, workspace, lcfg)
+        return real(rows, workspace, lcfg, detection)
 
     monkeypatch.setattr(layering, "segment_layers", dies_after_two_chunks)
     cfg.layering.chunk_size = 6

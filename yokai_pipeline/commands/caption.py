@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from yokai_pipeline.commands import progress_bars
-from yokai_pipeline.config import CaptionConfig
+from yokai_pipeline.config import CaptionConfig, TagConfig
 
 console = Console(stderr=True)
 
@@ -34,6 +34,16 @@ def caption(
     cluster_analysis: Annotated[
         Path | None, typer.Option(help="cluster_analysis.json: the type of each cluster.")
     ] = None,
+    content: Annotated[
+        str,
+        typer.Option(
+            help="sentence, tags (from `yokai tag` sidecars; no captioner) or both (tags, then sentence)."
+        ),
+    ] = "sentence",
+    prune_core_tags: Annotated[
+        bool,
+        typer.Option(help="Leave tags found on most of a character's images out (the trigger learns them)."),
+    ] = True,
 ) -> None:
     """Caption images (guide step 4); images that already have a caption are skipped."""
     from yokai_pipeline.captioning import caption_clusters
@@ -48,13 +58,14 @@ def caption(
             max_new_tokens=max_new_tokens,
             compile=compile,
         )
+        tags = TagConfig(caption=content, prune_core_tags=prune_core_tags)  # type: ignore[arg-type]
     except ValueError as exc:
         console.print(f"[red]invalid option:[/red] {exc}")
         raise typer.Exit(2) from exc
     try:
         with progress_bars(console) as sink:
             summary = caption_clusters(
-                directory, cfg, analysis=cluster_analysis, selection=selection, progress=sink
+                directory, cfg, analysis=cluster_analysis, selection=selection, progress=sink, tags=tags
             )
     except YokaiError as exc:
         console.print(f"[red]error:[/red] {exc}")
