@@ -29,3 +29,27 @@ def progress_bars(console: Console) -> Iterator[Callable[[str, int, int], None]]
             prog.update(bars[label], completed=done, total=total)
 
         yield sink
+
+
+def run_with_progress(
+    console: Console, work: Callable[[Callable[[str, int, int], None]], dict], show: Callable[[dict], None]
+) -> dict:
+    """Run ``work(sink)`` under progress bars, print its summary with ``show``; exit 1 on failure.
+
+    A :class:`~yokai_pipeline.errors.YokaiError` is printed as one line; a summary with failed
+    items is shown before the exit, so the user sees which files they were.
+    """
+    import typer
+
+    from yokai_pipeline.errors import YokaiError
+
+    try:
+        with progress_bars(console) as sink:
+            summary = work(sink)
+    except YokaiError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from exc
+    show(summary)
+    if summary["failed"]:
+        raise typer.Exit(1)
+    return summary

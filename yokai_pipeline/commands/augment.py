@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from yokai_pipeline.commands import progress_bars
+from yokai_pipeline.commands import run_with_progress
 from yokai_pipeline.config import AugmentConfig
 
 console = Console(stderr=True)
@@ -37,7 +37,6 @@ def augment(
 ) -> None:
     """Augment small clusters (guide step 3); clusters outside min/max are copied as they are."""
     from yokai_pipeline.augmentation import augment_clusters
-    from yokai_pipeline.errors import YokaiError
 
     try:
         cfg = AugmentConfig(
@@ -50,17 +49,13 @@ def augment(
     except ValueError as exc:
         console.print(f"[red]invalid option:[/red] {exc}")
         raise typer.Exit(2) from exc
-    try:
-        with progress_bars(console) as sink:
-            summary = augment_clusters(
-                clusters, output_dir, cfg, analysis=cluster_analysis, selection=selection, progress=sink
-            )
-    except YokaiError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(1) from exc
-    print_summary(summary)
-    if summary["failed"]:
-        raise typer.Exit(1)
+    run_with_progress(
+        console,
+        lambda sink: augment_clusters(
+            clusters, output_dir, cfg, analysis=cluster_analysis, selection=selection, progress=sink
+        ),
+        print_summary,
+    )
 
 
 def print_summary(summary: dict[str, Any]) -> None:

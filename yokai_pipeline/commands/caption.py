@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from yokai_pipeline.commands import progress_bars
+from yokai_pipeline.commands import run_with_progress
 from yokai_pipeline.config import CaptionConfig, TagConfig
 
 console = Console(stderr=True)
@@ -47,7 +47,6 @@ def caption(
 ) -> None:
     """Caption images (guide step 4); images that already have a caption are skipped."""
     from yokai_pipeline.captioning import caption_clusters
-    from yokai_pipeline.errors import YokaiError
 
     try:
         cfg = CaptionConfig(
@@ -62,17 +61,13 @@ def caption(
     except ValueError as exc:
         console.print(f"[red]invalid option:[/red] {exc}")
         raise typer.Exit(2) from exc
-    try:
-        with progress_bars(console) as sink:
-            summary = caption_clusters(
-                directory, cfg, analysis=cluster_analysis, selection=selection, progress=sink, tags=tags
-            )
-    except YokaiError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(1) from exc
-    print_summary(summary)
-    if summary["failed"]:
-        raise typer.Exit(1)
+    run_with_progress(
+        console,
+        lambda sink: caption_clusters(
+            directory, cfg, analysis=cluster_analysis, selection=selection, progress=sink, tags=tags
+        ),
+        print_summary,
+    )
 
 
 def print_summary(summary: dict[str, Any]) -> None:

@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from yokai_pipeline.commands import progress_bars
+from yokai_pipeline.commands import run_with_progress
 from yokai_pipeline.config import TagConfig
 
 console = Console(stderr=True)
@@ -34,7 +34,6 @@ def tag(
     selection: Annotated[Path | None, typer.Option(help="selection.json: only its clusters.")] = None,
 ) -> None:
     """Tag images; images whose tags match these settings are skipped."""
-    from yokai_pipeline.errors import YokaiError
     from yokai_pipeline.tagging import tag_clusters
 
     try:
@@ -53,15 +52,9 @@ def tag(
     except ValueError as exc:
         console.print(f"[red]invalid option:[/red] {exc}")
         raise typer.Exit(2) from exc
-    try:
-        with progress_bars(console) as sink:
-            summary = tag_clusters(directory, cfg, selection=selection, progress=sink)
-    except YokaiError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(1) from exc
-    print_summary(summary)
-    if summary["failed"]:
-        raise typer.Exit(1)
+    run_with_progress(
+        console, lambda sink: tag_clusters(directory, cfg, selection=selection, progress=sink), print_summary
+    )
 
 
 def print_summary(summary: dict[str, Any]) -> None:
