@@ -75,7 +75,7 @@ class ChunkFault:
         self.failures = 0
         self.lock = threading.Lock()
 
-    def __call__(self, rows, workspace, cfg):
+    def __call__(self, rows, workspace, cfg, detection=None):
         with self.lock:
             if self.target is None:
                 self.target = rows[0]["frame_index"]
@@ -84,7 +84,7 @@ class ChunkFault:
                 self.failures += 1
         if fail:
             raise OSError(f"injected fault on the chunk starting at frame {self.target}")
-        return self.real(rows, workspace, cfg)
+        return self.real(rows, workspace, cfg, detection)
 
 
 def test_flaky_task_is_retried_alone(episode_video, tmp_path, monkeypatch):
