@@ -45,10 +45,11 @@ def report_tags_task(workspace: str) -> dict:
     if not tags or not json_path.is_file():
         return {"clusters": 0}
     sel = augmentation.read_selection(ws.selection_file) if ws.selection_file.is_file() else {}
+    result = analysis.read_analysis(json_path)
     names = {cid: c.get("name") for cid, c in sel.items() if c.get("name")}
-    analysis.write_analysis(
-        analysis.read_analysis(json_path), json_path, ws.analysis_dir / "cluster_analysis.html", names, tags
-    )
+    # The analysis keeps the display name a reviewer gave; selection.json holds its folder-safe form.
+    names.update({c["id"]: c["name"] for c in result.get("clusters", []) if c.get("name")})
+    analysis.write_analysis(result, json_path, ws.analysis_dir / "cluster_analysis.html", names, tags)
     return {"clusters": len(tags)}
 
 
