@@ -75,8 +75,8 @@ def pipeline_flow(
     A bad episode fails alone: the others finish, then the run reports the failures.
 
     Args:
-        episodes_dir: folder of episode videos (mp4, mkv, webm, mov, avi, ...), ``orchestration.episode_concurrency``
-            of them at a time.
+        episodes_dir: folder of episode videos (mp4, mkv, webm, mov, avi, ...).
+            The orchestration settings' episode concurrency says how many run at a time.
         workspace: run workspace folder (outputs, manifests, caches); created if missing.
         config: pipeline configuration (backends, stage settings, orchestration).
         ground_truth_dir: ground-truth folder of the built-in sample series, for quality figures.
