@@ -45,7 +45,7 @@ from yokai_pipeline.augmentation import (
 )
 from yokai_pipeline.config import CaptionConfig, TagConfig
 from yokai_pipeline.errors import BadInputError
-from yokai_pipeline.fsio import atomic_write_json, atomic_write_text, read_image
+from yokai_pipeline.fsio import atomic_write_json, atomic_write_text, finish_writes, read_image
 
 SUMMARY_NAME = "caption_summary.json"
 
@@ -583,12 +583,9 @@ def _caption_with_model(
             if progress is not None:
                 progress(done, len(todo))
         tw = time.perf_counter()
-        for p, fut in writes:
-            try:
-                fut.result()
-                result["captioned"] += 1
-            except OSError as exc:
-                result["failed"].append({"name": p.name, "problem": f"cannot write caption: {exc}"})
+        written, failed = finish_writes(writes, "caption")
+        result["captioned"] += written
+        result["failed"] += failed
         result["timing"] = {
             "wait_input_s": round(wait_s, 3),
             "model_s": round(model_s, 3),

@@ -68,6 +68,22 @@ def write_jsonl(dest: str | Path, rows: Iterable[dict[str, Any]]) -> Path:
     return atomic_write_text(dest, buf.getvalue())
 
 
+def finish_writes(writes: Iterable[tuple[Path, Any]], what: str) -> tuple[int, list[dict[str, str]]]:
+    """Wait for ``(path, future)`` pairs of background writes.
+
+    Returns:
+        How many were written, and ``{"name", "problem"}`` for each that failed with an OSError.
+    """
+    written, failed = 0, []
+    for path, fut in writes:
+        try:
+            fut.result()
+            written += 1
+        except OSError as exc:
+            failed.append({"name": Path(path).name, "problem": f"cannot write {what}: {exc}"})
+    return written, failed
+
+
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     """Read a JSON-lines manifest; an unparsable line raises an error naming the file and line."""
     rows = []

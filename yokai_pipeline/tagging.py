@@ -36,7 +36,7 @@ import numpy as np
 
 from yokai_pipeline.config import TagConfig
 from yokai_pipeline.errors import BadInputError
-from yokai_pipeline.fsio import atomic_write_json, read_image, read_json, read_jsonl
+from yokai_pipeline.fsio import atomic_write_json, finish_writes, read_image, read_json, read_jsonl
 
 SIDECAR_VERSION = 1
 SUMMARY_NAME = "tag_summary.json"
@@ -380,12 +380,9 @@ def tag_folder(
                             "version": SIDECAR_VERSION, "signature": sig, **doc})))  # fmt: skip
                 if progress is not None:
                     progress(min(a + step, len(todo)), len(todo))
-            for p, fut in writes:
-                try:
-                    fut.result()
-                    result["tagged"] += 1
-                except OSError as exc:
-                    result["failed"].append({"name": p.name, "problem": f"cannot write tags: {exc}"})
+            written, failed = finish_writes(writes, "tags")
+            result["tagged"] += written
+            result["failed"] += failed
     result.update(summarize_folder_tags(folder, images, cfg, sig))
     secs = time.perf_counter() - t0
     result["seconds"] = round(secs, 3)
