@@ -54,6 +54,9 @@ DEFAULT_MERGE_DISTANCE = {"offline": 0.1, "other": 0.05}
 #: characters. Offline: one character's crops are < 0.15 apart, two characters > 0.3.
 #: CLIP: no safe universal value without real weights, so off unless configured.
 DEFAULT_SPLIT_DISTANCE = {"offline": 0.25, "other": 0.0}
+#: Mean cosine distance within which noise layers are one rare character (offline: one
+#: character's crops are < 0.15 apart, as above). CLIP: off unless configured.
+DEFAULT_NOISE_GROUP_DISTANCE = {"offline": 0.15, "other": 0.0}
 #: Largest cluster whose members are linked exactly; bigger ones are split on a sample.
 SPLIT_SAMPLE = 2000
 #: Most layers linked exactly under an identity metric (CCIP); the rest join their nearest group.
@@ -205,7 +208,13 @@ def cluster_embeddings(
     probs = np.where(raw >= 0, clusterer.probabilities_, 0.0).astype(np.float32)
     merge = DEFAULT_MERGE_DISTANCE["other"] if cfg.merge_distance is None else cfg.merge_distance
     split = DEFAULT_SPLIT_DISTANCE["other"] if cfg.split_distance is None else cfg.split_distance
+    group = (
+        DEFAULT_NOISE_GROUP_DISTANCE["other"]
+        if cfg.noise_group_distance is None
+        else cfg.noise_group_distance
+    )
     labels = split_incoherent_clusters(X, raw, split, cfg.min_cluster_size, cfg.seed)
+    labels = group_noise(X, labels, group, cfg.noise_group_size)
     labels = merge_close_clusters(X, labels, merge)
     return relabel_by_size(labels), np.where(labels >= 0, probs, 0.0).astype(np.float32)
 
@@ -256,6 +265,35 @@ def split_incoherent_clusters(
                 next_id += 1
             else:
                 out[idx[parts == part]] = -1
+    return out
+
+
+def group_noise(X: np.ndarray, labels: np.ndarray, max_distance: float, min_size: int) -> np.ndarray:
+    """Give tight groups of noise layers a cluster of their own.
+
+    HDBSCAN needs ``min_cluster_size`` layers for a cluster, so a character seen in three
+    frames is noise, and noise counts as one mixed cluster. Noise layers are linked (average
+    linkage, cosine) on their original embeddings; each group within ``max_distance`` of at
+    least ``min_size`` layers becomes a new cluster (the merge step after this joins a group
+    to a cluster of the same character). Linkage is O(n^2): at most :data:`SPLIT_SAMPLE`
+    noise layers are linked, the first ones.
+    """
+    idx = np.flatnonzero(labels < 0)[:SPLIT_SAMPLE]
+    if max_distance <= 0 or idx.size < min_size:
+        return labels
+    from scipy.cluster.hierarchy import fcluster, linkage
+
+    parts = fcluster(
+        linkage(normalise_rows(X[idx]), method="average", metric="cosine"),
+        t=max_distance,
+        criterion="distance",
+    )
+    out = labels.copy()
+    next_id = int(labels.max()) + 1
+    for part, size in sorted(Counter(parts.tolist()).items()):
+        if size >= min_size:
+            out[idx[parts == part]] = next_id
+            next_id += 1
     return out
 
 
@@ -369,6 +407,10 @@ def resolve_config(cfg: ClusteringConfig, embedding: Mapping[str, Any]) -> Clust
         update["merge_distance"] = DEFAULT_MERGE_DISTANCE.get(backend, DEFAULT_MERGE_DISTANCE["other"])
     if cfg.split_distance is None:
         update["split_distance"] = DEFAULT_SPLIT_DISTANCE.get(backend, DEFAULT_SPLIT_DISTANCE["other"])
+    if cfg.noise_group_distance is None:
+        update["noise_group_distance"] = DEFAULT_NOISE_GROUP_DISTANCE.get(
+            backend, DEFAULT_NOISE_GROUP_DISTANCE["other"]
+        )
     return cfg.model_copy(update=update) if update else cfg
 
 

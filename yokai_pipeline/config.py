@@ -148,6 +148,24 @@ class DetectionConfig(_Stage):
         le=1,
         description="offline: building the plate, a region of a moving figure is left out if this share of it changed.",
     )
+    static_match_frac: float = Field(
+        0.9,
+        ge=0,
+        le=1,
+        description="offline: a region (outline included) matches another frame of the shot where this share of it is unchanged; 0 = no static-region cue.",
+    )
+    static_seen_frac: float = Field(
+        0.25,
+        ge=0,
+        le=1,
+        description="offline: ... and the plate saw this share of that region in some frame (the figure elsewhere).",
+    )
+    detach_frac: float = Field(
+        0.25,
+        ge=0,
+        le=1,
+        description="offline: a moving figure loses its static regions (props it touches) when its changing part is this share of it.",
+    )
     seen_frac: float = Field(
         0.3,
         ge=0,
@@ -230,6 +248,15 @@ class ClusteringConfig(_Stage):
         ge=0,
         lt=2,
         description="Split a cluster whose members form groups farther apart than this mean cosine distance (UMAP can clump small characters together); parts below min_cluster_size become noise. 0 = off, None = 0.25 for offline embeddings, off for CLIP.",
+    )
+    noise_group_distance: float | None = Field(
+        None,
+        ge=0,
+        lt=2,
+        description="Noise layers closer than this mean cosine distance form a cluster of their own when there are noise_group_size of them (a rare character seen a few times); 0 = off, None = 0.15 for offline embeddings, off for CLIP.",
+    )
+    noise_group_size: int = Field(
+        3, ge=2, description="Fewest noise layers that form a cluster of their own (noise_group_distance)."
     )
     n_epochs: int | None = Field(
         None,

@@ -385,13 +385,109 @@ def detect_offline(frame: np.ndarray, stack: np.ndarray | None, cfg: DetectionCo
     saw = (seen >= 2) & (seen >= cfg.seen_frac * covered)
     evidence = (differs(frame, plate, cfg.diff_tol) & saw) | (~saw & (covered >= 2)) | changed
     blobs = moving_blobs(cand, evidence, cfg, strict=True)
+    if cfg.static_match_frac > 0:
+        static, stable = static_cells(cells, line, frames, valid, cfg)
+        # a static cell the plate saw on its own in some frames (the figure elsewhere) is a
+        # prop; one it never saw is part of a figure that holds still (its body, the arm waving)
+        n = len(static)
+        static &= np.bincount(cells[seen > 0], minlength=n) >= cfg.static_seen_frac * np.bincount(
+            cells.ravel(), minlength=n
+        )
+        evidence = evidence & ~_detachable(blobs, cells, static, stable, min_area, cfg)
     fg = fill_holes(_figure_cells(cells, line, evidence, blobs, cfg.cell_fg_frac))
     labels = split_instances(fg, min_area, cfg.split_depth)
     return Detection(labels, boxes_of(labels), plate, saw)
 
 
+def static_cells(
+    cells: np.ndarray, line: np.ndarray, frames: np.ndarray, valid: np.ndarray, cfg: DetectionConfig
+) -> np.ndarray:
+    """Per cell of frame 0: is it drawn the same, at the same place, in other frames of the shot?
+
+    A pixel is *stable* when at least two aligned frames, and ``seen_frac`` of those that
+    show it, have frame 0's colour there (raw difference: a line that moved by its own width
+    must count as moved). An outlined prop's cells and outlines are stable wherever nothing
+    covers them in most frames; a moving figure's flat paint can overlap itself (its interior
+    is stable too) but its outline moves. So a cell is static when ``static_match_frac`` of its
+    pixels and half of the outline pixels bordering it are stable (half: a prop a figure stands
+    in front of is bordered by the figure's outline too).
+
+    Returns:
+        (bool per cell label (index 0, the line art, is False), stable pixels HxW).
+    """
+    n = int(cells.max()) + 1
+    matches = np.zeros(cells.shape, np.int16)
+    shown = np.zeros(cells.shape, np.int16)
+    for j in range(1, len(frames)):
+        matches += (_max_channel(cv2.absdiff(frames[j], frames[0])) <= cfg.diff_tol) & valid[j]
+        shown += valid[j]
+    stable = (matches >= 2) & (matches >= cfg.seen_frac * shown)
+    total = np.bincount(cells.ravel(), minlength=n)
+    hit = np.bincount(cells[stable], minlength=n)
+    ring_total, ring_hit = _ring_counts(cells, line, stable, n)
+    static = (hit >= cfg.static_match_frac * np.maximum(total, 1)) & (ring_hit * 2 >= ring_total)
+    static[0] = False
+    return static, stable
+
+
+def _detachable(
+    blobs: np.ndarray,
+    cells: np.ndarray,
+    static: np.ndarray,
+    stable: np.ndarray,
+    min_area: float,
+    cfg: DetectionConfig,
+) -> np.ndarray:
+    """Pixels of static cells to take out of the moving blobs (props a figure touches).
+
+    A blob whose moving part is a figure of its own (``min_area`` and ``detach_frac`` of the
+    blob) loses its static cells: props it stands in front of or touches. A blob that barely
+    changes anywhere (fewer than ``min_moving_px`` non-static pixels) is a prop the plate
+    never saw behind: it goes whole. A blob whose changing part is small next to it (a
+    character standing still, only the mouth or eyes animated) stays whole: its still body
+    is static by this cue too.
+    """
+    n, lab = cv2.connectedComponents(blobs.view(np.uint8), connectivity=8)
+    st = static[cells] & blobs
+    area = np.bincount(lab.ravel(), minlength=n)
+    moving = area - np.bincount(lab[st], minlength=n)
+    changing = np.bincount(lab[blobs & ~st & ~stable], minlength=n)
+    detach = moving >= np.maximum(min_area, cfg.detach_frac * area)
+    detach[0] = False
+    whole = (changing < cfg.min_moving_px)[lab] & blobs
+    return (st & detach[lab]) | whole
+
+
+def _ring_counts(
+    cells: np.ndarray, ring: np.ndarray, evidence: np.ndarray, n: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per cell: how many outline pixels of ``ring`` border it (within 2 px), and how many changed.
+
+    An outline pixel between two cells counts for both (the nearest cell labels above and
+    below it: a grey dilation and erosion of the label map).
+    """
+    lab = cells.astype(np.float32)
+    k = np.ones((5, 5), np.uint8)
+    hi = cv2.dilate(lab, k)
+    lo = cv2.erode(np.where(cells > 0, lab, np.float32(n)), k)
+    total = np.zeros(n, np.int64)
+    hit = np.zeros(n, np.int64)
+    for near in (hi, lo):
+        idx = near[ring].astype(np.int64)
+        ok = (idx > 0) & (idx < n)
+        total += np.bincount(idx[ok], minlength=n)
+        idx = near[ring & evidence].astype(np.int64)
+        ok = (idx > 0) & (idx < n)
+        hit += np.bincount(idx[ok], minlength=n)
+    return total, hit
+
+
 def _figure_cells(
-    cells: np.ndarray, line: np.ndarray, evidence: np.ndarray, blobs: np.ndarray, frac: float
+    cells: np.ndarray,
+    line: np.ndarray,
+    evidence: np.ndarray,
+    blobs: np.ndarray,
+    frac: float,
 ) -> np.ndarray:
     """Cells of the moving blobs that differ from the plate, with the outlines around them.
 
