@@ -390,7 +390,7 @@ def detect_offline(frame: np.ndarray, stack: np.ndarray | None, cfg: DetectionCo
         # a static cell the plate saw on its own in some frames (the figure elsewhere) is a
         # prop; one it never saw is part of a figure that holds still (its body, the arm waving)
         n = len(static)
-        static &= np.bincount(cells[seen > 0], minlength=n) >= cfg.static_seen_frac * np.bincount(
+        static &= np.bincount(cells[seen >= 2], minlength=n) >= cfg.static_seen_frac * np.bincount(
             cells.ravel(), minlength=n
         )
         evidence = evidence & ~_detachable(blobs, cells, static, stable, min_area, cfg)

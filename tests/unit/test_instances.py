@@ -165,3 +165,85 @@ def test_offline_detector_rejects_nothing_without_a_stack():
     cv2.rectangle(rgb, (10, 10), (40, 50), (0, 0, 0), 2)
     det = detection.detect_offline(rgb, None, DetectionConfig())
     assert det.labels.max() == 1 and det.plate is None
+
+
+def _shot_frame(walker_x: int, arm_deg: float) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """A still shot: an outlined house (a prop with a window), a figure that stands still waving
+    an arm, and a figure walking in front of the house. Returns the frame and each part's mask."""
+    h, w = 180, 320
+    img = np.full((h, w, 3), (170, 200, 230), np.uint8)
+    img[95:] = (120, 160, 90)
+    parts = {k: np.zeros((h, w), np.uint8) for k in ("house", "waver", "walker")}
+    cv2.rectangle(parts["house"], (140, 40), (185, 100), 1, -1)
+    for im, col in ((img, (200, 150, 120)), (parts["house"], 1)):
+        cv2.rectangle(im, (140, 40), (185, 100), col, -1)
+    cv2.rectangle(img, (140, 40), (185, 100), (0, 0, 0), 2)
+    cv2.rectangle(img, (155, 45), (170, 60), (240, 240, 150), -1)
+    cv2.rectangle(img, (155, 45), (170, 60), (0, 0, 0), 2)
+    hand = (int(40 + 22 * np.cos(np.radians(arm_deg))), int(50 - 22 * np.sin(np.radians(arm_deg))))
+    for im, col, fill in ((img, (0, 0, 0), (90, 90, 250)), (parts["waver"], 1, 1)):
+        cv2.line(im, (40, 50), hand, col, 7)
+        cv2.line(im, (40, 50), hand, fill, 3)
+        cv2.ellipse(im, (40, 65), (13, 26), 0, 0, 360, col, -1)
+    cv2.ellipse(img, (40, 65), (12, 25), 0, 0, 360, (250, 120, 90), -1)
+    cv2.ellipse(img, (40, 65), (12, 25), 0, 0, 360, (0, 0, 0), 2)
+    cv2.ellipse(img, (walker_x, 70), (11, 22), 0, 0, 360, (90, 220, 120), -1)
+    cv2.ellipse(img, (walker_x, 70), (11, 22), 0, 0, 360, (0, 0, 0), 2)
+    cv2.ellipse(parts["walker"], (walker_x, 70), (11, 22), 0, 0, 360, 1, -1)
+    return img, {k: v > 0 for k, v in parts.items()}
+
+
+@pytest.mark.parametrize("static_match_frac", [0.9, 0.0])
+def test_offline_detector_detaches_a_prop_a_figure_walks_in_front_of(static_match_frac):
+    """The walker stands in front of the house in this frame; earlier in the shot it was away
+    from it, so the plate saw the house on its own: the house's regions are drawn the same in
+    those frames and are background. The waving figure's body never moves, the plate never saw
+    behind it: it stays one figure with its arm. Without the cue (0) the house stays attached."""
+    shot = [
+        _shot_frame(x, d)
+        for x, d in zip([150, 90, 100, 110, 120, 135, 165, 180], range(30, 270, 30), strict=True)
+    ]
+    frame, parts = shot[0]
+    cfg = DetectionConfig(static_match_frac=static_match_frac)
+    labels = detection.detect_offline(frame, np.stack([f for f, _ in shot[1:]]), cfg).labels
+    walker = np.bincount(labels[parts["walker"]]).argmax()
+    waver = np.bincount(labels[parts["waver"]]).argmax()
+    assert walker > 0 and waver > 0 and walker != waver
+    assert (labels[parts["walker"]] == walker).mean() > 0.9
+    assert (labels[parts["waver"]] == waver).mean() > 0.9, "the still body stays with its waving arm"
+    house_only = parts["house"] & ~cv2.dilate(parts["walker"].view(np.uint8), np.ones((9, 9))).astype(bool)
+    attached = (labels[house_only] == walker).mean()
+    if static_match_frac:
+        assert attached < 0.05, "the house is background"
+    else:
+        assert attached > 0.5, "without the static-region cue the house comes with the walker"
+
+
+def test_static_cells_marks_the_prop_not_the_walker():
+    shot = [_shot_frame(x, 90) for x in (150, 90, 100, 110, 120)]
+    frame, parts = shot[0]
+    cfg = DetectionConfig()
+    line = detection.line_art(frame, cfg.dark_value, cfg.line_contrast)
+    _, cells = detection.enclosed_regions(line, cfg.big_cell_frac)
+    stack = np.stack([f for f, _ in shot])
+    static, stable = detection.static_cells(cells, line, stack, np.ones(stack.shape[:3], bool), cfg)
+    wall = np.bincount(cells[parts["house"] & ~parts["walker"]]).argmax()
+    walker = np.bincount(cells[parts["walker"]]).argmax()
+    assert wall > 0 and static[wall], "the house wall is the same in the frames that show it"
+    assert walker > 0 and not static[walker], "the walker's region moved"
+    assert stable[parts["house"] & ~parts["walker"]].mean() > 0.9
+
+
+def test_group_noise_gives_a_rare_character_its_own_cluster():
+    from yokai_pipeline import clustering
+
+    rng = np.random.default_rng(0)
+    centres = np.eye(6, 32, dtype=np.float32)
+    X = np.concatenate([centres[k] + 0.05 * rng.standard_normal((m, 32)) for k, m in enumerate([8, 3, 2])])
+    X = np.concatenate([X, centres[3:] + 0.05 * rng.standard_normal((3, 32))]).astype(np.float32)
+    labels = np.array([0] * 8 + [-1] * 8)
+    out = clustering.group_noise(X, labels, 0.15, 3)
+    assert (out[:8] == 0).all()
+    assert len(set(out[8:11].tolist())) == 1 and out[8] > 0, "the rare character seen three times"
+    assert (out[11:] == -1).all(), "two of a kind and lone layers stay noise"
+    assert (clustering.group_noise(X, labels, 0.0, 3) == labels).all()
