@@ -168,7 +168,8 @@ def test_cluster_layers_is_deterministic_and_rerun_safe(series):
 
 def test_noise_reassignment_respects_the_distance_bound(series):
     ws, truth = series
-    cfg = ClusteringConfig(min_cluster_size=12, min_samples=8)  # too strict for the rare ones: noise
+    # too strict for the rare ones, and no noise groups: they are noise
+    cfg = ClusteringConfig(min_cluster_size=12, min_samples=8, noise_group_distance=0)
     plain = cluster_layers(ws, EPISODES, cfg)
     rare_layers = {lid for lid, c in truth.items() if c in RARE}
     noise = {m["layer_id"] for m in read_clusters(ws)["members"] if m["cluster"] == -1}
@@ -187,6 +188,18 @@ def test_noise_reassignment_respects_the_distance_bound(series):
         ws, EPISODES, cfg.model_copy(update={"reassign_noise": True, "reassign_max_distance": 0.95})
     )
     assert loose["reassigned"] == len(rare_layers) and loose["n_noise"] == 0
+
+
+def test_noise_groups_give_the_rare_characters_clusters_of_their_own(series):
+    ws, truth = series
+    cluster_layers(ws, EPISODES, ClusteringConfig(min_cluster_size=12, min_samples=8))
+    members = read_clusters(ws)["members"]
+    by_cluster: dict[int, set] = {}
+    for m in members:
+        by_cluster.setdefault(m["cluster"], set()).add(truth.get(m["layer_id"]))
+    rare_clusters = {m["cluster"] for m in members if truth.get(m["layer_id"]) in RARE}
+    assert rare_clusters and -1 not in rare_clusters, "each rare character is a cluster, not noise"
+    assert all(len(by_cluster[c]) == 1 for c in rare_clusters), "one character per cluster"
 
 
 # ----------------------------------------------------------------------------- incremental and recluster
