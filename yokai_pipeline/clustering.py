@@ -57,6 +57,9 @@ DEFAULT_SPLIT_DISTANCE = {"offline": 0.25, "other": 0.0}
 #: Mean cosine distance within which noise layers are one rare character (offline: one
 #: character's crops are < 0.15 apart, as above). CLIP: off unless configured.
 DEFAULT_NOISE_GROUP_DISTANCE = {"offline": 0.15, "other": 0.0}
+#: Merge guard (merge_close_clusters' spread_ratio): offline descriptors of two characters
+#: sharing a body colour have close centroids but are two tight modes. CLIP: off.
+DEFAULT_MERGE_SPREAD_RATIO = {"offline": 2.0, "other": 0.0}
 #: Largest cluster whose members are linked exactly; bigger ones are split on a sample.
 SPLIT_SAMPLE = 2000
 #: Most layers linked exactly under an identity metric (CCIP); the rest join their nearest group.
@@ -215,7 +218,8 @@ def cluster_embeddings(
     )
     labels = split_incoherent_clusters(X, raw, split, cfg.min_cluster_size, cfg.seed)
     labels = group_noise(X, labels, group, cfg.noise_group_size)
-    labels = merge_close_clusters(X, labels, merge)
+    spread = DEFAULT_MERGE_SPREAD_RATIO["other"] if cfg.merge_spread_ratio is None else cfg.merge_spread_ratio
+    labels = merge_close_clusters(X, labels, merge, spread)
     return relabel_by_size(labels), np.where(labels >= 0, probs, 0.0).astype(np.float32)
 
 
@@ -407,6 +411,10 @@ def resolve_config(cfg: ClusteringConfig, embedding: Mapping[str, Any]) -> Clust
         update["merge_distance"] = DEFAULT_MERGE_DISTANCE.get(backend, DEFAULT_MERGE_DISTANCE["other"])
     if cfg.split_distance is None:
         update["split_distance"] = DEFAULT_SPLIT_DISTANCE.get(backend, DEFAULT_SPLIT_DISTANCE["other"])
+    if cfg.merge_spread_ratio is None:
+        update["merge_spread_ratio"] = DEFAULT_MERGE_SPREAD_RATIO.get(
+            backend, DEFAULT_MERGE_SPREAD_RATIO["other"]
+        )
     if cfg.noise_group_distance is None:
         update["noise_group_distance"] = DEFAULT_NOISE_GROUP_DISTANCE.get(
             backend, DEFAULT_NOISE_GROUP_DISTANCE["other"]
@@ -414,12 +422,17 @@ def resolve_config(cfg: ClusteringConfig, embedding: Mapping[str, Any]) -> Clust
     return cfg.model_copy(update=update) if update else cfg
 
 
-def merge_close_clusters(X: np.ndarray, labels: np.ndarray, max_distance: float) -> np.ndarray:
+def merge_close_clusters(
+    X: np.ndarray, labels: np.ndarray, max_distance: float, spread_ratio: float = 0.0
+) -> np.ndarray:
     """Join clusters whose centroids are within ``max_distance`` (cosine), transitively.
 
     UMAP with ``min_dist=0`` packs one character's poses or scales into several tight clumps
     that HDBSCAN reports as separate clusters; their centroids in the embedding space are
-    nearly identical, unlike those of two different characters.
+    nearly identical, unlike those of two different characters. With ``spread_ratio`` > 0 two
+    close clusters are also kept apart when the mean distance between their members is more
+    than ``spread_ratio`` x the wider one's own mean distance (and than ``max_distance / 2``):
+    two characters that share a palette are two tight modes, a character's fragments are not.
     """
     cents = centroids_of(X, labels)
     if max_distance <= 0 or len(cents) < 2:
@@ -427,6 +440,13 @@ def merge_close_clusters(X: np.ndarray, labels: np.ndarray, max_distance: float)
     ids = sorted(cents)
     C = np.stack([cents[i] for i in ids])
     close = (1.0 - C @ C.T) <= max_distance
+    if spread_ratio > 0:
+        # mean pairwise cosine of unit rows = dot of their means: no pairwise matrix needed
+        Xn = normalise_rows(X)
+        M = np.stack([Xn[labels == i].mean(axis=0) for i in ids])
+        within = 1.0 - np.einsum("ij,ij->i", M, M)
+        cross = 1.0 - M @ M.T
+        close &= cross <= np.maximum(spread_ratio * np.maximum.outer(within, within), max_distance / 2)
     parent = list(range(len(ids)))
 
     def root(a: int) -> int:

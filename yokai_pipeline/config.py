@@ -249,6 +249,11 @@ class ClusteringConfig(_Stage):
         lt=2,
         description="Split a cluster whose members form groups farther apart than this mean cosine distance (UMAP can clump small characters together); parts below min_cluster_size become noise. 0 = off, None = 0.25 for offline embeddings, off for CLIP.",
     )
+    merge_spread_ratio: float | None = Field(
+        None,
+        ge=0,
+        description="Keep two close clusters apart when their members are this many times farther apart than each cluster's own spread (two characters sharing a palette); 0 = off, None = 2 for offline embeddings, off for CLIP.",
+    )
     noise_group_distance: float | None = Field(
         None,
         ge=0,
