@@ -239,3 +239,23 @@ def test_group_noise_gives_a_rare_character_its_own_cluster():
     assert len(set(out[8:11].tolist())) == 1 and out[8] > 0, "the rare character seen three times"
     assert (out[11:] == -1).all(), "two of a kind and lone layers stay noise"
     assert (clustering.group_noise(X, labels, 0.0, 3) == labels).all()
+
+
+def test_merge_keeps_two_tight_modes_apart_but_joins_fragments():
+    """Two characters sharing a body colour: centroids 0.08 apart (under merge_distance 0.1)
+    but each tight; one character's two fragments: as far apart as its own spread."""
+    from yokai_pipeline import clustering
+
+    rng = np.random.default_rng(1)
+    a = np.zeros(16, np.float32)
+    a[0] = 1.0
+    b = np.zeros(16, np.float32)
+    b[0], b[1] = 0.92, np.sqrt(1 - 0.92**2)  # cosine distance 0.08 to a
+    X = np.concatenate([v + 0.03 * rng.standard_normal((10, 16)) for v in (a, b)]).astype(np.float32)
+    labels = np.repeat([0, 1], 10)
+    assert (clustering.merge_close_clusters(X, labels, 0.1) == 0).all(), "centroids alone: merged"
+    kept = clustering.merge_close_clusters(X, labels, 0.1, spread_ratio=2.0)
+    assert (kept == labels).all(), "two tight modes stay two clusters"
+    one = a + 0.2 * rng.standard_normal((20, 16)).astype(np.float32)
+    frag = np.repeat([0, 1], 10)
+    assert (clustering.merge_close_clusters(one, frag, 0.1, spread_ratio=2.0) == 0).all(), "fragments join"
