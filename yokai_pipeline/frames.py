@@ -26,6 +26,7 @@ build the shot's background plate (yokai_pipeline/detection.py) without decoding
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import queue
@@ -54,6 +55,8 @@ _CHUNK = 8  # frames per analysis task: amortises the hand-off, bounds frames in
 _FEATURE_WORKERS = max(1, min(4, (os.cpu_count() or 2) - 1))
 _MAX_PENDING_WRITES = 8  # PNG encodes overlap decoding in threads; bounded so frames don't pile up
 _PROGRESS_EVERY = 48
+
+log = logging.getLogger(__name__)
 
 
 def episode_id_for(video: str | Path) -> str:
@@ -219,6 +222,138 @@ def analysed_frames(
                 pass
         thread.join()
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+@dataclass
+class FrameSource:
+    """Where an episode's analysed frames come from: one decoder backend over the whole file."""
+
+    decoder: str  # "pyav" or "nvdec"
+    fps: float
+    total: int  # frames the container announces (0 when unknown)
+    frames: Iterator[DecodedFrame]
+    errors: tuple[type[BaseException], ...]  # what decoding raises for a truncated or corrupt file
+    segments: int = 1
+    note: str = ""  # why the configured decoder was not used, if it was not
+
+
+def _stream_rate(stream: Any) -> tuple[float, int]:
+    """(fps, announced frame count) of a PyAV stream; 0 where unknown or absurd."""
+    rate = stream.average_rate or stream.guessed_rate
+    fps = float(rate) if rate else 0.0
+    if not math.isfinite(fps) or fps <= 0 or fps > 1000:
+        fps = 0.0
+    return fps, max(int(stream.frames or 0), 0)
+
+
+def _keyframe_index(video: Path) -> tuple[list[int], list[int]]:
+    """(sorted presentation timestamps of every frame, indices of the keyframes) from the packets alone."""
+    import av
+
+    pts: list[int] = []
+    keys: list[int] = []
+    with av.open(str(video)) as c:
+        for packet in c.demux(c.streams.video[0]):
+            if packet.pts is None or packet.size == 0:
+                continue
+            pts.append(int(packet.pts))
+            if packet.is_keyframe:
+                keys.append(int(packet.pts))
+    pts.sort()
+    rank = {p: i for i, p in enumerate(pts)}
+    return pts, sorted(rank[k] for k in keys)
+
+
+def pyav_segment_frames(video: Path, parts: int, hist_width: int) -> tuple[Iterator[DecodedFrame], int]:
+    """Frames of ``video`` decoded segment by segment (one container each, seeking to its keyframe).
+
+    The same frames, indices and analysis as one pass (:mod:`yokai_pipeline.video.segments`):
+    a segment decodes from its keyframe and keeps the frames up to the next segment's first.
+
+    Returns:
+        (the frames in order, the number of segments).
+    """
+    import av
+
+    from yokai_pipeline.video.segments import plan_segments
+
+    pts, keys = _keyframe_index(video)
+    segs = plan_segments(len(pts), keys, parts)
+
+    def frames() -> Iterator[DecodedFrame]:
+        for seg in segs:
+            end_pts = pts[seg.end] if seg.end < len(pts) else None
+            with av.open(str(video)) as c:
+                stream = c.streams.video[0]
+                stream.thread_type = "AUTO"
+                c.seek(pts[seg.start], stream=stream, backward=True)
+                idx = seg.start
+                for item in analysed_frames(c, stream, hist_width):
+                    p = item.frame.pts
+                    if p is not None and p < pts[seg.start]:
+                        continue  # before the segment's keyframe (a seek lands at or before it)
+                    if end_pts is not None and p is not None and p >= end_pts:
+                        break
+                    yield DecodedFrame(idx, item.timestamp, item.frame, item.hist, item.sharpness, item.thumb)
+                    idx += 1
+
+    return frames(), len(segs)
+
+
+def resolve_decoder(decoder: str) -> str:
+    """``auto`` -> ``nvdec`` when PyNvVideoCodec and a CUDA device are present, else ``pyav``.
+
+    Raises:
+        RuntimeError: ``nvdec`` asked for where it cannot run.
+    """
+    if decoder == "pyav":
+        return "pyav"
+    from yokai_pipeline.video.nvdec import nvdec_available
+
+    if nvdec_available():
+        return "nvdec"
+    if decoder == "nvdec":
+        raise RuntimeError(
+            "frames.decoder=nvdec needs a CUDA device and PyNvVideoCodec (pip install pynvvideocodec); "
+            "set frames.decoder=auto or pyav to decode on the CPU"
+        )
+    return "pyav"
+
+
+def open_frame_source(video: Path, container: Any, stream: Any, cfg: FramesConfig) -> FrameSource:
+    """The configured decoder over ``video`` (already opened by PyAV, which validated it).
+
+    NVDEC is used when :func:`resolve_decoder` picks it and it can decode the stream; a stream it
+    cannot decode (10-bit, 4:2:2, a codec this GPU lacks) falls back to PyAV with a log line.
+    """
+    import av
+
+    fps, total = _stream_rate(stream)
+    note = ""
+    if resolve_decoder(cfg.decoder) == "nvdec":
+        from yokai_pipeline.runtime.leases import resolve_auto
+        from yokai_pipeline.video.nvdec import NvdecDecodeError, NvdecSource, NvdecUnsupported
+
+        try:
+            src = NvdecSource(
+                video,
+                cfg.analysis_width,
+                _SHARPNESS_WIDTH,
+                cfg.decode_segments,
+                cfg.gpu_batch,
+                resolve_auto("auto", True),
+            )
+        except NvdecUnsupported as exc:
+            note = f"NVDEC cannot decode {video.name} ({exc}); decoding it with PyAV on the CPU"
+            log.warning(note)
+        else:
+            fps = src.fps or fps
+            return FrameSource("nvdec", fps, src.total, src.frames(), (NvdecDecodeError,), len(src.segments))
+    if cfg.decode_segments > 1:
+        it, n = pyav_segment_frames(video, cfg.decode_segments, cfg.analysis_width)
+        return FrameSource("pyav", fps, total, it, (av.FFmpegError,), n, note)
+    it = analysed_frames(container, stream, cfg.analysis_width)
+    return FrameSource("pyav", fps, total, it, (av.FFmpegError,), 1, note)
 
 
 def colour_histogram(small_bgr: np.ndarray) -> np.ndarray:
@@ -448,9 +583,15 @@ def extract_frames(
             if old_dir.exists():  # outputs of another config or a killed run
                 shutil.rmtree(old_dir)
         stats_path.unlink(missing_ok=True)
-        rows, stats = _scan(
-            video, container, stream, workspace, episode_id, frames_dir, cfg, list(reference_hashes), progress
-        )
+        source = open_frame_source(video, container, stream, cfg)
+        try:
+            rows, stats = _scan(
+                video, source, workspace, episode_id, frames_dir, cfg, list(reference_hashes), progress
+            )
+        finally:
+            close = getattr(source.frames, "close", None)
+            if close is not None:  # stops a decoder's threads now, not at garbage collection
+                close()
     finally:
         container.close()
     fsio.write_jsonl(manifest, rows)
@@ -468,8 +609,7 @@ def extract_frames(
 
 def _scan(
     video: Path,
-    container: Any,
-    stream: Any,
+    source: FrameSource,
     workspace: Workspace,
     episode_id: str,
     frames_dir: Path,
@@ -477,13 +617,7 @@ def _scan(
     references: list[str],
     progress: Callable[[int, int], None] | None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    import av
-
-    rate = stream.average_rate or stream.guessed_rate
-    fps = float(rate) if rate else 0.0
-    if not math.isfinite(fps) or fps <= 0 or fps > 1000:
-        fps = 0.0
-    total = max(int(stream.frames or 0), 0)
+    fps, total = source.fps, source.total
     max_bins = max(6, 3 * cfg.frames_per_shot)
     kept_rows: list[dict[str, Any]] = []
     kept_hashes = HashIndex()
@@ -528,7 +662,7 @@ def _scan(
     current: _Shot | None = None
     try:
         try:
-            for item in analysed_frames(container, stream, cfg.analysis_width):
+            for item in source.frames:
                 if size is None:
                     size = (item.frame.width, item.frame.height)
                 idx = item.index
@@ -569,7 +703,7 @@ def _scan(
                 current.offer(_Candidate(idx, ts, item.sharpness, item.frame, item.thumb), max_bins)
                 if progress is not None and decoded % _PROGRESS_EVERY == 0:
                     progress(decoded, max(total, decoded))
-        except av.FFmpegError as exc:
+        except source.errors as exc:
             if decoded == 0:
                 raise BadInputError(
                     video, f"not a readable video (no frame could be decoded: {exc})"
@@ -611,7 +745,11 @@ def _scan(
         "shot_starts": shot_starts,
         "kept": len(kept_rows),
         **counters,
+        "decoder": source.decoder,
+        "decode_segments": source.segments,
     }
+    if source.note:
+        stats["decoder_note"] = source.note
     return kept_rows, stats
 
 
