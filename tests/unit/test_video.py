@@ -201,7 +201,7 @@ def test_nvdec_stopping_early_is_a_clear_bad_input_and_keeps_earlier_outputs(epi
         def __init__(self, *a, **k):
             pass
 
-        def frames(self):
+        def frames_from(self, start=0):
             for item in frames.analysed_frames(*frames._open_video(episode), 160):
                 if item.index == 40:
                     raise nvdec.NvdecDecodeError("decoding stopped at frame 40 of 300")
@@ -237,3 +237,64 @@ def test_gpu_out_of_memory_halves_the_batch_not_a_crash(monkeypatch, caplog):
     assert "out of memory" in caplog.text and calls[:3] == [8, 4, 2]
     for g, w in zip(got, want, strict=True):
         assert torch.equal(g, w)
+
+
+# --------------------------------------------------------------------------------------
+# Segments scanned at once = one pass, on made-up analysis streams with flashes and short shots
+
+
+class _Dummy:
+    width, height = 64, 36
+
+
+def _stream(seed: int, n: int) -> list[frames.DecodedFrame]:
+    """Frames whose histograms follow a scene sequence with long shots, flashes and returns."""
+    rng = np.random.default_rng(seed)
+    scenes, scene, nxt = [], 0, 1
+    while len(scenes) < n:
+        kind = rng.random()
+        if kind < 0.25:  # a flash of 1-3 frames, then back to the same scene or on to a new one
+            scenes += [nxt] * int(rng.integers(1, 4))
+            nxt += 1
+            if rng.random() < 0.5:
+                scene, nxt = nxt, nxt + 1
+        else:
+            scene, nxt = nxt, nxt + 1
+        scenes += [scene] * int(rng.integers(1, 40))
+    out = []
+    for i, s in enumerate(scenes[:n]):
+        hist = np.zeros(160, np.float32)
+        hist[s % 160] = 1.0
+        thumb = rng.integers(0, 255, (18, 32), dtype=np.uint8)
+        out.append(frames.DecodedFrame(i, i / 24, _Dummy(), hist, float(rng.random()), thumb))
+    return out
+
+
+def _summary(shots) -> list[tuple]:
+    return [(s.start, [(c.index, h) for c, h in s.picks], [c.index for c in s.stack]) for s in shots]
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_segmented_scan_equals_one_pass_on_flashes_and_short_shots(seed):
+    stream = _stream(seed, 900)
+    cfg = FramesConfig(min_shot_frames=6, frames_per_shot=3)
+    one = frames.FrameSource("test", 24.0, len(stream), iter(stream), (RuntimeError,))
+    want = _summary(frames._shots_one_pass(one, cfg, frames._ScanInfo(), None))
+    rng = np.random.default_rng(100 + seed)
+    for parts in (2, 5, 11):
+        starts = [0, *sorted(rng.choice(np.arange(1, len(stream)), parts - 1, replace=False).tolist())]
+        seg = frames.FrameSource(
+            "test",
+            24.0,
+            len(stream),
+            iter(()),
+            (RuntimeError,),
+            parts,
+            "",
+            starts,
+            lambda s: iter(stream[s:]),
+        )
+        info = frames._ScanInfo()
+        got = _summary(frames._shots_segmented(seg, cfg, info, None))
+        assert got == want, (seed, starts)
+        assert info.decoded == len(stream)

@@ -5,17 +5,16 @@ that wrap as torch tensors through DLPack. The surfaces are recycled by the deco
 frame is copied once on the GPU (a device copy, ~3 MB at 1080p) and the copy is what the frame
 keeps; nothing full-size crosses to the host unless the frame is kept (:meth:`NvdecFrame.to_ndarray`).
 
-One decoder per keyframe segment (:mod:`.segments`), each in its own thread and CUDA stream,
-because one NVDEC session reading sequentially leaves most of the GPU's decode engines idle
-(issue 19: 741 frames/s with one, 3,232 frames/s with seven at 1080p on an H200). The
-frames come out in order, one segment after the other, so the result is one pass's.
+One decoder per keyframe segment (:mod:`.segments`), each run by its own thread
+(:meth:`NvdecSource.frames_from`, a CUDA stream each), because one NVDEC session reading
+sequentially leaves most of the GPU's decode engines idle (issue 19: 741 frames/s with one,
+3,232 frames/s with seven at 1080p on an H200). How frames.py scans segments at once and still
+gets one pass's result is in ``yokai_pipeline.frames._segment_worker``.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,6 @@ from yokai_pipeline.video.segments import Segment, plan_segments
 log = logging.getLogger(__name__)
 
 AUTO_SEGMENTS = 7  # decoders at once: the issue's measured knee on an H200 (3,232 frames/s)
-_QUEUE_BATCHES = 3  # batches waiting per segment: bounds GPU memory, keeps the decoders busy
 
 
 class NvdecUnsupported(Exception):
@@ -71,10 +69,51 @@ class NvdecFrame:
 
     def to_ndarray(self, format: str = "rgb24") -> np.ndarray:
         """Host pixels, ``rgb24`` or ``bgr24`` (what ``av.VideoFrame.to_ndarray`` returns)."""
-        if format not in ("rgb24", "bgr24"):
-            raise ValueError(f"NvdecFrame.to_ndarray: unsupported format {format!r}")
-        rgb = self.rgb()
-        return (rgb.flip(-1) if format == "bgr24" else rgb).contiguous().cpu().numpy()
+        return self.pixels(0, format)
+
+    def pixels(self, max_side: int = 0, format: str = "rgb24") -> np.ndarray:
+        """Host pixels with the longer side at most ``max_side`` (resized on the GPU, area average)."""
+        return _host(_shrink(self.rgb(), max_side), format)
+
+    def shrunk(self, max_side: int) -> SmallFrame:
+        """This frame at most ``max_side`` on the longer side, RGB on the GPU (frees the full-size copy)."""
+        rgb = _shrink(self.rgb(), max_side)
+        return SmallFrame(rgb, rgb.shape[1], rgb.shape[0])
+
+
+@dataclass
+class SmallFrame:
+    """A downscaled RGB frame kept on the GPU (a shot's stack candidate); same calls as NvdecFrame."""
+
+    rgb_small: Any
+    width: int
+    height: int
+
+    def pixels(self, max_side: int = 0, format: str = "rgb24") -> np.ndarray:
+        return _host(_shrink(self.rgb_small, max_side), format)
+
+    def to_ndarray(self, format: str = "rgb24") -> np.ndarray:
+        return self.pixels(0, format)
+
+
+def _shrink(rgb: Any, max_side: int) -> Any:
+    """``[H, W, 3]`` uint8 resized so the longer side is at most ``max_side`` (area average, as INTER_AREA)."""
+    import torch.nn.functional as F
+
+    from yokai_pipeline.frames import _capped_size
+
+    h, w = rgb.shape[:2]
+    cw, ch = _capped_size(w, h, max_side)
+    if (cw, ch) == (w, h):
+        return rgb
+    x = F.interpolate(rgb.permute(2, 0, 1)[None].float(), size=(ch, cw), mode="area")
+    return x[0].permute(1, 2, 0).round_().clamp_(0, 255).to(rgb.dtype)
+
+
+def _host(rgb: Any, format: str) -> np.ndarray:
+    if format not in ("rgb24", "bgr24"):
+        raise ValueError(f"GPU frame: unsupported pixel format {format!r} (rgb24 or bgr24)")
+    return (rgb.flip(-1) if format == "bgr24" else rgb).contiguous().cpu().numpy()
 
 
 def _analyse(nv12: Any, width: int, height: int, hist_width: int, sharp_width: int) -> tuple[Any, Any, Any]:
@@ -150,72 +189,53 @@ class NvdecSource:
             output_color_type=nvc.OutputColorType.NATIVE,
         )
 
-    def _decode_segment(self, seg: Segment, out: queue.Queue, stop: threading.Event) -> None:
-        """Decode ``seg`` in this thread, analyse each batch on this thread's stream, queue the results."""
-        import torch
-
+    def _guarded(self, pos: int, call: Any, *args: Any, **kwargs: Any) -> Any:
+        """A decoder call; what PyNvVideoCodec raises becomes :class:`NvdecDecodeError` naming the frame."""
         try:
-            torch.cuda.set_device(self.gpu)
-            stream = torch.cuda.Stream()
-            with torch.cuda.stream(stream):
-                dec = self._decoder(stream=stream.cuda_stream)
-                if seg.start:
-                    dec.seek_to_index(seg.start)
-                pos = seg.start
-                while pos < seg.end and not stop.is_set():
-                    got = dec.get_batch_frames(min(self.batch, seg.end - pos))
-                    if not got:
-                        raise NvdecDecodeError(f"decoding stopped at frame {pos} of {self.total}")
-                    # the decoder recycles its surfaces: each frame keeps its own copy
-                    own = [torch.from_dlpack(f).clone() for f in got]
-                    hist, sharp, grey = _analyse(
-                        torch.stack(own), self.width, self.height, self.hist_width, self.sharp_width
-                    )
-                    hist, sharp, grey = hist.cpu().numpy(), sharp.cpu().numpy(), grey.cpu().numpy()
-                    stream.synchronize()  # the copies are complete before another stream reads them
-                    out.put((pos, own, hist, sharp, grey))
-                    pos += len(got)
-        except BaseException as exc:  # handed to the consumer, raised there
-            out.put(exc)
-        finally:
-            out.put(None)
+            return call(*args, **kwargs)
+        except Exception as exc:  # PyNvVideoCodec's exception types are not exported
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            raise NvdecDecodeError(f"NVDEC failed at frame {pos} of {self.total}: {first}") from exc
 
-    def frames(self) -> Iterator[Any]:
-        """Every frame in order as ``frames.DecodedFrame`` (frame = :class:`NvdecFrame`).
+    def frames_from(self, start: int = 0) -> Iterator[Any]:
+        """Frames ``start``.. to the end, as ``frames.DecodedFrame`` (frame = :class:`NvdecFrame`).
+
+        Decodes in the calling thread with a decoder and CUDA stream of its own, so several
+        segments decode at once from several threads.
 
         Raises:
-            NvdecDecodeError: a segment stopped early (truncated or corrupt file).
+            NvdecDecodeError: decoding stopped early (truncated or corrupt file).
         """
+        import torch
+
         from yokai_pipeline.frames import DecodedFrame
 
-        stop = threading.Event()
-        queues = [queue.Queue(maxsize=_QUEUE_BATCHES) for _ in self.segments]
-        threads = [
-            threading.Thread(target=self._decode_segment, args=(s, q, stop), daemon=True, name=f"nvdec-{i}")
-            for i, (s, q) in enumerate(zip(self.segments, queues, strict=True))
-        ]
-        for t in threads:
-            t.start()
-        try:
-            for q in queues:
-                while (item := q.get()) is not None:
-                    if isinstance(item, BaseException):
-                        raise item
-                    pos, own, hist, sharp, grey = item
-                    for i, nv in enumerate(own):
-                        idx = pos + i
-                        ts = idx / self.fps if self.fps else float(idx)
-                        frame = NvdecFrame(nv, self.width, self.height)
-                        yield DecodedFrame(idx, ts, frame, hist[i], float(sharp[i]), grey[i])
-        finally:
-            stop.set()
-            for q, t in zip(queues, threads, strict=True):
-                while t.is_alive():  # unblock a decoder waiting on a full queue
-                    try:
-                        q.get(timeout=0.1)
-                    except queue.Empty:
-                        pass
-                t.join()
+        torch.cuda.set_device(self.gpu)
+        stream = torch.cuda.Stream()
+        with torch.cuda.stream(stream):
+            try:  # the decoder's copies on this thread's stream, ordered before the analysis
+                dec = self._decoder(stream=stream.cuda_stream)
+            except Exception:  # a build that takes no stream handle: the default stream (DLPack syncs)
+                dec = self._guarded(start, self._decoder)
+            if start:
+                self._guarded(start, dec.seek_to_index, start)
+            pos = start
+            while pos < self.total:
+                got = self._guarded(pos, dec.get_batch_frames, min(self.batch, self.total - pos))
+                if not got:
+                    raise NvdecDecodeError(f"decoding stopped at frame {pos} of {self.total}")
+                # the decoder recycles its surfaces: each frame keeps its own copy
+                own = [torch.from_dlpack(f).clone() for f in got]
+                hist, sharp, grey = _analyse(
+                    torch.stack(own), self.width, self.height, self.hist_width, self.sharp_width
+                )
+                hist, sharp, grey = hist.cpu().numpy(), sharp.cpu().numpy(), grey.cpu().numpy()
+                for i, nv in enumerate(own):
+                    idx = pos + i
+                    ts = idx / self.fps if self.fps else float(idx)
+                    frame = NvdecFrame(nv, self.width, self.height)
+                    yield DecodedFrame(idx, ts, frame, hist[i], float(sharp[i]), grey[i])
+                pos += len(got)
 
 
 def bare_decode(video: Path, segments: int = 0, device: str = "cuda", batch: int = 32) -> tuple[int, float]:
