@@ -727,6 +727,7 @@ class _Keeper:
         frames_dir: Path,
         cfg: FramesConfig,
         references: list[str],
+        writers: int = _FEATURE_WORKERS,
     ) -> None:
         self.ws, self.video, self.episode_id, self.frames_dir, self.cfg = (
             workspace,
@@ -740,7 +741,7 @@ class _Keeper:
         self.reference_index = HashIndex(references)
         self.counters = {"candidates": 0, "dropped_within": 0, "dropped_cross": 0}
         self.shot_starts: list[int] = []
-        self.writer = ThreadPoolExecutor(max_workers=_FEATURE_WORKERS, thread_name_prefix="frames-png")
+        self.writer = ThreadPoolExecutor(max_workers=writers, thread_name_prefix="frames-png")
         self.pending: deque[Future] = deque()
 
     def add(self, shot: _ReadyShot) -> None:
@@ -838,7 +839,11 @@ def _scan(
     progress: Callable[[int, int], None] | None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     info = _ScanInfo()
-    keeper = _Keeper(workspace, video, episode_id, frames_dir, cfg, references)
+    # with the decode on the GPU, PNG and stack encodes are what the CPU cores are left for
+    writers = (
+        _FEATURE_WORKERS if source.decoder == "pyav" else max(_FEATURE_WORKERS, (os.cpu_count() or 2) - 4)
+    )
+    keeper = _Keeper(workspace, video, episode_id, frames_dir, cfg, references, writers)
     if source.open_at is not None:
         shots = _shots_segmented(source, cfg, info, progress)
     else:

@@ -77,7 +77,10 @@ class NvdecFrame:
 
     def shrunk(self, max_side: int) -> SmallFrame:
         """This frame at most ``max_side`` on the longer side, RGB on the GPU (frees the full-size copy)."""
+        import torch
+
         rgb = _shrink(self.rgb(), max_side)
+        torch.cuda.current_stream().synchronize()  # another thread reads it, on another stream
         return SmallFrame(rgb, rgb.shape[1], rgb.shape[0])
 
 
