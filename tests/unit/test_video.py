@@ -298,3 +298,24 @@ def test_segmented_scan_equals_one_pass_on_flashes_and_short_shots(seed):
         got = _summary(frames._shots_segmented(seg, cfg, info, None))
         assert got == want, (seed, starts)
         assert info.decoded == len(stream)
+
+
+def test_gpu_frame_pixels_shrunk_and_written_like_pyav_frames(episode, tmp_path):
+    """NvdecFrame (here on CPU torch): pixels at a side cap, shrunk stack copies, PNG/stack writers."""
+    import cv2
+
+    f = _decoded(episode, 1)[0]
+    y, u, v = _planes(f)
+    frame = nvdec.NvdecFrame(torch.from_numpy(_nv12(y, u, v)), y.shape[1], y.shape[0])
+    ref = f.to_ndarray(format="rgb24")
+    assert np.abs(frame.to_ndarray("bgr24")[..., ::-1].astype(int) - ref).max() <= 3
+    small = frames.frame_pixels(frame, 320, "rgb24")
+    want = cv2.resize(ref, (320, 180), interpolation=cv2.INTER_AREA)
+    assert small.shape == (180, 320, 3) and np.abs(small.astype(int) - want).mean() < 1.5
+    stack_copy = frame.shrunk(320)
+    assert (stack_copy.width, stack_copy.height) == (320, 180)
+    assert np.array_equal(frames.frame_pixels(stack_copy, 320, "rgb24"), small)
+    png = frames._save_frame(tmp_path / "f.png", frame, 0)
+    assert cv2.imread(str(png)).shape == ref.shape
+    with pytest.raises(ValueError, match="rgb24 or bgr24"):
+        frame.pixels(0, "gray")

@@ -80,7 +80,8 @@ class NvdecFrame:
         import torch
 
         rgb = _shrink(self.rgb(), max_side)
-        torch.cuda.current_stream().synchronize()  # another thread reads it, on another stream
+        if rgb.is_cuda:
+            torch.cuda.current_stream().synchronize()  # another thread reads it, on another stream
         return SmallFrame(rgb, rgb.shape[1], rgb.shape[0])
 
 
