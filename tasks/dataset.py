@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from prefect import get_run_logger, task
 
 from tasks.common import IO_RETRIES, IO_RETRY_DELAYS, stage_lease
@@ -41,17 +39,15 @@ from yokai_pipeline.workspace import Workspace
 def augment_task(
     workspace: str, folder: str, cfg: AugmentConfig, symmetric: bool, crop: CropConfig | None = None
 ) -> dict:
-    """Cut one character's 3-stage crops, then augment it (or copy it unchanged when outside min/max)."""
+    """Augment one small cluster (or copy it unchanged when outside min/max), then add its 3-stage crops."""
     ws = Workspace(workspace)
-    src = edits.dataset_clusters(ws) / folder
+    src, dest = edits.dataset_clusters(ws) / folder, ws.augmented_clusters / folder
+    res = augmentation.augment_cluster(src, dest, cfg, symmetric=symmetric)
     made = None
     if crop is not None and crop.enabled:
-        rows = crops.layer_rows(ws.layered_frames / "manifests")
-        made = crops.crop_cluster(src, ws.root / "cropped_clusters" / folder, rows, crop)
-        src = Path(made["out_dir"])
+        made = crops.crop_cluster(src, dest, crops.layer_rows(ws.layered_frames / "manifests"), crop)
         for f in made["failed"]:
             get_run_logger().warning(f"{folder}: no crop of {f['name']}: {f['problem']}")
-    res = augmentation.augment_cluster(src, ws.augmented_clusters / folder, cfg, symmetric=symmetric)
     get_run_logger().info(
         f"{folder}: {res['originals']} originals -> {res['total']} images ({res['status']})"
         + (f"; crops {made['counts']}" if made else "")

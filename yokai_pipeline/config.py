@@ -125,11 +125,11 @@ class CropConfig(_Stage):
     kinds: list[CropKind] = Field(
         default_factory=lambda: ["full_body", "upper_body", "head"],
         min_length=1,
-        description="Crops of each instance put in the training data (full_body alone = the layers as they are).",
+        description="Crops of each instance in the training data: full_body (always) plus upper_body / head cut from it (full_body alone = the layers as they are).",
     )
     share: dict[CropKind, float] = Field(
         default_factory=lambda: {"full_body": 0.5, "upper_body": 0.3, "head": 0.2},
-        description="Share of a character's images per crop kind (normalised over kinds).",
+        description="Share of a character's crops per kind, over its instances before augmentation (normalised over kinds).",
     )
     min_side: int = Field(
         16, ge=1, description="Crops whose shorter side is below this many pixels are not made."
@@ -138,6 +138,11 @@ class CropConfig(_Stage):
 
     @model_validator(mode="after")
     def _shares_cover_kinds(self) -> CropConfig:
+        if "full_body" not in self.kinds:
+            raise ValueError(
+                "crops.kinds must keep full_body: the instance layers are what clustering, augmentation "
+                "and the guide's image counts work on; the other kinds are added to them"
+            )
         missing = [k for k in self.kinds if self.share.get(k, 0) <= 0]
         if missing:
             raise ValueError(f"crops.share needs a positive share for every kind in crops.kinds: {missing}")

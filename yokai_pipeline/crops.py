@@ -23,11 +23,12 @@ framings of the same instance: the whole figure, the upper body and the head. He
   The crops follow their instance: clustering sees one row per instance (the full layer),
   so a character never splits into three clusters by framing.
 
-- **The dataset stage** (:func:`crop_cluster`, after selection, before augmentation) cuts
-  the crops out of the selected clusters' layers in the shares of ``CropConfig`` (e.g. half
-  full body, 30 % upper body, 20 % head per character), so the kohya folders hold the mix
-  users train on; the offline tagger gives each crop its framing tag (``full_body``,
-  ``upper_body``, ``portrait``).
+- **The dataset stage** (:func:`crop_cluster`, after augmentation) cuts the crops out of the
+  selected clusters' layers in the shares of ``CropConfig`` over the character's instances
+  (e.g. half full body, 30 % upper body, 20 % head), so the kohya folders hold the mix users
+  train on; the offline tagger gives each crop its framing tag (``full_body``,
+  ``upper_body``, ``portrait``). A crop is packaged as a derived image of its instance (like
+  an augmented copy): the guide's rows by image count still count instances.
 """
 
 from __future__ import annotations
@@ -41,7 +42,6 @@ import numpy as np
 from yokai_pipeline import fsio
 from yokai_pipeline.config import CropConfig, LayeringConfig
 from yokai_pipeline.errors import BadInputError
-from yokai_pipeline.selection import _place as place
 
 Box = tuple[int, int, int, int]
 KINDS = ("full_body", "upper_body", "head")
@@ -198,14 +198,18 @@ def _cut(src: Path, row: Mapping[str, Any], box: list[int]) -> np.ndarray:
 def crop_cluster(
     src_dir: str | Path, out_dir: str | Path, rows: Mapping[str, Mapping[str, Any]], cfg: CropConfig
 ) -> dict[str, Any]:
-    """Write one character's crops (full body linked, upper body / head cut) into ``out_dir``.
+    """Add one character's upper-body and head crops to its augmented folder ``out_dir``.
 
-    Images of ``src_dir`` without a layer row (added by hand in review) stay full body.
-    ``crops_manifest.jsonl`` lists every file with its layer and kind; files of an earlier
-    plan that this one lacks are removed, and a re-run with the same plan rewrites nothing.
+    The full bodies are the folder's originals already (augmentation placed them). Each crop
+    is cut out of its layer in ``src_dir`` and listed in ``crops_manifest.jsonl`` with its
+    ``source`` (the original's file name), so packaging treats it like an augmented copy of
+    its instance: the guide's image-count rows and the augmentation multiplier still count
+    instances, and a held-out validation original takes its crops out of training with it.
+    Crops of an earlier plan that this one lacks are removed (with their captions); a crop
+    whose pixels are unchanged is not rewritten.
 
     Returns:
-        ``{"out_dir", "counts": {kind: n}, "failed": [{"name", "problem"}]}``.
+        ``{"counts": {kind: n}, "failed": [{"name", "problem"}]}`` (full_body = instances).
     """
     import cv2
 
@@ -214,30 +218,32 @@ def crop_cluster(
         raise BadInputError(src_dir, "cluster folder does not exist")
     images = {p.stem: p for p in sorted(src_dir.glob("*.png")) if not p.name.startswith(fsio.TMP_PREFIX)}
     available = {i: {"full_body", *_usable(rows.get(i, {}), cfg)} for i in images}
-    picks = pick_crops(sorted(images), available, cfg)
-    if "full_body" not in cfg.kinds:  # hand-added images have no other crop: keep them whole
-        picks += [(i, "full_body") for i in images if i not in rows]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    manifest, failed, counts = [], [], dict.fromkeys(cfg.kinds, 0)
-    for layer_id, kind in picks:
+    manifest_path = out_dir / CROPS_MANIFEST
+    previous = {m["path"] for m in fsio.read_jsonl(manifest_path)} if manifest_path.is_file() else set()
+    manifest, failed = [], []
+    counts = dict.fromkeys(cfg.kinds, 0)
+    for layer_id, kind in pick_crops(sorted(images), available, cfg):
+        if kind == "full_body":
+            counts[kind] += 1
+            continue
         dest = out_dir / f"{crop_stem(layer_id, kind)}.png"
         try:
-            if kind == "full_body":
-                place(images[layer_id], dest, link=True)
-            elif not dest.is_file():
-                crop = _cut(images[layer_id], rows[layer_id], rows[layer_id]["crops"][kind])
-                fsio.atomic_write_bytes(dest, fsio.encode_png(crop))
+            data = fsio.encode_png(_cut(images[layer_id], rows[layer_id], rows[layer_id]["crops"][kind]))
+            if not dest.is_file() or dest.read_bytes() != data:
+                dest.with_suffix(".txt").unlink(missing_ok=True)  # its caption described other pixels
+                fsio.atomic_write_bytes(dest, data)
         except (BadInputError, OSError, cv2.error) as exc:
             failed.append({"name": images[layer_id].name, "problem": str(exc)})
             continue
-        counts[kind] = counts.get(kind, 0) + 1
-        manifest.append({"path": dest.name, "layer_id": layer_id, "crop_kind": kind})
-    keep = {m["path"] for m in manifest}
-    for p in out_dir.glob("*.png"):
-        if p.name not in keep:
-            p.unlink(missing_ok=True)
-    fsio.write_jsonl(out_dir / CROPS_MANIFEST, manifest)
-    return {"out_dir": str(out_dir), "counts": counts, "failed": failed}
+        counts[kind] += 1
+        manifest.append(
+            {"path": dest.name, "source": images[layer_id].name, "layer_id": layer_id, "crop_kind": kind}
+        )
+    for stale in previous - {m["path"] for m in manifest}:
+        (out_dir / stale).unlink(missing_ok=True)
+        (out_dir / stale).with_suffix(".txt").unlink(missing_ok=True)
+    fsio.write_jsonl(manifest_path, manifest)
+    return {"counts": counts, "failed": failed}
 
 
 def _usable(row: Mapping[str, Any], cfg: CropConfig) -> list[str]:

@@ -324,11 +324,12 @@ def layer_meta(manifests_dir: str | Path) -> dict[str, dict[str, Any]]:
 
 
 def _folder_metas(folder: Path, images: Sequence[Path], meta: Mapping[str, Mapping[str, Any]]) -> list[dict]:
-    """Each image's layer facts; augmented copies inherit their original's."""
+    """Each image's layer facts; augmented copies inherit their original's, crops have their own."""
     from yokai_pipeline.kohya import read_sources
 
     sources = read_sources(folder)
-    return [dict(meta.get(Path(sources.get(p.name, p.name)).stem, {})) for p in images]
+    # a crop has facts of its own (its framing); an augmented copy has its original's
+    return [dict(meta.get(p.stem) or meta.get(Path(sources.get(p.name, p.name)).stem, {})) for p in images]
 
 
 def tag_folder(

@@ -55,3 +55,89 @@ def test_run_with_isnet_and_ccip_completes(tmp_path):
     assert doc["embedding"]["backend"] == "ccip" and doc["embedding"]["ccip"]["threshold"] == 0.004
     assert (ws / "summary.json").is_file()
     assert any((ws / "layered_frames" / "masks").rglob("*.png"))
+
+
+def test_run_with_the_neural_detector_isnet_and_ccip_cuts_layers_inside_the_boxes(tmp_path):
+    torch = pytest.importorskip("torch", reason="the isnet backend needs torch")
+    pytest.importorskip("onnxruntime", reason="the detector and ccip run on onnxruntime on CPU")
+    import cv2
+    import numpy as np
+    from typer.testing import CliRunner
+
+    from tests.unit import onnx_models
+    from yokai_pipeline import fsio, synthetic
+    from yokai_pipeline.cli import app
+    from yokai_pipeline.models import ccip, isnet
+    from yokai_pipeline.models.detector import load_detector
+
+    series = tmp_path / "series"
+    synthetic.generate_series(series, seed=5, episodes=1, seconds=8.0)
+    torch.manual_seed(0)
+    net = isnet.build_isnet(width=4)
+    with torch.no_grad():  # a segmenter that says "foreground" everywhere: the boxes alone cut the layers
+        net.side1.weight.zero_()
+        net.side1.bias.fill_(4.0)
+    weights = tmp_path / "isnetis.pth"
+    torch.save(net.state_dict(), weights)
+    yolo = onnx_models.yolo_detector(tmp_path / "person.onnx", imgsz=64, seed=1)
+    head = onnx_models.yolo_detector(tmp_path / "head.onnx", imgsz=64, seed=2)
+    ccip_dir = tmp_path / "ccip"
+    ccip_dir.mkdir()
+    onnx_models.ccip_feature(ccip_dir / ccip.FEATURE_FILE)
+    onnx_models.ccip_metric(ccip_dir / ccip.METRIC_FILE)
+    (ccip_dir / ccip.METRICS_JSON).write_text(json.dumps({"threshold": 0.004}))
+    config = tmp_path / "config.json"
+    config.write_text(
+        json.dumps(
+            {
+                "layering": {"backend": "isnet", "weights": str(weights), "device": "cpu", "isnet_input_size": 64},
+                "detection": {"backend": "yolo", "model": str(yolo), "head_model": str(head), "device": "cpu",
+                              "batch_size": 4},
+                "embedding": {"backend": "ccip", "ccip_model": str(ccip_dir), "device": "cpu"},
+                "selection": {"tiers": ["S", "A", "B", "C", "D"]},
+                "packaging": {"min_resolution": 16},  # the sample's crops are small; keep them all
+            }
+        )
+    )  # fmt: skip
+    ws = tmp_path / "ws"
+    res = CliRunner().invoke(
+        app, ["run", str(series / "episodes"), "--workspace", str(ws), "--config", str(config)]
+    )
+    assert res.exit_code == 0, res.output
+    rows = [r for p in (ws / "layered_frames" / "manifests").glob("*.jsonl") for r in fsio.read_jsonl(p)]
+    chars = [r for r in rows if r["kind"] == "character"]
+    assert len(chars) >= 10, "random boxes still cut layers out of an all-foreground mask"
+    detector = load_detector(yolo, "person", device="cpu")
+    sources = {"neck", "ratio", "head_detector"}
+    for r in chars[:40]:
+        x0, y0, x1, y1, score, _ = r["detector_box"]
+        assert score >= 0.35  # detection.score_threshold
+        # the box is the detector's own on that frame
+        frame = cv2.cvtColor(cv2.imread(str(ws / r["frame_path"])), cv2.COLOR_BGR2RGB)
+        (boxes,) = detector.detect([frame])
+        assert np.abs(boxes - np.array(r["detector_box"], np.float32)).max(axis=1).min() < 0.05
+        # every pixel of the layer lies inside its detector box
+        alpha = cv2.imread(str(ws / r["path"]), cv2.IMREAD_UNCHANGED)[..., 3]
+        ys, xs = np.nonzero(alpha)
+        lx, ly = r["box"][:2]
+        assert xs.min() + lx >= round(x0) and xs.max() + lx < round(x1) + 1
+        assert ys.min() + ly >= round(y0) and ys.max() + ly < round(y1) + 1
+        # the 3-stage crops are recorded and lie inside the layer
+        assert r["crop_kind"] == "full_body" and r["crop_source"] in sources
+        for kind in ("upper_body", "head"):
+            cx0, cy0, cx1, cy1 = r["crops"][kind]
+            assert r["box"][0] <= cx0 <= cx1 <= r["box"][2] and r["box"][1] <= cy0 <= cy1 <= r["box"][3]
+    assert any(r["crop_source"] == "head_detector" for r in chars), "the head detector's boxes are used"
+    made = [m for p in (ws / "augmented_clusters").rglob("crops_manifest.jsonl") for m in fsio.read_jsonl(p)]
+    assert {m["crop_kind"] for m in made} == {"upper_body", "head"}
+    # the kohya folders hold every kind, each captioned with its framing tag
+    tags = {"full_body": "full_body", "upper_body": "upper_body", "head": "portrait"}
+    seen = set()
+    for img in (ws / "training_data" / "characters").rglob("*.png"):
+        kind = next(
+            (k for k in ("upper_body", "head") if img.stem.split("_aug")[0].endswith(f"_{k}")), "full_body"
+        )
+        caption = img.with_suffix(".txt").read_text()
+        assert tags[kind] in caption.split(", "), (img, caption)
+        seen.add(kind)
+    assert seen == set(tags)

@@ -25,7 +25,9 @@ def _human_truth(cid: int, scale: float, pose: float) -> tuple[np.ndarray, dict[
     rgb, mask, (_, dy) = synthetic._render_crop(cid, scale, 1, pose)
     u = 0.9 * scale
     bob = -2.5 * abs(math.sin(2 * math.pi * pose))
-    rel = {name: dy + (y + bob) * u for name, y in {"eyes": -102, "mouth": -92, "chin": -84, "hips": -46}.items()}
+    rel = {
+        name: dy + (y + bob) * u for name, y in {"eyes": -102, "mouth": -92, "chin": -84, "hips": -46}.items()
+    }
     rel["feet"] = float(mask.shape[0])
     return mask > 0, rel
 
@@ -65,7 +67,9 @@ def test_a_figure_without_a_neck_gets_the_ratio_head():
 
 def test_head_detector_box_wins_over_geometry():
     inside, _ = _human_truth(0, 1.0, 0.0)
-    box = crops.crop_boxes(inside, (0, 0), (500, 500), LayeringConfig(crop_margin=0.0), head_box=(10, 0, 40, 30))
+    box = crops.crop_boxes(
+        inside, (0, 0), (500, 500), LayeringConfig(crop_margin=0.0), head_box=(10, 0, 40, 30)
+    )
     assert box["source"] == "head_detector" and box["head"] == [10, 0, 40, 30]
 
 
@@ -81,8 +85,8 @@ def test_shares_give_the_configured_mix_and_follow_their_instances():
     assert {p for p in picks if p[1] == "full_body"} < set(more)
     # kinds nobody has (layers older than crops) leave the full bodies alone
     assert crops.plan_crops(ids, {i: {"full_body"} for i in ids}, cfg)["full_body"] == 20
-    only = CropConfig(kinds=["head"], share={"head": 1.0})
-    assert crops.plan_crops(ids, all_kinds, only) == {"head": 20}
+    with pytest.raises(ValueError, match="keep full_body"):
+        CropConfig(kinds=["head"], share={"head": 1.0})
     with pytest.raises(ValueError, match="positive share"):
         CropConfig(kinds=["full_body", "head"], share={"full_body": 1.0})
     assert PipelineConfig().crops.enabled and not CropConfig(kinds=["full_body"]).enabled
@@ -100,43 +104,54 @@ def _layer_row(layer_id: str, rgba: np.ndarray, origin: tuple[int, int]) -> dict
     }
 
 
-def test_crop_cluster_cuts_the_crops_out_of_the_layers_and_tags_them(tmp_path):
-    src, out = tmp_path / "cluster_000", tmp_path / "cropped"
+def test_crop_cluster_adds_crops_as_derived_images_that_packaging_and_tags_follow(tmp_path):
+    from yokai_pipeline import kohya
+
+    src, out = tmp_path / "cluster_000", tmp_path / "augmented" / "cluster_000"
     src.mkdir()
+    out.mkdir(parents=True)
     rows = {}
     for i in range(5):
         rgba = synthetic.render_character(0, scale=1.2, pose=i / 5)
         layer_id = f"ep1_f{i:06d}_i00"
         cv2.imwrite(str(src / f"{layer_id}.png"), cv2.cvtColor(rgba, cv2.COLOR_RGBA2BGRA))
+        (out / f"{layer_id}.png").write_bytes(
+            (src / f"{layer_id}.png").read_bytes()
+        )  # augmentation's original
         rows[layer_id] = _layer_row(layer_id, rgba, (50 + i, 20))
     (src / "hand_added.png").write_bytes((src / "ep1_f000000_i00.png").read_bytes())
     res = crops.crop_cluster(src, out, rows, CropConfig())
+    # 6 instances (one added by hand, without crops): 6 full bodies, then 30 % / 20 % of 12
     assert res["counts"] == {"full_body": 6, "upper_body": 4, "head": 2} and not res["failed"]
     made = fsio.read_jsonl(out / crops.CROPS_MANIFEST)
-    assert {m["crop_kind"] for m in made} == {"full_body", "upper_body", "head"}
+    assert sorted(m["crop_kind"] for m in made) == ["head"] * 2 + ["upper_body"] * 4
     for m in made:
         img = cv2.imread(str(out / m["path"]), cv2.IMREAD_UNCHANGED)
-        row = rows.get(m["layer_id"])
-        if m["crop_kind"] == "full_body" or row is None:
-            continue
+        row = rows[m["layer_id"]]
         x0, y0, x1, y1 = row["crops"][m["crop_kind"]]
-        full = cv2.imread(str(src / f"{m['layer_id']}.png"), cv2.IMREAD_UNCHANGED)
+        full = cv2.imread(str(src / m["source"]), cv2.IMREAD_UNCHANGED)
         lx, ly = row["box"][:2]
         np.testing.assert_array_equal(img, full[y0 - ly : y1 - ly, x0 - lx : x1 - lx])
-        assert img.shape[0] < full.shape[0]
-    # the offline tagger's framing tag for each crop, from the layer manifest
+        assert img.shape[0] < full.shape[0] and m["source"] == f"{m['layer_id']}.png"
+    # packaging sees each crop as derived from its instance (the guide's rows count instances)
+    sources = kohya.read_sources(out)
+    assert {sources[m["path"]] for m in made} <= {f"{i}.png" for i in rows}
+    # the offline tagger's framing tag for each image, from the layer manifest
     (tmp_path / "manifests").mkdir()
     fsio.write_jsonl(tmp_path / "manifests" / "ep1.jsonl", list(rows.values()))
     meta = tagging.layer_meta(tmp_path / "manifests")
-    for m in made:
-        if m["layer_id"] in rows:
-            img = cv2.cvtColor(cv2.imread(str(out / m["path"]), cv2.IMREAD_UNCHANGED), cv2.COLOR_BGRA2RGBA)
-            tags = tagging.offline_tags(img, meta[m["path"][:-4]])["general"]
-            want = {"full_body": "full_body", "upper_body": "upper_body", "head": "portrait"}[m["crop_kind"]]
-            assert want in tags
-    # a re-run with the same plan keeps the files; a narrower plan removes the crops it lacks
+    images = sorted(out.glob("ep1_*.png"))
+    want = {"full_body": "full_body", "upper_body": "upper_body", "head": "portrait"}
+    for p, facts in zip(images, tagging._folder_metas(out, images, meta), strict=True):
+        kind = next((k for k in ("upper_body", "head") if p.stem.endswith(k)), "full_body")
+        rgba = cv2.cvtColor(cv2.imread(str(p), cv2.IMREAD_UNCHANGED), cv2.COLOR_BGRA2RGBA)
+        assert want[kind] in tagging.offline_tags(rgba, facts)["general"], p.name
+    # a re-run with the same plan rewrites nothing; a narrower plan removes its crops and captions
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")}
     crops.crop_cluster(src, out, rows, CropConfig())
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")} == before
+    (out / made[0]["path"]).with_suffix(".txt").write_text("old caption")
     crops.crop_cluster(src, out, rows, CropConfig(kinds=["full_body"]))
-    assert len(list(out.glob("*.png"))) == 6
+    assert sorted(p.name for p in out.glob("*")) == sorted(
+        [*(f"{i}.png" for i in rows), crops.CROPS_MANIFEST]
+    )
