@@ -1224,7 +1224,8 @@ def segment_layers(
         model = getattr(segmenter, "batched", False) and hasattr(segmenter, "predict_batches")
         # Other segmenters live in this process only.
         processes = (model or isinstance(segmenter, OfflineSegmenter)) and _use_processes(cfg, len(todo))
-        yolo = detection is not None and detection.backend == "yolo"
+        # with the neural detector, frames per task = one detector batch (0: another backend)
+        yolo = detection.batch_size if detection is not None and detection.backend == "yolo" else 0
         # the neural detector lives once, in this process; its tasks are whole detector batches
         processes = processes and not yolo
         pool = None
@@ -1241,7 +1242,7 @@ def segment_layers(
             if model:
                 # Decoding (threads), the model (this thread) and writing (tasks) overlap.
                 rows_by_index = dict(todo)
-                per = _task_frames(cfg.batch_size, workers) if not yolo else cfg.batch_size
+                per = _task_frames(cfg.batch_size, workers) if not yolo else max(yolo, cfg.batch_size)
                 decoded = _decoded(ws, todo, threads, max(2 * cfg.batch_size, 2 * workers * per), per)
 
                 def good_frames() -> Iterator[tuple[int, np.ndarray]]:
@@ -1260,7 +1261,7 @@ def segment_layers(
                     tasks.drain(limit=2 * cfg.batch_size + 4 * workers)
             else:
                 # The tasks read, segment and write: nothing here needs the pixels.
-                per = _task_frames(len(todo), 2 * workers) if not yolo else detection.batch_size
+                per = _task_frames(len(todo), 2 * workers) if not yolo else yolo
                 for s in range(0, len(todo), per):
                     items = [(i, row, None, None) for i, row in todo[s : s + per]]
                     tasks.submit(items, None if processes else segmenter)
