@@ -164,6 +164,57 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> list[int
     return keep
 
 
+def fast_nms(boxes: Any, scores: Any, iou_threshold: float) -> Any:
+    """:func:`nms` in torchvision's C++/CUDA kernel: the same kept boxes, in the same order.
+
+    imgutils measures boxes in whole pixels (``x2 - x1 + 1``); torchvision does not, so the
+    boxes get one pixel more on their far sides: both areas and overlaps then come out as
+    imgutils computes them. Takes numpy arrays or tensors (on any device); returns indices
+    of the same kind.
+    """
+    import torch
+    from torchvision.ops import nms as tv_nms
+
+    host = isinstance(boxes, np.ndarray)
+    b = torch.from_numpy(np.ascontiguousarray(boxes, dtype=np.float32)) if host else boxes.float()
+    sc = torch.from_numpy(np.ascontiguousarray(scores, dtype=np.float32)) if host else scores.float()
+    keep = tv_nms(b + b.new_tensor([0.0, 0.0, 1.0, 1.0]), sc, float(iou_threshold))
+    return keep.numpy() if host else keep
+
+
+def _postprocess_device(
+    output: Any,
+    n_classes: int,
+    conf: float,
+    iou: float,
+    source_size: tuple[int, int],
+    model_size: tuple[int, int],
+) -> np.ndarray:
+    """:func:`postprocess` on the device: thresholds and NMS there, only the kept boxes come back."""
+    import torch
+
+    if output.ndim == 2 and output.shape[-1] == 6 and output.shape[0] != 4 + n_classes:
+        return postprocess(output.cpu().numpy(), n_classes, conf, iou, source_size, model_size)
+    if output.ndim != 2 or output.shape[0] != 4 + n_classes:
+        raise ValueError(
+            f"detector output of shape {tuple(output.shape)} is neither [4+{n_classes}, N] nor [N, 6]"
+        )
+    cls_scores = output[4:]
+    scores, cls = cls_scores.max(dim=0)
+    pick = scores > conf
+    xywh = output[:4, pick].T
+    if not xywh.shape[0]:
+        return np.zeros((0, 6), dtype=np.float32)
+    boxes = torch.cat([xywh[:, :2] - xywh[:, 2:] / 2, xywh[:, :2] + xywh[:, 2:] / 2], dim=1)
+    keep = fast_nms(boxes, scores[pick], iou)
+    sx, sy = source_size[0] / model_size[0], source_size[1] / model_size[1]
+    b = boxes[keep] * boxes.new_tensor([sx, sy, sx, sy])
+    hi = boxes.new_tensor([source_size[0], source_size[1], source_size[0], source_size[1]])
+    b = torch.minimum(b.clamp(min=0), hi)
+    rows = torch.cat([b, scores[pick][keep, None], cls[pick][keep, None].float()], dim=1)
+    return rows.cpu().numpy().astype(np.float32)
+
+
 def postprocess(
     output: np.ndarray,
     n_classes: int,
@@ -189,7 +240,7 @@ def postprocess(
         raise ValueError(f"detector output of shape {output.shape} is neither [4+{n_classes}, N] nor [N, 6]")
     if not len(boxes):
         return np.zeros((0, 6), dtype=np.float32)
-    keep = nms(boxes, scores, iou_threshold)
+    keep = fast_nms(boxes, scores, iou_threshold)
     sx, sy = source_size[0] / model_size[0], source_size[1] / model_size[1]
     b = boxes[keep] * np.array([sx, sy, sx, sy], dtype=np.float32)
     b = np.clip(b, 0, [source_size[0], source_size[1], source_size[0], source_size[1]])
@@ -235,22 +286,23 @@ class Detector:
         """Boxes per RGB uint8 image: float32 ``[N, 6]`` = x0, y0, x1, y1, score, class id.
 
         The frames are resized and run ``model.batch_size`` at a time (so a long list never
-        holds every resized frame at once), then NMS runs per image on the host.
+        holds every resized frame at once). On CUDA the thresholds and NMS run on the device
+        too; elsewhere NMS runs per image on the host (torchvision's kernel, imgutils' rule).
         """
         out: list[np.ndarray] = []
         step = max(1, self.model.batch_size)
+        on_device = self.resize_device != "cpu"
+        post = _postprocess_device if on_device else postprocess
         for s in range(0, len(images), step):
             part = images[s : s + step]
-            for o, im in zip(self.raw(part), part, strict=True):
+            if on_device:  # random or busy frames give thousands of candidates: keep them off the host
+                raw = self.model.run_first_on_device(preprocess_batch(part, self.size, self.resize_device))
+            else:
+                raw = self.raw(part)
+            for o, im in zip(raw, part, strict=True):
+                size = (im.shape[1], im.shape[0])
                 out.append(
-                    postprocess(
-                        o,
-                        len(self.labels),
-                        self.conf_threshold,
-                        self.iou_threshold,
-                        (im.shape[1], im.shape[0]),
-                        self.size,
-                    )
+                    post(o, len(self.labels), self.conf_threshold, self.iou_threshold, size, self.size)
                 )
         return out
 

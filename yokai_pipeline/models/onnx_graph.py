@@ -253,6 +253,9 @@ class OnnxModel:
     def _forward(self, part: Any) -> list[np.ndarray]:
         if self._session is not None:
             return [np.asarray(o, dtype=np.float32) for o in self._session.run(None, {self.input_name: part})]
+        return [o.cpu().numpy() for o in self._forward_torch(part)]
+
+    def _forward_torch(self, part: Any) -> list[Any]:
         import torch
 
         cuda = self.device.startswith("cuda")
@@ -260,7 +263,18 @@ class OnnxModel:
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and self.bf16):
             out = self._module(x.to(self.device, torch.float32, non_blocking=True))
         outs = out if isinstance(out, list | tuple) else [out]
-        return [o.float().cpu().numpy() for o in outs]
+        return [o.float() for o in outs]
+
+    def run_first_on_device(self, x: Any) -> Any:
+        """The first output for a batch (at most ``batch_size`` rows) as a float32 tensor on the model's device.
+
+        For post-processing on the device (a detector's thresholds and NMS), so only the few
+        kept boxes cross to the host. Torch runtime only.
+        """
+        if self._session is not None:
+            raise RuntimeError("run_first_on_device needs the torch runtime")
+        with self._lock:
+            return self._forward_torch(x)[0]
 
 
 _cache: dict[tuple, OnnxModel] = {}
