@@ -8,7 +8,7 @@ from typing import Any
 from prefect import flow, get_run_logger, unmapped
 
 from flows.gpu import caption_flow, embedding_flow
-from flows.heavy import run_heavy
+from flows.heavy import run_heavy, step_record
 from tasks.analysis import analyze_task, report_tags_task, review_task, select_task
 from tasks.dataset import augment_task, backgrounds_task, package_task, selected_folders, validate_task
 from tasks.frames import series_dedup_task
@@ -36,6 +36,7 @@ def dataset_flow(
     config: PipelineConfig = PipelineConfig(),  # noqa: B008
     episode_ids: list[str] | None = None,
     full_recluster: bool = False,
+    rebuild_clusters: bool = False,
 ) -> dict:
     """Build the training datasets from the processed episodes of ``workspace``.
 
@@ -45,16 +46,26 @@ def dataset_flow(
         episode_ids: episodes to include (default: every processed episode).
         full_recluster: re-cluster everything (ids kept stable) instead of assigning new
             episodes to the existing clusters.
+        rebuild_clusters: cluster from scratch, ignoring the existing clusters (the pipeline
+            sets it on a retry when the clusters are its own earlier attempt's).
     """
     # one dataset build at a time per workspace: a concurrent run waits instead of racing
     with file_lock(Workspace(workspace).root / ".locks" / "dataset.lock"):
         return _build_datasets(
-            workspace, config, episode_ids or processed_episodes(workspace), full_recluster
+            workspace,
+            config,
+            episode_ids or processed_episodes(workspace),
+            full_recluster,
+            rebuild_clusters,
         )
 
 
 def _build_datasets(
-    workspace: str, config: PipelineConfig, episode_ids: list[str], full_recluster: bool
+    workspace: str,
+    config: PipelineConfig,
+    episode_ids: list[str],
+    full_recluster: bool,
+    rebuild_clusters: bool = False,
 ) -> dict:
     log = get_run_logger()
     stages: dict[str, Any] = {}
@@ -71,7 +82,16 @@ def _build_datasets(
     timed("series_dedup", series_dedup_task, workspace, episode_ids, config.frames)
     params = {"workspace": workspace, "episode_ids": episode_ids, "config": config}
     timed("embedding", run_heavy, embedding_flow, "embedding", params, config)
-    timed("clustering", cluster_task, workspace, episode_ids, config.clustering, full_recluster)
+    steps = stages["embedding"].pop("steps", [])
+    timed(
+        "clustering",
+        cluster_task,
+        workspace,
+        episode_ids,
+        config.clustering,
+        full_recluster,
+        rebuild_clusters,
+    )
     timed("review", review_task, workspace, config.clustering.link_mode)
     ana = timed("analysis", analyze_task, workspace, config.analysis, config.embedding)
     stages["analysis"].update({f"tier_{k}": v for k, v in ana["summary"]["by_tier"].items()})
@@ -80,7 +100,7 @@ def _build_datasets(
     stages["selection"]["characters"] = len(sel["characters"])
     if not sel["characters"]:
         log.warning("no cluster matches the selection; nothing to augment, caption or package")
-        return stages
+        return {**stages, "steps": _rerun_steps(stages, steps)}
 
     chars = selected_folders(workspace)
     t0 = time.perf_counter()
@@ -116,4 +136,16 @@ def _build_datasets(
         log.error(f"training data did not validate; training will not start. Report: {report['report']}")
     stages = {name: scalars(figs) for name, figs in stages.items()}
     stages["packaging"]["commands"] = pkg.get("commands", [])
-    return stages
+    return {**stages, "steps": _rerun_steps(stages, steps)}
+
+
+def _rerun_steps(stages: dict[str, Any], cached_steps: list[dict]) -> list[dict]:
+    """The reuse record of a dataset build: the content-keyed steps as they came back, then every
+    stage that ran again (each skips the work its outputs already show done)."""
+    mode = stages.get("clustering", {}).get("mode")
+    again = [
+        step_record(name, None, False, f"mode {mode}" if name == "clustering" else "skips what is on disk")
+        for name in stages
+        if name != "embedding"
+    ]
+    return [*cached_steps, *again]

@@ -1,8 +1,14 @@
 """Run a heavy (GPU) flow in-process, or as a deployment on the GPU work pool.
 
 When ``config.orchestration.distributed`` is on, the child flow runs on a GPU worker through
-``run_deployment`` and its persisted result is read back; otherwise it is called directly
-as a subflow. Either way the caller gets the same dict.
+``run_deployment`` and its persisted result is read back; otherwise it is called as a
+subflow from inside a task (:func:`run_subflow`). Either way the caller gets the same dict.
+
+Why a task around every subflow call: Prefect 3 matches a subflow called straight from a
+flow to the earlier attempt's child by call position, and on a retry of the parent hands back
+that child's old state whatever the new parameters (``flow_engine.load_subflow_run``). A
+subflow called from a task gets a fresh identity each time (``Task.create_run``), so a retry
+runs every child again; what the child reuses is decided by its content-keyed tasks.
 """
 
 from __future__ import annotations
@@ -11,7 +17,8 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
-from prefect import Flow, get_run_logger
+from prefect import Flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 from prefect.deployments import run_deployment
 
 from yokai_pipeline import runtime
@@ -45,11 +52,31 @@ def gpu_flow_lease(config: PipelineConfig, device: str, uses_gpu: bool = True) -
         yield stack.enter_context(runtime.lease_device(requested, timeout=timeout))
 
 
+# No cache: the child runs on every call (and every retry); its own tasks are content-keyed.
+@task(name="run-subflow", task_run_name="run-{stage}", cache_policy=NO_CACHE)
+def subflow_task(flow_fn: Flow, stage: str, parameters: dict[str, Any]) -> Any:
+    """One child flow run, shown in the UI under this task run."""
+    return flow_fn(**parameters)
+
+
+def run_subflow(flow_fn: Flow, stage: str, parameters: dict[str, Any]) -> Any:
+    """Call ``flow_fn(**parameters)`` as a subflow that a retry of the parent runs again.
+
+    Inside a task already, the call itself gives the child a fresh identity; in a flow, the
+    call goes through :func:`subflow_task`.
+    """
+    from prefect.context import TaskRunContext
+
+    if TaskRunContext.get() is not None:
+        return flow_fn(**parameters)
+    return subflow_task(flow_fn, stage, parameters)
+
+
 def run_heavy(flow_fn: Flow, stage: str, parameters: dict[str, Any], config: PipelineConfig) -> Any:
     """Call ``flow_fn(**parameters)`` locally or as deployment ``<flow name>/<prefix>-<stage>``."""
     orch = config.orchestration
     if not orch.distributed:
-        return flow_fn(**parameters)
+        return run_subflow(flow_fn, stage, parameters)
     name = f"{flow_fn.name}/{orch.deployment_prefix}-{stage}"
     get_run_logger().info(f"running {name} as a deployment")
     run = run_deployment(name=name, parameters=parameters, timeout=orch.timeout_seconds)
@@ -59,6 +86,11 @@ def run_heavy(flow_fn: Flow, stage: str, parameters: dict[str, Any], config: Pip
             f"deployment {name} run {run.name} ended {run.state.name if run.state else '?'}: {msg}"
         )
     return run.state.result()
+
+
+def step_record(step: str, episode_id: str | None, was_reused: bool, detail: str = "") -> dict:
+    """One step of a run as the summary's ``reuse`` lists show it (taken from the cache, or computed)."""
+    return {"step": step, "episode": episode_id, "reused": was_reused, "detail": detail}
 
 
 def run_heavy_state(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from prefect import get_run_logger, task
 
 from tasks.common import content_cache, stage_lease
@@ -10,12 +12,21 @@ from yokai_pipeline.config import ClusteringConfig, EmbeddingConfig
 from yokai_pipeline.workspace import Workspace
 
 
+def _embedding_files(parameters: dict, result: dict) -> list[Path]:
+    """The episode's embeddings and their sidecar."""
+    ws = Workspace(parameters["workspace"])
+    return [
+        ws.embeddings_path(parameters["episode_id"]),
+        embedding.sidecar_path(ws, parameters["episode_id"]),
+    ]
+
+
 @task(
     name="embed-layers",
     tags=["gpu"],
     retries=1,
     retry_delay_seconds=5,
-    cache_policy=content_cache("manifest", modules=(embedding,)),
+    cache_policy=content_cache("manifest", modules=(embedding,), outputs=_embedding_files),
     persist_result=True,
     task_run_name="embed-{episode_id}",
 )
@@ -30,13 +41,21 @@ def embed_task(workspace: str, episode_id: str, manifest: str, cfg: EmbeddingCon
 
 @task(name="cluster-characters", persist_result=True)
 def cluster_task(
-    workspace: str, episode_ids: list[str], cfg: ClusteringConfig, full_recluster: bool = False
+    workspace: str,
+    episode_ids: list[str],
+    cfg: ClusteringConfig,
+    full_recluster: bool = False,
+    from_scratch: bool = False,
 ) -> dict:
-    """Cluster all processed episodes; new episodes join existing clusters without renumbering."""
+    """Cluster all processed episodes; new episodes join existing clusters without renumbering.
+
+    ``from_scratch`` ignores an existing clusters.json (one an earlier attempt of the same run
+    wrote), so the clusters are those of a fresh run on ``episode_ids``.
+    """
     ws = Workspace(workspace)
     log = get_run_logger()
     existing = clustering.read_clusters(ws)
-    if existing is None:
+    if existing is None or from_scratch:
         mode, stats = "full", clustering.cluster_layers(ws, episode_ids, cfg)
     elif full_recluster:
         mode, stats = "recluster", clustering.recluster(ws, episode_ids, cfg)
