@@ -56,19 +56,41 @@ def gpu_flow_lease(config: PipelineConfig, device: str, uses_gpu: bool = True) -
 @task(name="run-subflow", task_run_name="run-{stage}", cache_policy=NO_CACHE)
 def subflow_task(flow_fn: Flow, stage: str, parameters: dict[str, Any]) -> Any:
     """One child flow run, shown in the UI under this task run."""
-    return flow_fn(**parameters)
+    with own_transactions():
+        return flow_fn(**parameters)
+
+
+@contextlib.contextmanager
+def own_transactions() -> Iterator[None]:
+    """Let the tasks of a child flow commit their cache records as each finishes.
+
+    A task called while another task runs joins that task's transaction, whose failure rolls
+    the whole nest back: without this, the chunks an episode finished before one failed would
+    not be cached, and a retry would compute them again.
+    """
+    from prefect.transactions import BaseTransaction
+
+    token = BaseTransaction.__var__.set(None)
+    try:
+        yield
+    finally:
+        BaseTransaction.__var__.reset(token)
 
 
 def run_subflow(flow_fn: Flow, stage: str, parameters: dict[str, Any]) -> Any:
     """Call ``flow_fn(**parameters)`` as a subflow that a retry of the parent runs again.
 
-    Inside a task already, the call itself gives the child a fresh identity; in a flow, the
-    call goes through :func:`subflow_task`.
+    Inside a task of the calling flow run, the call itself gives the child a fresh identity;
+    elsewhere (a flow body, or a flow run inside a task of its parent) the call goes through
+    :func:`subflow_task`.
     """
-    from prefect.context import TaskRunContext
+    from prefect.context import FlowRunContext, TaskRunContext
 
-    if TaskRunContext.get() is not None:
-        return flow_fn(**parameters)
+    task_ctx, flow_ctx = TaskRunContext.get(), FlowRunContext.get()
+    flow_run = flow_ctx.flow_run if flow_ctx else None
+    if task_ctx is not None and flow_run is not None and task_ctx.task_run.flow_run_id == flow_run.id:
+        with own_transactions():
+            return flow_fn(**parameters)
     return subflow_task(flow_fn, stage, parameters)
 
 

@@ -91,7 +91,7 @@ def reuse_lists(steps: list[dict]) -> dict[str, list[str]]:
 @task(name="run-episode", task_run_name="run-episode-{episode_name}", cache_policy=NO_CACHE)
 def episode_task(video: str, workspace: str, config: PipelineConfig, episode_name: str = "") -> dict:
     """One episode flow run; a task so that several run at once under a bounded runner."""
-    return episode_flow(video, workspace, config)
+    return run_subflow(episode_flow, "episode", {"video": video, "workspace": workspace, "config": config})
 
 
 @flow(name="yokai-pipeline", persist_result=True)
