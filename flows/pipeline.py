@@ -10,7 +10,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.dataset import dataset_flow
 from flows.episode import episode_flow
-from flows.heavy import run_heavy_state, run_subflow
+from flows.heavy import run_heavy_state, run_subflow, step_record
 from flows.training import training_flow
 from tasks.common import run_bounded
 from tasks.report import evaluate_task, write_summary_task
@@ -94,6 +94,47 @@ def episode_task(video: str, workspace: str, config: PipelineConfig, episode_nam
     return run_subflow(episode_flow, "episode", {"video": video, "workspace": workspace, "config": config})
 
 
+def build_and_train(
+    workspace: str, config: PipelineConfig, episode_ids: list[str], evidence_steps: int | None
+) -> tuple[dict, list[dict], list[str]]:
+    """The dataset flow over the finished episodes, then training if enabled and validated.
+
+    Returns:
+        The stage figures, the steps for the summary's reuse lists, and the problems found.
+    """
+    ws = Workspace(workspace)
+    stages: dict = {}
+    steps: list[dict] = []  # the dataset and training steps, for the summary's reuse lists
+    problems: list[str] = []
+    if episode_ids:
+        params = {
+            "workspace": workspace,
+            "config": config,
+            "episode_ids": episode_ids,
+            "rebuild_clusters": clusters_are_this_runs(ws),
+        }
+        try:
+            stages = run_subflow(dataset_flow, "dataset", params)
+            steps = stages.pop("steps", [])
+        except Exception as exc:  # the dataset's own error, shown in the summary
+            problems.append(f"dataset flow: {exc}")
+    validated = stages.get("validation", {}).get("passed", False)
+    if config.training.enabled and "packaging" in stages and not validated:
+        # the guide: validate to 100% first; training on invalid data wastes GPU hours
+        problems.append(
+            f"training not started: the training data failed validation. Report: {ws.validation_report}"
+        )
+    elif config.training.enabled and "packaging" in stages:
+        params = {"workspace": workspace, "config": config, "evidence_steps": evidence_steps}
+        tr = run_heavy_state(training_flow, "training", params, config)
+        steps.append(step_record("training", None, False, "finished characters skipped"))
+        if tr["ok"]:
+            stages["training"] = tr["result"]
+        else:
+            problems.append(f"training: {tr['error']}")
+    return stages, steps, problems
+
+
 @flow(name="yokai-pipeline", persist_result=True)
 def pipeline_flow(
     episodes_dir: str,
@@ -140,39 +181,16 @@ def pipeline_flow(
             log.error(f"episode {video.name} failed: {message}")
             failed.append({"episode": video.name, "error": message})
 
-    stages: dict = {}
-    problems: list[str] = []
-    if done:
-        params = {
-            "workspace": workspace,
-            "config": config,
-            "episode_ids": [d["episode_id"] for d in done],
-            "rebuild_clusters": clusters_are_this_runs(ws),
-        }
-        try:
-            stages = run_subflow(dataset_flow, "dataset", params)
-        except Exception as exc:  # the dataset's own error, shown in the summary
-            problems.append(f"dataset flow: {exc}")
-    validated = stages.get("validation", {}).get("passed", False)
-    if config.training.enabled and "packaging" in stages and not validated:
-        # the guide: validate to 100% first; training on invalid data wastes GPU hours
-        problems.append(
-            f"training not started: the training data failed validation. Report: {ws.validation_report}"
-        )
-    elif config.training.enabled and "packaging" in stages:
-        params = {"workspace": workspace, "config": config, "evidence_steps": evidence_steps}
-        tr = run_heavy_state(training_flow, "training", params, config)
-        if tr["ok"]:
-            stages["training"] = tr["result"]
-        else:
-            problems.append(f"training: {tr['error']}")
+    stages, steps, problems = build_and_train(
+        workspace, config, [d["episode_id"] for d in done], evidence_steps
+    )
     quality = (
         evaluate_task(workspace, [d["episode_id"] for d in done], ground_truth_dir)
         if ground_truth_dir
         else {}
     )
     seconds = round(time.perf_counter() - t0, 3)
-    reuse = reuse_lists([s for d in done for s in d.get("steps", [])] + stages.pop("steps", []))
+    reuse = reuse_lists([s for d in done for s in d.get("steps", [])] + steps)
     summary = write_summary_task(workspace, done, failed, quality, seconds, stages, problems, reuse)
     if failed or problems:
         raise EpisodesFailed(
