@@ -22,8 +22,13 @@ from yokai_pipeline import synthetic
 pytestmark = pytest.mark.slow
 pytest_plugins = ["tests.flows.server_fixtures"]
 DEPLOYMENT = "yokai-pipeline/yokai-pipeline"
-# Small synthetic layers: package them as they are (the guide's 512 px floor would drop them all).
-CONFIG = {"packaging": {"min_resolution": 0}, "orchestration": {"distributed": False}}
+# Small synthetic layers: package them as they are (the guide's 512 px floor would drop them all),
+# and every cluster of 5 or more, so that a few seconds of video give kohya folders to compare.
+CONFIG = {
+    "packaging": {"min_resolution": 0},
+    "selection": {"tiers": ["S", "A", "B", "C", "D"], "min_images": 5},
+    "orchestration": {"distributed": False},
+}
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +127,9 @@ def fresh(cpu_worker, series, tmp_path_factory) -> tuple[Path, dict]:
     ws = tmp_path_factory.mktemp("reuse_fresh") / "ws"
     run = _start(cpu_worker, series, ws)
     assert run.state.is_completed(), f"{run.state}\n{_logs(cpu_worker)}"
-    return ws, datasets(ws)
+    want = datasets(ws)
+    assert all(want.values()), {k: len(v) for k, v in want.items()}  # something to compare
+    return ws, want
 
 
 def test_retry_after_fixing_an_episode_equals_a_fresh_run(cpu_worker, series, fresh, tmp_path):
@@ -200,12 +207,16 @@ def test_ingest_takes_an_episode_fixed_in_the_inbox(cpu_worker, series, tmp_path
     shutil.copy(series / "ep02.mp4", inbox / "ep02.mp4")
     run = _start_ingest(cpu_worker, inbox, ws)
     assert run.state.is_completed(), f"{run.state}\n{_logs(cpu_worker)}"
+    episodes = load_registry(ws)["episodes"]
+    fixed = episodes[_sha(series / "ep02.mp4")]  # the fixed file, by its content
+    # its id differs from the failed upload's (``ep02`` stays with that content hash)
+    assert fixed["status"] == "done" and fixed["episode_id"].startswith("ep02"), episodes
+    ep = fixed["episode_id"]
     got = datasets(ws)
-    assert {m[0] for m in got["members"]} == {"ep01", "ep02"}
-    assert "ep02.npy" in got["embeddings"]
-    assert any("_ep02_" in f for f in got["kohya_files"]), got["kohya_files"]
-    statuses = sorted(r["status"] for r in load_registry(ws)["episodes"].values())
-    assert statuses == ["done", "done", "released"], statuses
+    assert {m[0] for m in got["members"]} == {"ep01", ep}
+    assert f"{ep}.npy" in got["embeddings"]
+    assert any(f"_{ep}_" in f for f in got["kohya_files"]), got["kohya_files"]
+    assert sorted(r["status"] for r in episodes.values()) == ["done", "done", "released"], episodes
 
 
 def _flow_run_pids(flow_run_id) -> list[int]:
