@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 from typing import Any
 
@@ -13,7 +14,7 @@ from tasks.analysis import analyze_task, report_tags_task, review_task, select_t
 from tasks.dataset import augment_task, backgrounds_task, package_task, selected_folders, validate_task
 from tasks.frames import series_dedup_task
 from tasks.identity import cluster_task
-from yokai_pipeline import augmentation
+from yokai_pipeline import augmentation, clustering
 from yokai_pipeline.config import PipelineConfig
 from yokai_pipeline.fsio import file_lock
 from yokai_pipeline.workspace import Workspace
@@ -46,8 +47,9 @@ def dataset_flow(
         episode_ids: episodes to include (default: every processed episode).
         full_recluster: re-cluster everything (ids kept stable) instead of assigning new
             episodes to the existing clusters.
-        rebuild_clusters: cluster from scratch, ignoring the existing clusters (the pipeline
-            sets it on a retry when the clusters are its own earlier attempt's).
+        rebuild_clusters: when the existing clusters cover other episodes, remove them and what
+            was built from them, and build afresh (the pipeline sets it when the clusters are
+            its own earlier attempt's, so a retry's datasets equal a fresh run's).
     """
     # one dataset build at a time per workspace: a concurrent run waits instead of racing
     with file_lock(Workspace(workspace).root / ".locks" / "dataset.lock"):
@@ -79,19 +81,13 @@ def _build_datasets(
         }
         return out
 
+    if rebuild_clusters and discard_other_build(Workspace(workspace), episode_ids):
+        log.info("the clusters and what was built from them came from other episodes: building them afresh")
     timed("series_dedup", series_dedup_task, workspace, episode_ids, config.frames)
     params = {"workspace": workspace, "episode_ids": episode_ids, "config": config}
     timed("embedding", run_heavy, embedding_flow, "embedding", params, config)
     steps = stages["embedding"].pop("steps", [])
-    timed(
-        "clustering",
-        cluster_task,
-        workspace,
-        episode_ids,
-        config.clustering,
-        full_recluster,
-        rebuild_clusters,
-    )
+    timed("clustering", cluster_task, workspace, episode_ids, config.clustering, full_recluster)
     timed("review", review_task, workspace, config.clustering.link_mode)
     ana = timed("analysis", analyze_task, workspace, config.analysis, config.embedding)
     stages["analysis"].update({f"tier_{k}": v for k, v in ana["summary"]["by_tier"].items()})
@@ -137,6 +133,32 @@ def _build_datasets(
     stages = {name: scalars(figs) for name, figs in stages.items()}
     stages["packaging"]["commands"] = pkg.get("commands", [])
     return {**stages, "steps": _rerun_steps(stages, steps)}
+
+
+def discard_other_build(ws: Workspace, episode_ids: list[str]) -> bool:
+    """Remove the clusters and everything built from them when they cover other episodes.
+
+    What a retry calls when an earlier attempt of the same run built them (``rebuild_clusters``):
+    assigning the new episodes to those clusters, or resuming augmentation and packaging from
+    them, would not give what a fresh run gives. Review edits (``review/edits.jsonl``) are kept.
+
+    Returns:
+        Whether anything was removed.
+    """
+    doc = clustering.read_clusters(ws)
+    if doc is None or {m["episode_id"] for m in doc["members"]} == set(episode_ids):
+        return False
+    built = (
+        ws.character_clusters,
+        ws.reviewed_clusters,
+        ws.analysis_dir,
+        ws.augmented_clusters,
+        ws.training_data,
+    )
+    for path in built:
+        shutil.rmtree(path, ignore_errors=True)
+    ws.selection_file.unlink(missing_ok=True)
+    return True
 
 
 def _rerun_steps(stages: dict[str, Any], cached_steps: list[dict]) -> list[dict]:

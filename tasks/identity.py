@@ -41,21 +41,13 @@ def embed_task(workspace: str, episode_id: str, manifest: str, cfg: EmbeddingCon
 
 @task(name="cluster-characters", persist_result=True)
 def cluster_task(
-    workspace: str,
-    episode_ids: list[str],
-    cfg: ClusteringConfig,
-    full_recluster: bool = False,
-    from_scratch: bool = False,
+    workspace: str, episode_ids: list[str], cfg: ClusteringConfig, full_recluster: bool = False
 ) -> dict:
-    """Cluster all processed episodes; new episodes join existing clusters without renumbering.
-
-    ``from_scratch`` ignores an existing clusters.json (one an earlier attempt of the same run
-    wrote), so the clusters are those of a fresh run on ``episode_ids``.
-    """
+    """Cluster all processed episodes; new episodes join existing clusters without renumbering."""
     ws = Workspace(workspace)
     log = get_run_logger()
     existing = clustering.read_clusters(ws)
-    if existing is None or from_scratch:
+    if existing is None:
         mode, stats = "full", clustering.cluster_layers(ws, episode_ids, cfg)
     elif full_recluster:
         mode, stats = "recluster", clustering.recluster(ws, episode_ids, cfg)
