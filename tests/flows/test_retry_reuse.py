@@ -256,6 +256,12 @@ def test_killed_mid_episode_crashes_and_the_retry_equals_a_clean_run(cpu_worker,
         os.kill(pid, signal.SIGKILL)
     crashed = _wait(cpu_worker, run.id)
     assert crashed.state.name == "Crashed", crashed.state
+    # The run's own runner reports the crash first; retry once the worker has seen its process
+    # end too, or its late report would mark the retried attempt Crashed (as it would in the UI).
+    seen = f"prefect.flow_runs.worker - Reported flow run '{run.id}' as crashed"
+    deadline = time.monotonic() + 120
+    while seen not in _logs(cpu_worker) and time.monotonic() < deadline:
+        time.sleep(1)
 
     run = _retry(cpu_worker, run.id)
     assert run.state.is_completed(), f"{run.state}\n{_logs(cpu_worker)}"
