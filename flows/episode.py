@@ -8,7 +8,8 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 
 from flows.gpu import layering_flow
-from flows.heavy import run_heavy
+from flows.heavy import run_heavy, step_record
+from tasks.common import call_checked, reused
 from tasks.frames import extract_frames_task
 from yokai_pipeline.config import PipelineConfig
 from yokai_pipeline.frames import episode_id_for
@@ -53,7 +54,10 @@ def episode_flow(
             log.info(f"removed {removed} temporary files left by an interrupted run")
 
         t0 = time.perf_counter()
-        extract = extract_frames_task(video, workspace, config.frames, episode_id)
+        state = call_checked(
+            extract_frames_task, video=video, workspace=workspace, cfg=config.frames, episode_id=episode_id
+        )
+        extract = state.result()
         t_frames = time.perf_counter() - t0
 
         layers = run_heavy(
@@ -70,4 +74,6 @@ def episode_flow(
             "started_at": started_at,
             "finished_at": utc_now(),
             "device": layers.get("device", "cpu"),
+            # what this run took from the cache (an earlier run or attempt) and what it computed
+            "steps": [step_record("extract-frames", episode_id, reused(state)), *layers.get("steps", [])],
         }

@@ -10,8 +10,8 @@ import time
 
 from prefect import flow, get_run_logger
 
-from flows.heavy import gpu_flow_lease
-from tasks.common import run_bounded
+from flows.heavy import gpu_flow_lease, step_record
+from tasks.common import call_checked, reused, run_bounded
 from tasks.dataset import caption_task, selected_folders, tag_task
 from tasks.identity import embed_task
 from tasks.layering import read_frame_rows, segment_chunk_task, write_layer_manifest_task
@@ -46,13 +46,32 @@ def layering_flow(workspace: str, episode_id: str, config: PipelineConfig = Pipe
             for i, c in enumerate(chunks)
         ]
         futures = run_bounded(segment_chunk_task, calls, config.orchestration.chunk_concurrency)
-        layers = write_layer_manifest_task(workspace, episode_id, [f.result() for f in futures])
+        manifest = call_checked(
+            write_layer_manifest_task,
+            workspace=workspace,
+            episode_id=episode_id,
+            chunk_rows=[f.result() for f in futures],
+        )
+        layers = manifest.result()
     seconds = time.perf_counter() - t0
     get_run_logger().info(
         f"{episode_id}: {layers['character_layers']} character layers, {layers['background_layers']} "
         f"backgrounds on {lease.label}"
     )
-    return {**layers, "chunks": len(chunks), "seconds": round(seconds, 3), "device": lease.label}
+    cached = sum(reused(f.state) for f in futures)
+    steps = [
+        step_record(
+            "segment-layers", episode_id, cached == len(futures), f"{cached} of {len(futures)} chunks cached"
+        ),
+        step_record("write-layer-manifest", episode_id, reused(manifest)),
+    ]
+    return {
+        **layers,
+        "chunks": len(chunks),
+        "seconds": round(seconds, 3),
+        "device": lease.label,
+        "steps": steps,
+    }
 
 
 @flow(name="embedding", persist_result=True)
@@ -67,7 +86,8 @@ def embedding_flow(workspace: str, episode_ids: list[str], config: PipelineConfi
         for e, m in zip(episode_ids, manifests, strict=True)
     ]
     workers = stage_workers(cfg.backend != "offline", len(calls))
-    per_episode = [f.result() for f in run_bounded(embed_task, calls, workers)]
+    futures = run_bounded(embed_task, calls, workers)
+    per_episode = [f.result() for f in futures]
     n = sum(s.get("n", 0) for s in per_episode)
     seconds = time.perf_counter() - t0
     return {
@@ -75,6 +95,9 @@ def embedding_flow(workspace: str, episode_ids: list[str], config: PipelineConfi
         "episodes": len(per_episode),
         "backend": config.embedding.backend,
         "seconds": round(seconds, 3),
+        "steps": [
+            step_record("embed-layers", e, reused(f.state)) for e, f in zip(episode_ids, futures, strict=True)
+        ],
     }
 
 

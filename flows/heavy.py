@@ -1,8 +1,14 @@
 """Run a heavy (GPU) flow in-process, or as a deployment on the GPU work pool.
 
 When ``config.orchestration.distributed`` is on, the child flow runs on a GPU worker through
-``run_deployment`` and its persisted result is read back; otherwise it is called directly
-as a subflow. Either way the caller gets the same dict.
+``run_deployment`` and its persisted result is read back; otherwise it is called as a
+subflow from inside a task (:func:`run_subflow`). Either way the caller gets the same dict.
+
+Why a task around every subflow call: Prefect 3 matches a subflow called straight from a
+flow to the earlier attempt's child by call position, and on a retry of the parent hands back
+that child's old state whatever the new parameters (``flow_engine.load_subflow_run``). A
+subflow called from a task gets a fresh identity each time (``Task.create_run``), so a retry
+runs every child again; what the child reuses is decided by its content-keyed tasks.
 """
 
 from __future__ import annotations
@@ -11,7 +17,8 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
-from prefect import Flow, get_run_logger
+from prefect import Flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 from prefect.deployments import run_deployment
 
 from yokai_pipeline import runtime
@@ -45,11 +52,53 @@ def gpu_flow_lease(config: PipelineConfig, device: str, uses_gpu: bool = True) -
         yield stack.enter_context(runtime.lease_device(requested, timeout=timeout))
 
 
+# No cache: the child runs on every call (and every retry); its own tasks are content-keyed.
+@task(name="run-subflow", task_run_name="run-{stage}", cache_policy=NO_CACHE)
+def subflow_task(flow_fn: Flow, stage: str, parameters: dict[str, Any]) -> Any:
+    """One child flow run, shown in the UI under this task run."""
+    with own_transactions():
+        return flow_fn(**parameters)
+
+
+@contextlib.contextmanager
+def own_transactions() -> Iterator[None]:
+    """Let the tasks of a child flow commit their cache records as each finishes.
+
+    A task called while another task runs joins that task's transaction, whose failure rolls
+    the whole nest back: without this, the chunks an episode finished before one failed would
+    not be cached, and a retry would compute them again.
+    """
+    from prefect.transactions import BaseTransaction
+
+    token = BaseTransaction.__var__.set(None)
+    try:
+        yield
+    finally:
+        BaseTransaction.__var__.reset(token)
+
+
+def run_subflow(flow_fn: Flow, stage: str, parameters: dict[str, Any]) -> Any:
+    """Call ``flow_fn(**parameters)`` as a subflow that a retry of the parent runs again.
+
+    Inside a task of the calling flow run, the call itself gives the child a fresh identity;
+    elsewhere (a flow body, or a flow run inside a task of its parent) the call goes through
+    :func:`subflow_task`.
+    """
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    task_ctx, flow_ctx = TaskRunContext.get(), FlowRunContext.get()
+    flow_run = flow_ctx.flow_run if flow_ctx else None
+    if task_ctx is not None and flow_run is not None and task_ctx.task_run.flow_run_id == flow_run.id:
+        with own_transactions():
+            return flow_fn(**parameters)
+    return subflow_task(flow_fn, stage, parameters)
+
+
 def run_heavy(flow_fn: Flow, stage: str, parameters: dict[str, Any], config: PipelineConfig) -> Any:
     """Call ``flow_fn(**parameters)`` locally or as deployment ``<flow name>/<prefix>-<stage>``."""
     orch = config.orchestration
     if not orch.distributed:
-        return flow_fn(**parameters)
+        return run_subflow(flow_fn, stage, parameters)
     name = f"{flow_fn.name}/{orch.deployment_prefix}-{stage}"
     get_run_logger().info(f"running {name} as a deployment")
     run = run_deployment(name=name, parameters=parameters, timeout=orch.timeout_seconds)
@@ -59,6 +108,11 @@ def run_heavy(flow_fn: Flow, stage: str, parameters: dict[str, Any], config: Pip
             f"deployment {name} run {run.name} ended {run.state.name if run.state else '?'}: {msg}"
         )
     return run.state.result()
+
+
+def step_record(step: str, episode_id: str | None, was_reused: bool, detail: str = "") -> dict:
+    """One step of a run as the summary's ``reuse`` lists show it (taken from the cache, or computed)."""
+    return {"step": step, "episode": episode_id, "reused": was_reused, "detail": detail}
 
 
 def run_heavy_state(

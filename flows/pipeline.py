@@ -6,17 +6,19 @@ import time
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 
 from flows.dataset import dataset_flow
 from flows.episode import episode_flow
-from flows.heavy import run_heavy_state
+from flows.heavy import run_heavy_state, run_subflow, step_record
 from flows.training import training_flow
 from tasks.common import run_bounded
 from tasks.report import evaluate_task, write_summary_task
+from yokai_pipeline import clustering
 from yokai_pipeline.config import PipelineConfig
 from yokai_pipeline.errors import YokaiError
 from yokai_pipeline.frames import episode_id_for
-from yokai_pipeline.fsio import atomic_write_json, remove_stale_temps
+from yokai_pipeline.fsio import atomic_write_json, read_json, remove_stale_temps
 from yokai_pipeline.workspace import Workspace
 
 VIDEO_SUFFIXES = {".mp4", ".mkv", ".webm", ".mov", ".avi", ".m4v", ".ts"}
@@ -56,10 +58,81 @@ def _state_error(state) -> str:
     return state.message or "failed"
 
 
-@task(name="run-episode", task_run_name="run-episode-{episode_name}")
+# No cache: the episode flow runs on every call and every retry; its content-keyed tasks decide
+# what is reused (a completed run-episode taken back on a retry would skip a changed video).
+def clusters_are_this_runs(ws: Workspace) -> bool:
+    """Whether clusters.json was written by an earlier attempt of this flow run (then a retry
+    clusters from scratch, so its clusters equal a fresh run's on the episodes it now has).
+
+    The first attempt records whether clusters existed before it; a later run of the pipeline
+    (another flow run) keeps adding episodes to the existing clusters, as documented.
+    """
+    from prefect.runtime import flow_run
+
+    record_path = ws.root / "dataset_run.json"
+    record = read_json(record_path) if record_path.is_file() else {}
+    if record.get("flow_run_id") != str(flow_run.id):
+        record = {"flow_run_id": str(flow_run.id), "clusters_before": clustering.clusters_file(ws).is_file()}
+        atomic_write_json(record_path, record)
+    return not record["clusters_before"]
+
+
+def reuse_lists(steps: list[dict]) -> dict[str, list[str]]:
+    """The summary's ``reuse``: steps taken from the cache (an earlier run or attempt) vs computed."""
+    out: dict[str, list[str]] = {"reused": [], "recomputed": []}
+    for s in steps:
+        label = " ".join(filter(None, [s["step"], s.get("episode")])) + (
+            f" ({s['detail']})" if s.get("detail") else ""
+        )
+        out["reused" if s["reused"] else "recomputed"].append(label)
+    return out
+
+
+@task(name="run-episode", task_run_name="run-episode-{episode_name}", cache_policy=NO_CACHE)
 def episode_task(video: str, workspace: str, config: PipelineConfig, episode_name: str = "") -> dict:
     """One episode flow run; a task so that several run at once under a bounded runner."""
-    return episode_flow(video, workspace, config)
+    return run_subflow(episode_flow, "episode", {"video": video, "workspace": workspace, "config": config})
+
+
+def build_and_train(
+    workspace: str, config: PipelineConfig, episode_ids: list[str], evidence_steps: int | None
+) -> tuple[dict, list[dict], list[str]]:
+    """The dataset flow over the finished episodes, then training if enabled and validated.
+
+    Returns:
+        The stage figures, the steps for the summary's reuse lists, and the problems found.
+    """
+    ws = Workspace(workspace)
+    stages: dict = {}
+    steps: list[dict] = []  # the dataset and training steps, for the summary's reuse lists
+    problems: list[str] = []
+    if episode_ids:
+        params = {
+            "workspace": workspace,
+            "config": config,
+            "episode_ids": episode_ids,
+            "rebuild_clusters": clusters_are_this_runs(ws),
+        }
+        try:
+            stages = run_subflow(dataset_flow, "dataset", params)
+            steps = stages.pop("steps", [])
+        except Exception as exc:  # the dataset's own error, shown in the summary
+            problems.append(f"dataset flow: {exc}")
+    validated = stages.get("validation", {}).get("passed", False)
+    if config.training.enabled and "packaging" in stages and not validated:
+        # the guide: validate to 100% first; training on invalid data wastes GPU hours
+        problems.append(
+            f"training not started: the training data failed validation. Report: {ws.validation_report}"
+        )
+    elif config.training.enabled and "packaging" in stages:
+        params = {"workspace": workspace, "config": config, "evidence_steps": evidence_steps}
+        tr = run_heavy_state(training_flow, "training", params, config)
+        steps.append(step_record("training", None, False, "finished characters skipped"))
+        if tr["ok"]:
+            stages["training"] = tr["result"]
+        else:
+            problems.append(f"training: {tr['error']}")
+    return stages, steps, problems
 
 
 @flow(name="yokai-pipeline", persist_result=True)
@@ -108,34 +181,17 @@ def pipeline_flow(
             log.error(f"episode {video.name} failed: {message}")
             failed.append({"episode": video.name, "error": message})
 
-    stages: dict = {}
-    problems: list[str] = []
-    if done:
-        ds = dataset_flow(workspace, config, [d["episode_id"] for d in done], return_state=True)
-        if ds.is_completed():
-            stages = ds.result()
-        else:
-            problems.append(f"dataset flow: {_state_error(ds)}")
-    validated = stages.get("validation", {}).get("passed", False)
-    if config.training.enabled and "packaging" in stages and not validated:
-        # the guide: validate to 100% first; training on invalid data wastes GPU hours
-        problems.append(
-            f"training not started: the training data failed validation. Report: {ws.validation_report}"
-        )
-    elif config.training.enabled and "packaging" in stages:
-        params = {"workspace": workspace, "config": config, "evidence_steps": evidence_steps}
-        tr = run_heavy_state(training_flow, "training", params, config)
-        if tr["ok"]:
-            stages["training"] = tr["result"]
-        else:
-            problems.append(f"training: {tr['error']}")
+    stages, steps, problems = build_and_train(
+        workspace, config, [d["episode_id"] for d in done], evidence_steps
+    )
     quality = (
         evaluate_task(workspace, [d["episode_id"] for d in done], ground_truth_dir)
         if ground_truth_dir
         else {}
     )
     seconds = round(time.perf_counter() - t0, 3)
-    summary = write_summary_task(workspace, done, failed, quality, seconds, stages, problems)
+    reuse = reuse_lists([s for d in done for s in d.get("steps", [])] + steps)
+    summary = write_summary_task(workspace, done, failed, quality, seconds, stages, problems, reuse)
     if failed or problems:
         raise EpisodesFailed(
             "; ".join([f"{f['episode']}: {f['error']}" for f in failed] + problems)

@@ -4,6 +4,10 @@ A task's cache key is: its own source + its inputs (paths, small records, stage 
 + the content hash of the input files it names + the source of the library module that
 does the work. A re-run of a finished episode therefore comes back Cached, and changing
 a video, a config value or the stage code re-runs exactly the affected tasks.
+
+A cached result also names the files it stands for (``outputs``): :func:`call_checked` and
+:func:`run_bounded` run a task again, refreshing its cache record, when it came back Cached
+but those files are gone (a deleted workspace whose results live in the worker's store).
 """
 
 from __future__ import annotations
@@ -11,13 +15,15 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from prefect import Task
+from prefect import Task, get_run_logger
 from prefect.cache_policies import INPUTS, TASK_SOURCE, CacheKeyFnPolicy, CachePolicy
 from prefect.futures import PrefectFuture
+from prefect.states import State
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from yokai_pipeline import runtime
@@ -40,8 +46,31 @@ def _paths(value: Any) -> list[str]:
     return out
 
 
+#: (task parameters, cached result) -> the files that result stands for
+OutputsFn = Callable[[dict[str, Any], Any], list[Path]]
+
+
+@dataclass
+class ContentCache(CachePolicy):
+    """A content key (``key``) plus the files a cached result stands for (``outputs``).
+
+    The key itself must not look at the outputs: it is computed before the task runs (outputs
+    absent) and the result is stored under it, so a key over the outputs would never match on
+    the next run. The outputs are checked after a cache hit instead (:func:`missing_outputs`).
+    """
+
+    key: CachePolicy | None = None
+    outputs: OutputsFn | None = None
+
+    def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs) -> str | None:
+        return None if self.key is None else self.key.compute_key(task_ctx, inputs, flow_parameters, **kwargs)
+
+
 def content_cache(
-    *file_params: str, modules: tuple[ModuleType, ...] = (), root_param: str | None = None
+    *file_params: str,
+    modules: tuple[ModuleType, ...] = (),
+    root_param: str | None = None,
+    outputs: OutputsFn | None = None,
 ) -> CachePolicy:
     """Cache policy keyed on task source, inputs, input file contents and library module source.
 
@@ -49,6 +78,7 @@ def content_cache(
         file_params: names of parameters holding a path, a list of paths, or rows with a ``path``.
         modules: library modules whose source is part of the key.
         root_param: parameter holding the workspace root that relative row paths resolve against.
+        outputs: the files a cached result stands for; a hit whose files are gone runs again.
     """
     module_hash = stable_hash([inspect.getsource(m) for m in modules])
 
@@ -64,7 +94,39 @@ def content_cache(
         return stable_hash(parts)
 
     fn: Callable[..., str] = key_fn
-    return TASK_SOURCE + INPUTS + CacheKeyFnPolicy(cache_key_fn=fn)
+    return ContentCache(key=TASK_SOURCE + INPUTS + CacheKeyFnPolicy(cache_key_fn=fn), outputs=outputs)
+
+
+def row_files(root: str | Path, rows: list[dict]) -> list[Path]:
+    """The workspace files manifest rows point at (``path`` and ``mask_path``)."""
+    return [Path(root) / r[k] for r in rows for k in ("path", "mask_path") if isinstance(r.get(k), str)]
+
+
+def missing_outputs(task: Task, parameters: dict[str, Any], state: State) -> list[Path]:
+    """The files a Cached ``state`` of ``task`` stands for that are gone (empty when not Cached)."""
+    outputs = getattr(task.cache_policy, "outputs", None)
+    if outputs is None or state.name != "Cached":
+        return []
+    return [p for p in outputs(parameters, state.result()) if not p.exists()]
+
+
+def _refresh_note(task: Task, missing: list[Path]) -> None:
+    get_run_logger().warning(
+        f"{task.name}: cached result's files are gone ({len(missing)}, e.g. {missing[0]}); running it again"
+    )
+
+
+def call_checked(task: Task, **parameters: Any) -> State:
+    """Call ``task`` and return its final state; a Cached result whose files are gone is recomputed.
+
+    The second call refreshes the cache record (``refresh_cache``), so the next run reuses it.
+    """
+    state = task(**parameters, return_state=True)
+    missing = missing_outputs(task, parameters, state)
+    if missing:
+        _refresh_note(task, missing)
+        state = task.with_options(refresh_cache=True)(**parameters, return_state=True)
+    return state
 
 
 def run_bounded(task: Task, calls: list[dict[str, Any]], max_workers: int) -> list[PrefectFuture]:
@@ -72,13 +134,25 @@ def run_bounded(task: Task, calls: list[dict[str, Any]], max_workers: int) -> li
 
     The default task runner's thread pool is unbounded, so a mapped GPU task would start
     every call at once (a model copy each); this one is sized by the caller from the
-    configuration. Returns the futures, all finished (failures stay in their states).
+    configuration. A call that came back Cached with its files gone runs again (refreshing
+    its cache record). Returns the futures, all finished (failures stay in their states).
     """
     with ThreadPoolTaskRunner(max_workers=max(1, max_workers)) as runner:
         futures = [runner.submit(task, parameters=params) for params in calls]
         for future in futures:
             future.wait()
+        for i, (future, params) in enumerate(zip(futures, calls, strict=True)):
+            missing = missing_outputs(task, params, future.state)
+            if missing:
+                _refresh_note(task, missing)
+                futures[i] = runner.submit(task.with_options(refresh_cache=True), parameters=params)
+                futures[i].wait()
     return futures
+
+
+def reused(state: State) -> bool:
+    """Whether a task's result was taken from its cache (an earlier run or attempt)."""
+    return state.name == "Cached"
 
 
 def stage_lease(device: str, uses_gpu: bool = True, count: int = 1) -> AbstractContextManager[runtime.Lease]:

@@ -6,12 +6,19 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 
-from tasks.common import IO_RETRIES, IO_RETRY_DELAYS, content_cache
+from tasks.common import IO_RETRIES, IO_RETRY_DELAYS, content_cache, row_files
 from yokai_pipeline import frames, layering
 from yokai_pipeline.config import FramesConfig
-from yokai_pipeline.fsio import atomic_write_json
+from yokai_pipeline.fsio import atomic_write_json, read_jsonl
 from yokai_pipeline.progress import reporter
 from yokai_pipeline.workspace import Workspace
+
+
+def _frame_files(parameters: dict, result: dict) -> list[Path]:
+    """The frames manifest and every frame it lists."""
+    ws = Workspace(parameters["workspace"])
+    manifest = ws.frames_manifest(parameters["episode_id"])
+    return [manifest, *row_files(ws.root, read_jsonl(manifest))] if manifest.is_file() else [manifest]
 
 
 @task(
@@ -20,7 +27,7 @@ from yokai_pipeline.workspace import Workspace
     retries=IO_RETRIES,
     retry_delay_seconds=IO_RETRY_DELAYS,
     retry_condition_fn=lambda task, run, state: not _is_bad_input(state),
-    cache_policy=content_cache("video", modules=(frames,)),
+    cache_policy=content_cache("video", modules=(frames,), outputs=_frame_files),
     persist_result=True,
     task_run_name="extract-frames-{episode_id}",
 )
@@ -30,6 +37,8 @@ def extract_frames_task(video: str, workspace: str, cfg: FramesConfig, episode_i
     stats = frames.extract_frames(
         Path(video), Workspace(workspace), cfg, progress=reporter(f"frames {episode_id}", log.info)
     )
+    if stats.get("decoder_note"):
+        log.warning(stats["decoder_note"])
     log.info(
         f"{episode_id}: kept {stats.get('kept')} frames from {stats.get('decoded')} decoded, {stats.get('shots')} shots"
     )

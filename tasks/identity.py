@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from prefect import get_run_logger, task
 
 from tasks.common import content_cache, stage_lease
@@ -10,12 +12,21 @@ from yokai_pipeline.config import ClusteringConfig, EmbeddingConfig
 from yokai_pipeline.workspace import Workspace
 
 
+def _embedding_files(parameters: dict, result: dict) -> list[Path]:
+    """The episode's embeddings and their sidecar."""
+    ws = Workspace(parameters["workspace"])
+    return [
+        ws.embeddings_path(parameters["episode_id"]),
+        embedding.sidecar_path(ws, parameters["episode_id"]),
+    ]
+
+
 @task(
     name="embed-layers",
     tags=["gpu"],
     retries=1,
     retry_delay_seconds=5,
-    cache_policy=content_cache("manifest", modules=(embedding,)),
+    cache_policy=content_cache("manifest", modules=(embedding,), outputs=_embedding_files),
     persist_result=True,
     task_run_name="embed-{episode_id}",
 )

@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from prefect import get_run_logger, task
 
-from tasks.common import content_cache, stage_lease
+from tasks.common import content_cache, row_files, stage_lease
 from yokai_pipeline import detection, layering
 from yokai_pipeline.config import DetectionConfig, LayeringConfig
 from yokai_pipeline.fsio import read_jsonl
 from yokai_pipeline.workspace import Workspace
+
+
+def _chunk_files(parameters: dict, result: list[dict]) -> list[Path]:
+    """The layer images and masks a chunk's rows name."""
+    return row_files(parameters["workspace"], result)
+
+
+def _manifest_files(parameters: dict, result: dict) -> list[Path]:
+    ws = Workspace(parameters["workspace"])
+    return [
+        ws.episode_layers_manifest(parameters["episode_id"]),
+        ws.layers_manifest(parameters["episode_id"]),
+    ]
 
 
 @task(
@@ -16,7 +31,9 @@ from yokai_pipeline.workspace import Workspace
     tags=["gpu"],
     retries=1,
     retry_delay_seconds=5,
-    cache_policy=content_cache("rows", modules=(layering, detection), root_param="workspace"),
+    cache_policy=content_cache(
+        "rows", modules=(layering, detection), root_param="workspace", outputs=_chunk_files
+    ),
     persist_result=True,
     task_run_name="segment-layers-{episode_id}-{chunk_id}",
 )
@@ -46,7 +63,11 @@ def segment_chunk_task(
     return out
 
 
-@task(name="write-layer-manifest", persist_result=True, cache_policy=content_cache(modules=(layering,)))
+@task(
+    name="write-layer-manifest",
+    persist_result=True,
+    cache_policy=content_cache(modules=(layering,), outputs=_manifest_files),
+)
 def write_layer_manifest_task(workspace: str, episode_id: str, chunk_rows: list[list[dict]]) -> dict:
     """Merge chunk outputs into the episode's layer manifest."""
     ws = Workspace(workspace)

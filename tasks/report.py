@@ -26,10 +26,12 @@ def write_summary_task(
     seconds: float,
     stages: dict | None = None,
     problems: list[str] | None = None,
+    reuse: dict | None = None,
 ) -> dict:
     """Write summary.json and publish it as a Prefect artifact."""
     summary = summary_lib.build_summary(episodes, failed, quality, seconds, stages)
     summary["problems"] = problems or []
+    summary["reuse"] = reuse or {"reused": [], "recomputed": []}
     summary_lib.write_summary(Workspace(workspace), summary)
     create_markdown_artifact(
         summary_lib.summary_markdown(summary), key="yokai-summary", description="Pipeline run summary"

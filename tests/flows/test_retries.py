@@ -48,7 +48,8 @@ def _child_runs(flow_run_id) -> list:
 
 
 def _task_runs(flow_run_id) -> list:
-    """Every task run of a flow run and of its subflow runs (not the runs standing for subflow calls)."""
+    """Every task run of a flow run and of its subflow runs (not the runs standing for subflow calls,
+    nor the ``run-<stage>`` tasks that make those calls: flows.heavy.run_subflow)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterParentFlowRunId
 
@@ -61,7 +62,8 @@ def _task_runs(flow_run_id) -> list:
             )
             ids = [flow_run_id, *[c.id for c in children]]
             runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)))
-            return [r for r in runs if r.id not in {c.parent_task_run_id for c in children}]
+            callers = {c.parent_task_run_id for c in children}
+            return [r for r in runs if r.id not in callers and not r.name.startswith("run-")]
 
     return asyncio.run(read())
 

@@ -33,6 +33,33 @@ def test_nms_and_box_conversion_follow_imgutils_examples():
     np.testing.assert_array_equal(det.xywh_to_xyxy(np.array([[10, 10, 20, 20]])), [[0, 0, 20, 20]])
 
 
+def test_fast_nms_keeps_what_the_imgutils_rule_keeps():
+    # Dense, heavily overlapping boxes in whole pixels (the +1 convention matters at this size).
+    rng = np.random.default_rng(0)
+    xy = rng.integers(0, 60, size=(400, 2)).astype(np.float32)
+    wh = rng.integers(1, 25, size=(400, 2)).astype(np.float32)
+    boxes = np.concatenate([xy, xy + wh], axis=1)
+    scores = rng.permutation(400).astype(np.float32) / 400  # distinct: one order
+    for thr in (0.3, 0.5, 0.7):
+        assert list(det.fast_nms(boxes, scores, thr)) == det.nms(boxes, scores, thr)
+
+
+def test_device_postprocess_gives_the_host_boxes():
+    import torch
+
+    rng = np.random.default_rng(1)
+    raw = np.zeros((4 + 2, 300), dtype=np.float32)
+    raw[:2] = rng.uniform(0, 64, size=(2, 300))
+    raw[2:4] = rng.uniform(2, 30, size=(2, 300))
+    raw[4:] = rng.uniform(0, 1, size=(2, 300))
+    want = det.postprocess(raw, 2, 0.4, 0.6, source_size=(128, 96), model_size=(64, 64))
+    got = det._postprocess_device(torch.from_numpy(raw), 2, 0.4, 0.6, (128, 96), (64, 64))
+    assert len(want) > 5
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    empty = det._postprocess_device(torch.zeros((6, 10)), 2, 0.4, 0.6, (128, 96), (64, 64))
+    assert empty.shape == (0, 6)
+
+
 def test_postprocess_scales_boxes_to_source_pixels_and_applies_thresholds():
     # Three candidates in a 64x64 model input, for a 128x96 (w x h) source: centre/size layout.
     raw = np.array(
@@ -143,6 +170,66 @@ def test_cuda_bf16_torch_path_matches_onnxruntime(tmp_path):
     ort = det.load_detector(path, "person", device="cpu", runtime="onnxruntime")
     gpu = det.load_detector(path, "person", device="cuda", batch_size=4)
     assert gpu.runtime == "torch"  # CUDA picks the torch path
+    # The same letterboxed input to both (the GPU resizes in torch, the CPU path in OpenCV:
+    # tests/unit/test_detector.py bounds that difference on its own).
     # bf16 keeps ~3 significant digits: 2% of the output scale.
-    a, b = ort.raw(frames), gpu.raw(frames)
+    x = det.preprocess_batch(frames, ort.size, "cpu")
+    a, b = ort.model.run(x)[0], gpu.model.run(x)[0]
     np.testing.assert_allclose(b, a, rtol=0, atol=0.02 * np.abs(a).max())
+    # detect() post-processes on the device: same boxes as the host rule on the same raw output
+    import torch
+
+    dev = gpu.model.run_first_on_device(torch.from_numpy(x).cuda())
+    for o_dev, o_host in zip(dev, dev.cpu().numpy(), strict=True):
+        want = det.postprocess(o_host, len(gpu.labels), 0.25, 0.7, (128, 96), gpu.size)
+        got = det._postprocess_device(o_dev, len(gpu.labels), 0.25, 0.7, (128, 96), gpu.size)
+        np.testing.assert_allclose(got, want, atol=1e-3)
+
+
+def _drawn_frame(h: int = 360, w: int = 640) -> np.ndarray:
+    """A drawn frame (painted background, outlined characters): what the detector sees in practice."""
+    from yokai_pipeline import synthetic
+
+    frame = synthetic.paint_backgrounds(h, w, seed=1)[0][:, :w].copy()
+    for cid, fx in ((0, 0.1), (3, 0.5)):
+        rgba = synthetic.render_character(cid, scale=h / 240)
+        ch, cw = rgba.shape[:2]
+        x, y = int(fx * w), (h - ch) // 2
+        np.copyto(frame[y : y + ch, x : x + cw], rgba[..., :3], where=rgba[..., 3:] > 0)
+    return frame
+
+
+@pytest.mark.parametrize("device", ["cpu", "torch-cpu"])
+def test_batched_device_resize_follows_pils_bicubic(device):
+    # Upstream (imgutils/generic/yolo.py) resizes with PIL bicubic: det.preprocess is that reference.
+    frames = [_drawn_frame(), _drawn_frame(90, 160), _drawn_frame()]
+    if device == "cpu":
+        x = det.preprocess_batch(frames, (320, 320), "cpu")
+    else:
+        pytest.importorskip("torch")
+        x = det.torch_resize(frames, (320, 320), "cpu").numpy()  # the CUDA path's code, run on CPU
+    assert x.shape == (3, 3, 320, 320) and x.dtype == np.float32
+    for got, im in zip(x, frames, strict=True):
+        ref = det.preprocess(im, (320, 320))
+        # 640x360 -> 320 (a 1280x720 frame into a 640 model) and 160x90 enlarged: mean
+        # difference below 1/255, a few levels at line-art edges
+        diff = np.abs(got - ref) * 255
+        assert diff.mean() < 1 and np.percentile(diff, 99) < 10
+        assert diff.max() < (48 if device == "cpu" else 24)  # at most a thin outline's worth
+    with pytest.raises(ValueError, match="RGB uint8"):
+        det.preprocess_batch([frames[0][..., 0]], (64, 48))
+
+
+def test_detect_batches_frames_and_matches_frame_by_frame(tmp_path, monkeypatch):
+    path = onnx_models.yolo_detector(tmp_path / "model.onnx", imgsz=64, seed=2)
+    d = det.load_detector(path, "person", device="cpu", batch_size=4, conf_threshold=0.0)
+    frames = _frames(10, seed=4)
+    calls: list[int] = []
+    run = d.model.run
+    monkeypatch.setattr(d.model, "run", lambda x: calls.append(len(x)) or run(x))
+    batched = d.detect(frames)
+    assert calls == [4, 4, 2]  # model.batch_size frames per resize + forward pass
+    for b, im in zip(batched, frames, strict=True):
+        (one,) = d.detect([im])
+        np.testing.assert_allclose(b, one, rtol=1e-5, atol=1e-4)
+    assert d.detect([]) == []
