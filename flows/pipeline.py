@@ -11,7 +11,7 @@ from flows.dataset import dataset_flow
 from flows.episode import episode_flow
 from flows.heavy import run_heavy_state
 from flows.training import training_flow
-from tasks.common import run_bounded
+from tasks.common import run_bounded, synced_flow
 from tasks.report import evaluate_task, write_summary_task
 from yokai_pipeline.config import PipelineConfig
 from yokai_pipeline.errors import YokaiError
@@ -63,6 +63,7 @@ def episode_task(video: str, workspace: str, config: PipelineConfig, episode_nam
 
 
 @flow(name="yokai-pipeline", persist_result=True)
+@synced_flow()  # an s3:// workspace: pulled first, published at the end
 def pipeline_flow(
     episodes_dir: str,
     workspace: str,
