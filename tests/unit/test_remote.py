@@ -87,8 +87,8 @@ def test_manifests_go_up_last_and_removed_files_after_them(s3_env, bucket, monke
     (root / "layers.jsonl").write_text("v2\n")
 
     calls: list[tuple[str, str]] = []
-    put, delete = mirror.store.put_file, mirror.store.delete
-    monkeypatch.setattr(mirror.store, "put_file", lambda p, k: calls.append(("put", k)) or put(p, k))
+    put, delete = mirror._upload, mirror.store.delete
+    monkeypatch.setattr(mirror, "_upload", lambda k, p: calls.append(("put", k)) or put(k, p))
     monkeypatch.setattr(mirror.store, "delete", lambda k: calls.append(("delete", k)) or delete(k))
     sent = mirror.publish([""])
     # b.png is unchanged: not sent again; the manifest after the data, the removal after the manifest
