@@ -335,6 +335,101 @@ def _prompt_kwargs(pipe: Any, p: dict[str, Any], clip_skip: int, family: str) ->
     return {"prompt_embeds": pos, "negative_prompt_embeds": neg}
 
 
+def _evidence_plan(
+    config_file: Path, base_model_override: str | None, prompts_file: str | Path | None
+) -> dict[str, Any]:
+    """What one character's evidence page samples: checkpoints, prompts, curve, base model, family.
+
+    Raises:
+        BadInputError: output_dir or sample_prompts unset, or no checkpoint to sample.
+        ConfigError: no base model (neither the config's nor an override).
+    """
+    args = read_training_args(config_file)
+    if not args.get("output_dir"):
+        raise BadInputError(config_file, "output_dir is not set")
+    output_dir = resolve_config_path(args["output_dir"], config_file)
+    name = str(args.get("output_name") or "last")
+    pf = prompts_file or args.get("sample_prompts")
+    if not pf:
+        raise BadInputError(config_file, "sample_prompts is not set and no prompts file was given")
+    prompts = read_sample_prompts(resolve_config_path(pf, config_file))
+    ckpts = list_checkpoints(output_dir, name)
+    if not ckpts:
+        raise BadInputError(output_dir, f"no {name}*.safetensors checkpoints to sample")
+    logging_dir = args.get("logging_dir")
+    curve = read_validation_curve(
+        output_dir, resolve_config_path(logging_dir, config_file) if logging_dir else None
+    )
+    base = base_model_override or args.get("pretrained_model_name_or_path")
+    if not base:
+        raise ConfigError(f"{config_file}: pretrained_model_name_or_path is not set; pass a base model")
+    return {
+        "args": args,
+        "output_dir": output_dir,
+        "name": name,
+        "prompts": prompts,
+        "ckpts": ckpts,
+        "curve": curve,
+        "best": min(curve, key=lambda c: c["val_loss"])["epoch"] if curve else None,
+        "base": str(base),
+        "family": config_family(args),
+    }
+
+
+def _sample_prompt(pipe: Any, p: dict[str, Any], pi: int, plan: dict[str, Any], steps: int | None) -> Any:
+    """One prompt line sampled as kohya's sampler would: its sampler, size (multiple of 8), seed, steps."""
+    import diffusers
+    import torch
+
+    args = plan["args"]
+    sampler = str(p.get("sampler") or args.get("sample_sampler") or "ddim").lower()
+    cls_name = SAMPLERS.get(sampler, "DDIMScheduler")
+    pipe.scheduler = getattr(diffusers, cls_name).from_config(plan["base_scheduler"].config)
+    return pipe(
+        **_prompt_kwargs(pipe, p, int(args.get("clip_skip") or 1), plan["family"]),
+        width=max(8, int(p.get("width", 512)) // 8 * 8),
+        height=max(8, int(p.get("height", 512)) // 8 * 8),
+        num_inference_steps=steps or int(p.get("steps", 30)),
+        guidance_scale=float(p.get("guidance_scale", 7.5)),
+        generator=torch.Generator("cpu").manual_seed(int(p.get("seed", pi))),
+    ).images[0]
+
+
+def _write_evidence_page(
+    plan: dict[str, Any], rows: list[dict[str, Any]], images: list[str]
+) -> dict[str, Any]:
+    """``index.html`` (grid, loss curve, best epoch) and ``evidence.json``, both atomic."""
+    import jinja2
+
+    evidence = plan["output_dir"] / EVIDENCE_DIR
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(Path(__file__).parent / "templates")),
+        autoescape=jinja2.select_autoescape(["html", "j2"], default=True),
+    )
+    html = env.get_template("checkpoints.html.j2").render(
+        name=plan["name"],
+        base_model=plan["base"],
+        family=plan["family"],
+        prompts=plan["prompts"],
+        rows=rows,
+        best_epoch=plan["best"],
+        curve=plan["curve"],
+        svg=loss_polyline(plan["curve"]),
+    )
+    html_path = atomic_write_text(evidence / "index.html", html)
+    report = {
+        "html": str(html_path),
+        "epochs": [e for e, _ in plan["ckpts"]],
+        "prompts": [p["prompt"] for p in plan["prompts"]],
+        "images": images,
+        "best_epoch": plan["best"],
+        "curve": plan["curve"],
+        "family": plan["family"],
+    }
+    atomic_write_json(evidence / "evidence.json", report)
+    return report
+
+
 def render_checkpoint_evidence(
     config_file: str | Path,
     *,
@@ -357,91 +452,32 @@ def render_checkpoint_evidence(
     Returns:
         ``{html, epochs, prompts, images, best_epoch, curve}``.
     """
-    import diffusers
-    import jinja2
-    import torch
-
     config_file = Path(config_file)
-    args = read_training_args(config_file)
-    if not args.get("output_dir"):
-        raise BadInputError(config_file, "output_dir is not set")
-    output_dir = resolve_config_path(args["output_dir"], config_file)
-    name = str(args.get("output_name") or "last")
-    pf = prompts_file or args.get("sample_prompts")
-    if not pf:
-        raise BadInputError(config_file, "sample_prompts is not set and no prompts file was given")
-    prompts = read_sample_prompts(resolve_config_path(pf, config_file))
-    ckpts = list_checkpoints(output_dir, name)
-    if not ckpts:
-        raise BadInputError(output_dir, f"no {name}*.safetensors checkpoints to sample")
-    logging_dir = args.get("logging_dir")
-    curve = read_validation_curve(
-        output_dir, resolve_config_path(logging_dir, config_file) if logging_dir else None
-    )
-    best = min(curve, key=lambda c: c["val_loss"])["epoch"] if curve else None
-    base = base_model_override or args.get("pretrained_model_name_or_path")
-    if not base:
-        raise ConfigError(f"{config_file}: pretrained_model_name_or_path is not set; pass a base model")
-    family = config_family(args)
-    pipe = load_sampling_pipeline(str(base), device, family)
-    default_sampler = str(args.get("sample_sampler") or "ddim")
-    clip_skip = int(args.get("clip_skip") or 1)
-    evidence = output_dir / EVIDENCE_DIR
+    plan = _evidence_plan(config_file, base_model_override, prompts_file)
+    pipe = load_sampling_pipeline(plan["base"], device, plan["family"])
+    plan["base_scheduler"] = pipe.scheduler
+    evidence, name, curve = plan["output_dir"] / EVIDENCE_DIR, plan["name"], plan["curve"]
     rows, images = [], []
-    base_scheduler = pipe.scheduler
-    for epoch, path in ckpts:
+    for epoch, path in plan["ckpts"]:
         cells = []
         with _LoraApplied(pipe, path):
-            for pi, p in enumerate(prompts):
-                sampler = str(p.get("sampler") or default_sampler).lower()
-                cls_name = SAMPLERS.get(sampler, "DDIMScheduler")
-                pipe.scheduler = getattr(diffusers, cls_name).from_config(base_scheduler.config)
-                w = max(8, int(p.get("width", 512)) // 8 * 8)
-                h = max(8, int(p.get("height", 512)) // 8 * 8)
-                gen = torch.Generator("cpu").manual_seed(int(p.get("seed", pi)))
-                image = pipe(
-                    **_prompt_kwargs(pipe, p, clip_skip, family),
-                    width=w,
-                    height=h,
-                    num_inference_steps=num_inference_steps or int(p.get("steps", 30)),
-                    guidance_scale=float(p.get("guidance_scale", 7.5)),
-                    generator=gen,
-                ).images[0]
+            for pi, p in enumerate(plan["prompts"]):
+                image = _sample_prompt(pipe, p, pi, plan, num_inference_steps)
                 dest = evidence / f"{name}_e{epoch:06d}_p{pi:02d}.png"
                 save_image(dest, image)
                 images.append(str(dest))
                 cells.append({"src": dest.name, "prompt": p["prompt"]})
                 if on_image:
                     on_image({"epoch": epoch, "prompt_index": pi, "path": str(dest)})
-        pipe.scheduler = base_scheduler
+        pipe.scheduler = plan["base_scheduler"]
         val = next((c["val_loss"] for c in curve if c["epoch"] == epoch), None)
         rows.append(
-            {"epoch": epoch, "checkpoint": path.name, "val_loss": val, "best": epoch == best, "cells": cells}
+            {
+                "epoch": epoch,
+                "checkpoint": path.name,
+                "val_loss": val,
+                "best": epoch == plan["best"],
+                "cells": cells,
+            }
         )
-
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(Path(__file__).parent / "templates")),
-        autoescape=jinja2.select_autoescape(["html", "j2"], default=True),
-    )
-    html = env.get_template("checkpoints.html.j2").render(
-        name=name,
-        base_model=str(base),
-        family=family,
-        prompts=prompts,
-        rows=rows,
-        best_epoch=best,
-        curve=curve,
-        svg=loss_polyline(curve),
-    )
-    html_path = atomic_write_text(evidence / "index.html", html)
-    report = {
-        "html": str(html_path),
-        "epochs": [e for e, _ in ckpts],
-        "prompts": [p["prompt"] for p in prompts],
-        "images": images,
-        "best_epoch": best,
-        "curve": curve,
-        "family": family,
-    }
-    atomic_write_json(evidence / "evidence.json", report)
-    return report
+    return _write_evidence_page(plan, rows, images)

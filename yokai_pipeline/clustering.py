@@ -517,6 +517,22 @@ def read_clusters(workspace: Workspace) -> dict[str, Any] | None:
     return doc
 
 
+REVIEW_IDS = range(1000, 1_000_000)
+"""Cluster ids that the review's splits allocate (``edits.SPLIT_ID_BASE`` up); clustering skips them."""
+
+
+def clear_of_review_ids(ids: np.ndarray | int) -> np.ndarray:
+    """``ids`` with every id in :data:`REVIEW_IDS` moved above that range (noise and the rest kept).
+
+    Clustering numbers new clusters on from the largest id. Past 999 such an id could be one
+    a reviewer's split already took, and the edit log would then move layers into an
+    unrelated cluster. Allocation runs upwards from the largest id, so the move keeps ids unique.
+    """
+    arr = np.asarray(ids, dtype=np.int64)
+    inside = (arr >= REVIEW_IDS.start) & (arr < REVIEW_IDS.stop)
+    return np.where(inside, arr + len(REVIEW_IDS), arr)
+
+
 def folder_name(cluster_id: int) -> str:
     return NOISE_FOLDER if cluster_id < 0 else f"cluster_{cluster_id:03d}"
 
@@ -680,6 +696,7 @@ def cluster_layers(workspace: Workspace, episode_ids: Sequence[str], cfg: Cluste
     metric = identity_metric(layers.embedding)
     labels, probs = cluster_embeddings(layers.X, cfg, metric=metric)
     labels, reassigned = _reassign_noise(layers.X, labels, cfg, metric)
+    labels = clear_of_review_ids(labels)
     members = [_member(r, c, p) for r, c, p in zip(layers.rows, labels, probs, strict=True)]
     doc = build_document(members, dict(zip(layers.ids, layers.X, strict=True)), layers.embedding, cfg)
     placed = write_cluster_tree(workspace, doc, cfg)
@@ -741,7 +758,7 @@ def assign_incremental(
             new_targets = representatives(sub_X, sub_l, cfg.seed) if metric else centroids_of(sub_X, sub_l)
             sub_labels[fringe], sub_probs[fringe] = _nearest(sub_X[fringe], new_targets, cfg, metric)
         next_id = max([c["id"] for c in doc["clusters"]], default=-1) + 1
-        ids[unmatched] = np.where(sub_labels >= 0, sub_labels + next_id, -1)
+        ids[unmatched] = clear_of_review_ids(np.where(sub_labels >= 0, sub_labels + next_id, -1))
         probs[unmatched] = sub_probs
         n_new_clusters = int(sub_labels.max() + 1) if (sub_labels >= 0).any() else 0
 
@@ -826,7 +843,7 @@ def match_ids(old: Mapping[str, int], new_labels: Mapping[str, int]) -> dict[int
     sizes = Counter(c for c in new_labels.values() if c >= 0)
     next_id = max(old_ids, default=-1) + 1
     for label in sorted((c for c in new_ids if c not in mapping), key=lambda c: (-sizes[c], c)):
-        mapping[label] = next_id
+        mapping[label] = int(clear_of_review_ids(next_id))
         next_id += 1
     return mapping
 
@@ -845,7 +862,8 @@ def recluster(workspace: Workspace, episode_ids: Sequence[str], cfg: ClusteringC
     doc = read_clusters(workspace)
     if doc is None:
         stats = cluster_layers(workspace, episode_ids, cfg)
-        return {**stats, "kept_ids": [], "new_ids": [c for c in range(stats["n_clusters"])]}
+        fresh = read_clusters(workspace) or {"clusters": []}
+        return {**stats, "kept_ids": [], "new_ids": sorted(c["id"] for c in fresh["clusters"])}
     layers = load_layers(workspace, episode_ids)
     cfg = resolve_config(cfg, layers.embedding)
     metric = identity_metric(layers.embedding)

@@ -36,11 +36,12 @@ from pathlib import Path
 from typing import Any
 
 from yokai_pipeline import fsio
+from yokai_pipeline.clustering import REVIEW_IDS
 from yokai_pipeline.errors import BadInputError, YokaiError
 from yokai_pipeline.workspace import Workspace
 
 LOG_VERSION = 1
-SPLIT_ID_BASE = 1000
+SPLIT_ID_BASE = REVIEW_IDS.start  # clustering never gives these ids (clustering.clear_of_review_ids)
 NOISE = -1
 TIERS = ("S", "A", "B", "C", "D")
 TYPES = ("human", "yokai", "unknown")
@@ -314,6 +315,8 @@ def normalise_edit(
             raise EditError(f"merge target {out['into']} is not one of the merged clusters")
     elif op == "split":
         out["new_cluster"] = SPLIT_ID_BASE + state.splits
+        if out["new_cluster"] not in REVIEW_IDS:
+            raise EditError(f"too many splits: ids {REVIEW_IDS.start}-{REVIEW_IDS.stop - 1} are all used")
         # the episodes this split saw: layers of later episodes may follow it (follow_splits)
         out["episodes"] = sorted({str(m.get("episode_id")) for m in state.members.values()})
     elif op == "move":

@@ -301,6 +301,21 @@ def test_relabel_by_size_and_match_ids():
     assert match_ids(old, new) == {1: 0, 0: 1, 2: 3, 3: 4}
 
 
+def test_new_cluster_ids_never_take_the_ids_review_splits_allocate():
+    from yokai_pipeline.edits import SPLIT_ID_BASE
+
+    # a long series: 999 clusters so far, three new characters appear in a re-cluster
+    old = {f"l{i}": i for i in range(999)}
+    new = {**{f"l{i}": i for i in range(999)}, "x": 999, "y": 1000, "z": 1001}
+    got = match_ids(old, new)
+    fresh = sorted(got[c] for c in (999, 1000, 1001))
+    assert fresh[0] == 999 and all(c >= 1_000_000 for c in fresh[1:]) and len(set(fresh)) == 3
+    # the first split a reviewer makes takes SPLIT_ID_BASE: no clustering id may equal it
+    assert SPLIT_ID_BASE not in set(got.values())
+    # once past the range, numbering simply goes on
+    assert match_ids({"a": 1_000_001}, {"a": 0, "b": 1}) == {0: 1_000_001, 1: 1_000_002}
+
+
 def test_evaluate_clusters_counts_noise_as_its_own_label():
     members = [{"layer_id": str(i), "cluster": c} for i, c in enumerate([0, 0, 0, 1, 1, -1, -1])]
     truth = {"0": 7, "1": 7, "2": 7, "3": 8, "4": 8, "5": 7, "6": 9, "x": 1}

@@ -339,3 +339,31 @@ def test_select_batch_between_dataset_runs_uses_the_live_log(series):
     chosen = {c["cluster"]: c for c in fsio.read_json(ws.selection_file)["characters"]}
     assert e["a"] in chosen and chosen[e["a"]]["trigger"] == "jiba_nyan"
     assert not {e["b"], e["f"], e["e"]} & chosen.keys()  # merged away, excluded, train off
+
+
+def test_interactive_select_starts_from_the_review_log(series, tmp_path):
+    """``yokai select`` without --batch: review's trained clusters start selected, with its names and triggers."""
+    from typer.testing import CliRunner
+
+    from yokai_pipeline.cli import app
+
+    ws, truth = series
+    cid = by_character(ws, truth)
+    edits.append_edit(ws, {"op": "name", "clusters": [cid[2]], "name": "Alice", "trigger": "alicetok"})
+    edits.append_edit(ws, {"op": "train", "clusters": [cid[2]], "train": True})
+    edits.append_edit(ws, {"op": "train", "clusters": [cid[3]], "train": True})
+    edits.write_reviewed_clusters(ws)
+    result = analysis.analyze_clusters(ws.reviewed_clusters)
+    apath = ws.analysis_dir / "cluster_analysis.json"
+    analysis.write_analysis(result, apath, None)
+    sel_path = tmp_path / "sel.json"
+    args = ["select", str(ws.reviewed_clusters), "--analysis", str(apath), "--selection-file", str(sel_path)]
+    r = CliRunner().invoke(app, args, input="q\n")  # quit at once: what review chose is what is saved
+    assert r.exit_code == 0, r.output
+    chars = {c["cluster"]: c for c in fsio.read_json(sel_path)["characters"]}
+    assert set(chars) == {cid[2], cid[3]}
+    assert chars[cid[2]]["name"] == "Alice" and chars[cid[2]]["trigger"] == "alicetok"
+    # the person can still change review's choice: deselect Alice, keep the other
+    r = CliRunner().invoke(app, args, input=f"- {cid[2]}\nq\n")
+    assert r.exit_code == 0, r.output
+    assert [c["cluster"] for c in fsio.read_json(sel_path)["characters"]] == [cid[3]]

@@ -74,6 +74,29 @@ def _review_attributes(ws: Any) -> dict[int, dict[str, Any]]:
     return edits.current_attributes(ws)
 
 
+def _interactive(
+    result: dict, clusters: Path, cfg: SelectionConfig, attrs: dict, **session: Any
+) -> dict[str, Any]:
+    """The terminal session, starting from review's choices; review's trigger words kept.
+
+    The clusters review marked for training start selected under review's names; the person
+    can still change anything. A cluster left with its review name keeps its review trigger.
+    """
+    from yokai_pipeline import edits, selection
+
+    names = {int(k): v for k, v in cfg.names.items()}
+    if attrs:
+        start = edits.select_with_edits(result, cfg.model_copy(update={"clusters": []}), attrs)
+        names = {**{int(ch["cluster"]): ch["name"] for ch in start["characters"]}, **names}
+    sel = selection.interactive_select(result, clusters, names=names, **session)
+    display = edits.display_names(attrs)
+    for ch in sel["characters"]:
+        trigger = attrs.get(ch["cluster"], {}).get("trigger")
+        if trigger and ch["name"] == selection.character_name(display.get(ch["cluster"], ""), ch["cluster"]):
+            ch["trigger"] = selection.trigger_word(trigger, ch["cluster"])
+    return sel
+
+
 def select(
     clusters: Annotated[Path, typer.Argument(help="The character_clusters folder.")],
     analysis_file: Annotated[
@@ -143,14 +166,18 @@ def select(
         # A cluster named by reference but not analysed yet (seeded after the analysis) is left out.
         named = {k: v for k, v in named.items() if k in known and k not in cfg.names}
         cfg = cfg.model_copy(update={"names": {**named, **cfg.names}})
-        if batch:  # the review edits apply here as in the dataset flow
-            sel = edits.select_with_edits(result, cfg, _review_attributes(Workspace(workspace)))
+        # the review edits apply here as in the dataset flow, in both modes
+        attrs = _review_attributes(Workspace(workspace))
+        edits.apply_to_analysis(result, attrs)
+        if batch:
+            sel = edits.select_with_edits(result, cfg, attrs)
         else:
-            sel = selection.interactive_select(
+            sel = _interactive(
                 result,
                 clusters,
-                report or analysis_path.with_suffix(".html"),
-                names={int(k): v for k, v in cfg.names.items()},
+                cfg,
+                attrs,
+                report_html=report or analysis_path.with_suffix(".html"),
                 output_dir=output_dir,
                 selection_path=selection_path,
             )
