@@ -92,6 +92,7 @@ def _build_datasets(
         [c["folder"] for c in chars],
         unmapped(config.augment),
         [augmentation.is_symmetric(config.augment, c["cluster"], c["name"]) for c in chars],
+        unmapped(config.crops),
     )
     aug = [f.result() for f in futures]
     stages["augmentation"] = {
@@ -99,6 +100,7 @@ def _build_datasets(
         "augmented_clusters": sum(a["status"] == "augmented" for a in aug),
         "originals": sum(a["originals"] for a in aug),
         "total": sum(a["total"] for a in aug),
+        **{f"crops_{k}": sum(a.get("crops", {}).get(k, 0) for a in aug) for k in config.crops.kinds},
         "seconds": round(time.perf_counter() - t0, 3),
     }
     timed("captions", run_heavy, caption_flow, "caption", {"workspace": workspace, "config": config}, config)

@@ -10,6 +10,7 @@ from yokai_pipeline import (
     backgrounds,
     captioning,
     clustering,
+    crops,
     edits,
     kohya,
     tagging,
@@ -19,6 +20,7 @@ from yokai_pipeline.config import (
     AugmentConfig,
     BackgroundConfig,
     CaptionConfig,
+    CropConfig,
     EmbeddingConfig,
     PackagingConfig,
     TagConfig,
@@ -34,16 +36,24 @@ from yokai_pipeline.workspace import Workspace
     retry_delay_seconds=IO_RETRY_DELAYS,
     task_run_name="augment-{folder}",
 )
-def augment_task(workspace: str, folder: str, cfg: AugmentConfig, symmetric: bool) -> dict:
-    """Augment one small cluster (or copy it unchanged when outside min/max)."""
+def augment_task(
+    workspace: str, folder: str, cfg: AugmentConfig, symmetric: bool, crop: CropConfig | None = None
+) -> dict:
+    """Augment one small cluster (or copy it unchanged when outside min/max), then add its 3-stage crops."""
     ws = Workspace(workspace)
-    res = augmentation.augment_cluster(
-        edits.dataset_clusters(ws) / folder, ws.augmented_clusters / folder, cfg, symmetric=symmetric
-    )
+    src, dest = edits.dataset_clusters(ws) / folder, ws.augmented_clusters / folder
+    res = augmentation.augment_cluster(src, dest, cfg, symmetric=symmetric)
+    made = None
+    if crop is not None and crop.enabled:
+        made = crops.crop_cluster(src, dest, crops.layer_rows(ws.layered_frames / "manifests"), crop)
+        for f in made["failed"]:
+            get_run_logger().warning(f"{folder}: no crop of {f['name']}: {f['problem']}")
     get_run_logger().info(
         f"{folder}: {res['originals']} originals -> {res['total']} images ({res['status']})"
+        + (f"; crops {made['counts']}" if made else "")
     )
-    return {k: v for k, v in res.items() if k != "config"}
+    out = {k: v for k, v in res.items() if k != "config"}
+    return {**out, "crops": made["counts"]} if made else out
 
 
 @task(name="tag-cluster", tags=["gpu"], retries=1, retry_delay_seconds=5, task_run_name="tag-{folder}")

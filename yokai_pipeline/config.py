@@ -98,6 +98,65 @@ class LayeringConfig(_Stage):
         multiple_of=32,
         description="isnet backend: square side frames are letterboxed to (upstream trains and infers at 1024).",
     )
+    crop_head_frac: float = Field(
+        0.3,
+        gt=0,
+        lt=1,
+        description="Head crop without a head detector or a visible neck: the top share of the figure "
+        "(the anime head-to-body ratio; yokai_pipeline/crops.py).",
+    )
+    crop_neck_dip: float = Field(
+        0.15,
+        gt=0,
+        lt=1,
+        description="A neck is a row this much (share of the figure's widest row) narrower than head and shoulders.",
+    )
+    crop_upper_frac: float = Field(
+        0.55, gt=0, le=1, description="Upper-body crop: the top share of the figure (at least 1.6 heads)."
+    )
+
+
+CropKind = Literal["full_body", "upper_body", "head"]
+
+
+class CropConfig(_Stage):
+    """3-stage crops per character in the dataset (yokai_pipeline/crops.py): which framings, in what shares."""
+
+    kinds: list[CropKind] = Field(
+        default_factory=lambda: ["full_body", "upper_body", "head"],
+        min_length=1,
+        description="Crops of each instance in the training data: full_body (always) plus upper_body / head cut from it (full_body alone = the layers as they are).",
+    )
+    share: dict[CropKind, float] = Field(
+        default_factory=lambda: {"full_body": 0.5, "upper_body": 0.3, "head": 0.2},
+        description="Share of a character's crops per kind, over its instances before augmentation (normalised over kinds).",
+    )
+    min_side: int = Field(
+        16, ge=1, description="Crops whose shorter side is below this many pixels are not made."
+    )
+    seed: int = Field(0, description="Which instances give which crops (seeded per instance and kind).")
+
+    @model_validator(mode="after")
+    def _shares_cover_kinds(self) -> CropConfig:
+        if "full_body" not in self.kinds:
+            raise ValueError(
+                "crops.kinds must keep full_body: the instance layers are what clustering, augmentation "
+                "and the guide's image counts work on; the other kinds are added to them"
+            )
+        missing = [k for k in self.kinds if self.share.get(k, 0) <= 0]
+        if missing:
+            raise ValueError(f"crops.share needs a positive share for every kind in crops.kinds: {missing}")
+        return self
+
+    def shares(self) -> dict[str, float]:
+        """kind -> share, over ``kinds`` only, summing to 1."""
+        total = sum(self.share[k] for k in self.kinds)
+        return {k: self.share[k] / total for k in dict.fromkeys(self.kinds)}
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the dataset holds anything but the full layers."""
+        return set(self.kinds) != {"full_body"}
 
 
 class DetectionConfig(_Stage):
@@ -112,6 +171,11 @@ class DetectionConfig(_Stage):
         None, description="yolo: local .onnx file or Hugging Face hub id of the detector."
     )
     kind: Literal["person", "halfbody", "head"] = Field("person", description="yolo: which detector.")
+    head_model: str | None = Field(
+        None,
+        description="yolo: the anime head detector (local .onnx or hub id, e.g. deepghs/anime_head_detection) "
+        "whose boxes make the head crops; None = head crops from the instance mask's geometry.",
+    )
     device: str = Field("auto", description="yolo: auto, cpu, cuda or cuda:N.")
     batch_size: int = Field(16, ge=1, le=1024, description="yolo: images per forward pass.")
     score_threshold: float = Field(0.35, ge=0, le=1, description="yolo: lowest box score kept.")
@@ -651,6 +715,7 @@ class PipelineConfig(_Stage):
     orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
     detection: DetectionConfig = Field(default_factory=DetectionConfig)
     naming: NamingConfig = Field(default_factory=NamingConfig)
+    crops: CropConfig = Field(default_factory=CropConfig)
 
     @model_validator(mode="before")
     @classmethod

@@ -20,6 +20,7 @@ k = instance k), the boxes, and the plate with where it saw the background.
 
 from __future__ import annotations
 
+import json
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -45,12 +46,16 @@ class Detection:
         boxes: float32 (N, 6): x0, y0, x1, y1 (x1/y1 exclusive), score, class id; row k-1 is instance k.
         plate: RGB uint8 HxW background plate aligned to the frame, or None (no stack / yolo).
         plate_seen: bool HxW, where the plate saw the background (None with ``plate`` None).
+        source_boxes: yolo: float32 (N, 6), the detector's box that made instance k (row k-1).
+        heads: yolo with a head detector: float32 (N, 4), instance k's head box (NaN: none found).
     """
 
     labels: np.ndarray
     boxes: np.ndarray
     plate: np.ndarray | None = None
     plate_seen: np.ndarray | None = None
+    source_boxes: np.ndarray | None = None
+    heads: np.ndarray | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -422,11 +427,15 @@ _detectors: dict[str, Any] = {}
 _detectors_lock = threading.Lock()
 
 
-def get_detector(cfg: DetectionConfig) -> Any:
-    """The neural detector for ``cfg`` (``models.detector.load_detector``), memoised per process."""
-    if cfg.model is None:
+def get_detector(cfg: DetectionConfig, head: bool = False) -> Any:
+    """The neural detector for ``cfg`` (``models.detector.load_detector``), memoised per process.
+
+    ``head=True``: the head detector of ``cfg.head_model`` instead (3-stage crops' head boxes).
+    """
+    model, kind = (cfg.head_model, "head") if head else (cfg.model, cfg.kind)
+    if model is None:
         raise ConfigError("detection.backend=yolo needs detection.model (a local .onnx file or a hub id)")
-    key = cfg.model_dump_json(include={"model", "kind", "device", "batch_size"})
+    key = json.dumps([model, kind, cfg.device, cfg.batch_size])
     with _detectors_lock:
         if key not in _detectors:
             try:
@@ -436,9 +445,7 @@ def get_detector(cfg: DetectionConfig) -> Any:
                     "detection.backend=yolo needs yokai_pipeline.models.detector and onnxruntime "
                     "(pip install 'yokai-pipeline[gpu]')"
                 ) from exc
-            _detectors[key] = load_detector(
-                cfg.model, kind=cfg.kind, device=cfg.device, batch_size=cfg.batch_size
-            )
+            _detectors[key] = load_detector(model, kind=kind, device=cfg.device, batch_size=cfg.batch_size)
         return _detectors[key]
 
 
@@ -449,6 +456,13 @@ def labels_in_boxes(mask_u8: np.ndarray, boxes: np.ndarray, threshold: int, min_
     detection takes the shared pixels; mask pixels outside every box (background props a
     saliency model picked up) belong to no instance.
     """
+    return labels_and_sources(mask_u8, boxes, threshold, min_area)[0]
+
+
+def labels_and_sources(
+    mask_u8: np.ndarray, boxes: np.ndarray, threshold: int, min_area: float
+) -> tuple[np.ndarray, list[int]]:
+    """:func:`labels_in_boxes` and, per instance k (item k-1), the index of the box that made it."""
     h, w = mask_u8.shape
     fg = mask_u8 > threshold
     out = np.zeros((h, w), np.int32)
@@ -463,26 +477,57 @@ def labels_in_boxes(mask_u8: np.ndarray, boxes: np.ndarray, threshold: int, min_
         if take.sum() < min_area:
             continue
         out[y0:y1, x0:x1][take] = len(parts) + 1
-        parts.append((x0, y0))
+        parts.append((x0, y0, int(i)))
     # renumber left to right, like the offline instances
     order_lr = sorted(range(len(parts)), key=lambda k: parts[k])
     lut = np.zeros(len(parts) + 1, np.int32)
     for new, old in enumerate(order_lr, start=1):
         lut[old + 1] = new
-    return lut[out]
+    return lut[out], [parts[k][2] for k in order_lr]
+
+
+def heads_of(labels: np.ndarray, heads: np.ndarray) -> np.ndarray:
+    """Each instance's head box among a head detector's boxes (NaN row: none).
+
+    A head belongs to the instance that has the most mask pixels inside it (at least a
+    quarter of the box); each head goes to one instance, best score first.
+    """
+    n = int(labels.max()) if labels.size else 0
+    out = np.full((n, 4), np.nan, np.float32)
+    h, w = labels.shape
+    for i in np.argsort(-heads[:, 4], kind="stable") if len(heads) else []:
+        x0, y0, x1, y1 = (int(round(float(v))) for v in heads[i, :4])
+        x0, y0, x1, y1 = max(0, x0), max(0, y0), min(w, x1), min(h, y1)
+        if x1 <= x0 or y1 <= y0:
+            continue
+        counts = np.bincount(labels[y0:y1, x0:x1].ravel(), minlength=n + 1)
+        counts[0] = 0
+        k = int(counts.argmax())
+        if k and np.isnan(out[k - 1, 0]) and counts[k] >= 0.25 * (x1 - x0) * (y1 - y0):
+            out[k - 1] = heads[i, :4]
+    return out
 
 
 def detect_yolo(
     frames: list[np.ndarray], masks: list[np.ndarray], cfg: DetectionConfig, threshold: int
 ) -> list[Detection]:
-    """Instances of a batch of frames: detector boxes, the segmenter's mask cut inside each."""
+    """Instances of a batch of frames: detector boxes, the segmenter's mask cut inside each.
+
+    The whole batch goes to the detector at once (it runs ``cfg.batch_size`` frames per
+    forward pass); with ``cfg.head_model`` the head detector runs on it too and each
+    instance gets its head box (the 3-stage crops' head crop).
+    """
     dets = get_detector(cfg).detect(frames)
+    heads = get_detector(cfg, head=True).detect(frames) if cfg.head_model else [None] * len(frames)
     out = []
-    for im, m, d in zip(frames, masks, dets, strict=True):
+    for im, m, d, hd in zip(frames, masks, dets, heads, strict=True):
         d = np.asarray(d, np.float32).reshape(-1, 6)
         d = d[d[:, 4] >= cfg.score_threshold]
-        labels = labels_in_boxes(m, d, threshold, cfg.min_area_frac * im.shape[0] * im.shape[1])
-        out.append(Detection(labels, boxes_of(labels)))
+        labels, src = labels_and_sources(m, d, threshold, cfg.min_area_frac * im.shape[0] * im.shape[1])
+        found = Detection(labels, boxes_of(labels), source_boxes=d[src].reshape(-1, 6))
+        if hd is not None:
+            found.heads = heads_of(labels, np.asarray(hd, np.float32).reshape(-1, 6))
+        out.append(found)
     return out
 
 

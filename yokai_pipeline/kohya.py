@@ -54,6 +54,7 @@ from pathlib import Path
 from typing import Any
 
 from yokai_pipeline.config import PackagingConfig, TrainingConfig
+from yokai_pipeline.crops import CROPS_MANIFEST
 from yokai_pipeline.errors import BadInputError
 from yokai_pipeline.fsio import (
     atomic_write_bytes,
@@ -251,12 +252,14 @@ def list_images(folder: Path) -> list[Path]:
 
 
 def read_sources(folder: Path) -> dict[str, str]:
-    """Image file name -> the file name of the original it was augmented from (from the manifest)."""
-    manifest = folder / AUGMENT_MANIFEST
-    if not manifest.exists():
-        return {}
+    """Image file name -> the file name of the original it was augmented (or cropped) from.
+
+    From the augmentation manifest and the 3-stage crops' manifest (yokai_pipeline/crops.py):
+    a crop is a derived image of its instance, like an augmented copy.
+    """
     out: dict[str, str] = {}
-    for row in read_jsonl(manifest):
+    manifests = [folder / AUGMENT_MANIFEST, folder / CROPS_MANIFEST]
+    for row in (r for m in manifests if m.exists() for r in read_jsonl(m)):
         src = row.get("source")
         dest = row.get("path") or row.get("output") or row.get("file") or row.get("image") or row.get("name")
         if src and dest:

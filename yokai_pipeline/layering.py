@@ -616,6 +616,7 @@ def _paths(ws: Workspace, row: dict) -> dict[str, Path]:
         "mask": lf / "masks" / ep / f"{stem}.png",
         "instances": lf / "instances" / ep / f"{stem}.png",
         "character_dir": lf / "character" / ep,
+        "crops": lf / "crops" / ep / f"{stem}.json",
         "failure": lf / "failures" / ep / f"{stem}.json",
     }
 
@@ -649,7 +650,12 @@ def read_frame(path: str | Path) -> np.ndarray:
 
 
 def _rows_for(
-    ws: Workspace, row: dict, layers: list[tuple[Box, int]], size: tuple[int, int], paths: dict
+    ws: Workspace,
+    row: dict,
+    layers: list[tuple[Box, int]],
+    size: tuple[int, int],
+    paths: dict,
+    crops: list[dict] | None = None,
 ) -> list[dict]:
     ep, stem = row["episode_id"], _frame_stem(row)
     base = {
@@ -680,8 +686,56 @@ def _rows_for(
                 "box": list(box),
                 "area": int(area),
                 "path": ws.rel(paths["character_dir"] / f"{stem}_i{k:02d}.png"),
+                **_crop_fields(crops, k),
             }
         )
+    return out
+
+
+def _crop_fields(crops: list[dict] | None, k: int) -> dict:
+    """Manifest fields of instance ``k``'s 3-stage crops (yokai_pipeline/crops.py)."""
+    if crops is None or k >= len(crops):
+        return {"crop_kind": "full_body"}
+    c = crops[k]
+    out = {"crop_kind": "full_body", "crops": {kind: c[kind] for kind in ("upper_body", "head")}}
+    out["crop_source"] = c["source"]
+    if "detector_box" in c:  # yolo: the detector's box (x0, y0, x1, y1, score, class) of this instance
+        out["detector_box"] = c["detector_box"]
+    return out
+
+
+def layer_crops(
+    layers: list[tuple[np.ndarray, Box, int]], size: tuple[int, int], cfg: LayeringConfig, det: Any = None
+) -> list[dict]:
+    """Upper-body and head crop boxes of each layer (from its alpha, or the detection's head boxes).
+
+    Args:
+        layers: (rgba, box, area) per instance, as cut.
+        size: frame (width, height).
+        cfg: crop geometry.
+        det: the frame's detection.Detection; its ``heads`` (row k = instance k+1's head box or
+            NaN) and yolo ``source_boxes`` are used when present.
+    """
+    from yokai_pipeline.crops import crop_boxes
+
+    heads = getattr(det, "heads", None)
+    sources = getattr(det, "source_boxes", None)
+    out = []
+    for k, (rgba, (x0, y0, x1, y1), _) in enumerate(layers):
+        inside = rgba[..., 3] > 0
+        ys, xs = np.nonzero(inside)
+        if xs.size == 0:
+            out.append({"upper_body": [x0, y0, x0, y0], "head": [x0, y0, x0, y0], "source": "empty"})
+            continue
+        tight = inside[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
+        head = heads[k] if heads is not None and k < len(heads) and np.isfinite(heads[k]).all() else None
+        c = crop_boxes(tight, (x0 + int(xs.min()), y0 + int(ys.min())), size, cfg, head)
+        for kind in ("upper_body", "head"):  # a crop shows no more than its layer holds
+            b = c[kind]
+            c[kind] = [max(b[0], x0), max(b[1], y0), min(b[2], x1), min(b[3], y1)]
+        if sources is not None and k < len(sources):
+            c["detector_box"] = [round(float(v), 2) for v in sources[k]]
+        out.append(c)
     return out
 
 
@@ -706,11 +760,13 @@ def _write_frame(
     for k, (rgba, _, _) in enumerate(layers):
         atomic_write_bytes(paths["character_dir"] / f"{stem}_i{k:02d}.png", _encode_png(rgba))
     atomic_write_bytes(paths["background"], _encode_png(background))
+    h, w = rgb.shape[:2]
+    crops = layer_crops(layers, (w, h), cfg, det)
+    atomic_write_json(paths["crops"], crops)
     # The mask goes last: its presence marks the frame complete (resume).
     atomic_write_bytes(paths["mask"], _encode_png(fg.astype(np.uint8) * 255, bilevel=True))
     paths["failure"].unlink(missing_ok=True)
-    h, w = rgb.shape[:2]
-    return _rows_for(ws, row, [(box, area) for _, box, area in layers], (w, h), paths)
+    return _rows_for(ws, row, [(box, area) for _, box, area in layers], (w, h), paths, crops)
 
 
 def _existing_rows(ws: Workspace, row: dict, cfg: LayeringConfig) -> list[dict] | None:
@@ -735,7 +791,13 @@ def _existing_rows(ws: Workspace, row: dict, cfg: LayeringConfig) -> list[dict] 
         if not (paths["character_dir"] / f"{stem}_i{k:02d}.png").is_file():
             return None
         layers.append((crop_box(box, cfg.crop_margin, w, h), area))
-    return _rows_for(ws, row, layers, (w, h), paths)
+    crops = None
+    if paths["crops"].is_file():  # written with the layers; absent in workspaces older than crops
+        try:
+            crops = fsio.read_json(paths["crops"])
+        except (OSError, ValueError):
+            return None
+    return _rows_for(ws, row, layers, (w, h), paths, crops)
 
 
 def _label_boxes(labels: np.ndarray) -> list[tuple[int, Box, int]]:
@@ -857,6 +919,8 @@ def _layer_chunk(
     Returns:
         (index, layer rows or None, exception or None) per item.
     """
+    if det is not None and det.backend == "yolo":
+        return _layer_chunk_yolo(ws, cfg, items, segmenter, det)
     out: list[tuple[int, list[dict] | None, BaseException | None]] = []
     for i, row, img, mask in items:
         try:
@@ -872,6 +936,37 @@ def _layer_chunk(
                 mask = _mask_for(segmenter or get_segmenter(cfg), img)
             out.append((i, _write_frame(ws, row, img, mask, cfg), None))
         except Exception as exc:  # noqa: BLE001 - one bad frame never loses the chunk
+            out.append((i, None, exc))
+    return out
+
+
+def _layer_chunk_yolo(
+    ws: Workspace, cfg: LayeringConfig, items: list[tuple], segmenter: Segmenter | None, det: DetectionConfig
+) -> list[tuple[int, list[dict] | None, BaseException | None]]:
+    """:func:`_layer_chunk` with the neural detector: the chunk's frames go to it as one batch."""
+    from yokai_pipeline import detection
+
+    out: list[tuple[int, list[dict] | None, BaseException | None]] = []
+    ready: list[tuple[int, dict, np.ndarray, np.ndarray]] = []
+    for i, row, img, mask in items:
+        try:
+            img = read_frame(ws.abs(row["path"])) if img is None else img
+            mask = _mask_for(segmenter or get_segmenter(cfg), img) if mask is None else mask
+            ready.append((i, row, img, _mask_u8(mask)))
+        except Exception as exc:  # noqa: BLE001 - one bad frame never loses the chunk
+            out.append((i, None, exc))
+    if not ready:
+        return out
+    try:
+        found = detection.detect_yolo(
+            [r[2] for r in ready], [r[3] for r in ready], det, round(cfg.mask_threshold * 255)
+        )
+    except Exception as exc:  # noqa: BLE001 - the detector failed on the batch: every frame records it
+        return out + [(i, None, exc) for i, *_ in ready]
+    for (i, row, img, mask), f in zip(ready, found, strict=True):
+        try:
+            out.append((i, _write_frame(ws, row, img, mask, cfg, f), None))
+        except Exception as exc:  # noqa: BLE001
             out.append((i, None, exc))
     return out
 
@@ -1129,7 +1224,10 @@ def segment_layers(
         model = getattr(segmenter, "batched", False) and hasattr(segmenter, "predict_batches")
         # Other segmenters live in this process only.
         processes = (model or isinstance(segmenter, OfflineSegmenter)) and _use_processes(cfg, len(todo))
-        processes = processes and (detection is None or detection.backend != "yolo")
+        # with the neural detector, frames per task = one detector batch (0: another backend)
+        yolo = detection.batch_size if detection is not None and detection.backend == "yolo" else 0
+        # the neural detector lives once, in this process; its tasks are whole detector batches
+        processes = processes and not yolo
         pool = None
         if processes:
             try:
@@ -1144,7 +1242,7 @@ def segment_layers(
             if model:
                 # Decoding (threads), the model (this thread) and writing (tasks) overlap.
                 rows_by_index = dict(todo)
-                per = _task_frames(cfg.batch_size, workers)
+                per = _task_frames(cfg.batch_size, workers) if not yolo else max(yolo, cfg.batch_size)
                 decoded = _decoded(ws, todo, threads, max(2 * cfg.batch_size, 2 * workers * per), per)
 
                 def good_frames() -> Iterator[tuple[int, np.ndarray]]:
@@ -1163,7 +1261,7 @@ def segment_layers(
                     tasks.drain(limit=2 * cfg.batch_size + 4 * workers)
             else:
                 # The tasks read, segment and write: nothing here needs the pixels.
-                per = _task_frames(len(todo), 2 * workers)
+                per = _task_frames(len(todo), 2 * workers) if not yolo else yolo
                 for s in range(0, len(todo), per):
                     items = [(i, row, None, None) for i, row in todo[s : s + per]]
                     tasks.submit(items, None if processes else segmenter)

@@ -307,25 +307,29 @@ def caption_tags(doc: Mapping[str, Any]) -> list[str]:
 
 
 def layer_meta(manifests_dir: str | Path) -> dict[str, dict[str, Any]]:
-    """Layer id -> ``{"crop_kind", "instances"}`` from the episodes' layer manifests (offline tagger facts)."""
+    """Layer id (and crop file stem) -> ``{"crop_kind", "instances"}`` from the layer manifests (offline tagger facts)."""
+    from yokai_pipeline.crops import crop_stem
+
     rows = [r for p in sorted(Path(manifests_dir).glob("*.jsonl")) for r in read_jsonl(p)]
     rows = [r for r in rows if r.get("kind", "character") == "character" and "layer_id" in r]
     per_frame = Counter(str(r.get("frame_path", r["layer_id"])) for r in rows)
-    return {
-        str(r["layer_id"]): {
-            "crop_kind": r.get("crop_kind"),
-            "instances": per_frame[str(r.get("frame_path", r["layer_id"]))],
-        }
-        for r in rows
-    }
+    out = {}
+    for r in rows:
+        n = per_frame[str(r.get("frame_path", r["layer_id"]))]
+        out[str(r["layer_id"])] = {"crop_kind": r.get("crop_kind"), "instances": n}
+        # the dataset's upper-body / head crops of this layer (yokai_pipeline/crops.py)
+        for kind in r.get("crops") or {}:
+            out[crop_stem(str(r["layer_id"]), kind)] = {"crop_kind": kind, "instances": n}
+    return out
 
 
 def _folder_metas(folder: Path, images: Sequence[Path], meta: Mapping[str, Mapping[str, Any]]) -> list[dict]:
-    """Each image's layer facts; augmented copies inherit their original's."""
+    """Each image's layer facts; augmented copies inherit their original's, crops have their own."""
     from yokai_pipeline.kohya import read_sources
 
     sources = read_sources(folder)
-    return [dict(meta.get(Path(sources.get(p.name, p.name)).stem, {})) for p in images]
+    # a crop has facts of its own (its framing); an augmented copy has its original's
+    return [dict(meta.get(p.stem) or meta.get(Path(sources.get(p.name, p.name)).stem, {})) for p in images]
 
 
 def tag_folder(

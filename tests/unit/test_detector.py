@@ -146,3 +146,52 @@ def test_cuda_bf16_torch_path_matches_onnxruntime(tmp_path):
     # bf16 keeps ~3 significant digits: 2% of the output scale.
     a, b = ort.raw(frames), gpu.raw(frames)
     np.testing.assert_allclose(b, a, rtol=0, atol=0.02 * np.abs(a).max())
+
+
+def _drawn_frame(h: int = 360, w: int = 640) -> np.ndarray:
+    """A drawn frame (painted background, outlined characters): what the detector sees in practice."""
+    from yokai_pipeline import synthetic
+
+    frame = synthetic.paint_backgrounds(h, w, seed=1)[0][:, :w].copy()
+    for cid, fx in ((0, 0.1), (3, 0.5)):
+        rgba = synthetic.render_character(cid, scale=h / 240)
+        ch, cw = rgba.shape[:2]
+        x, y = int(fx * w), (h - ch) // 2
+        np.copyto(frame[y : y + ch, x : x + cw], rgba[..., :3], where=rgba[..., 3:] > 0)
+    return frame
+
+
+@pytest.mark.parametrize("device", ["cpu", "torch-cpu"])
+def test_batched_device_resize_follows_pils_bicubic(device):
+    # Upstream (imgutils/generic/yolo.py) resizes with PIL bicubic: det.preprocess is that reference.
+    frames = [_drawn_frame(), _drawn_frame(90, 160), _drawn_frame()]
+    if device == "cpu":
+        x = det.preprocess_batch(frames, (320, 320), "cpu")
+    else:
+        pytest.importorskip("torch")
+        x = det.torch_resize(frames, (320, 320), "cpu").numpy()  # the CUDA path's code, run on CPU
+    assert x.shape == (3, 3, 320, 320) and x.dtype == np.float32
+    for got, im in zip(x, frames, strict=True):
+        ref = det.preprocess(im, (320, 320))
+        # 640x360 -> 320 (a 1280x720 frame into a 640 model) and 160x90 enlarged: mean
+        # difference below 1/255, a few levels at line-art edges
+        diff = np.abs(got - ref) * 255
+        assert diff.mean() < 1 and np.percentile(diff, 99) < 10
+        assert diff.max() < (48 if device == "cpu" else 24)  # at most a thin outline's worth
+    with pytest.raises(ValueError, match="RGB uint8"):
+        det.preprocess_batch([frames[0][..., 0]], (64, 48))
+
+
+def test_detect_batches_frames_and_matches_frame_by_frame(tmp_path, monkeypatch):
+    path = onnx_models.yolo_detector(tmp_path / "model.onnx", imgsz=64, seed=2)
+    d = det.load_detector(path, "person", device="cpu", batch_size=4, conf_threshold=0.0)
+    frames = _frames(10, seed=4)
+    calls: list[int] = []
+    run = d.model.run
+    monkeypatch.setattr(d.model, "run", lambda x: calls.append(len(x)) or run(x))
+    batched = d.detect(frames)
+    assert calls == [4, 4, 2]  # model.batch_size frames per resize + forward pass
+    for b, im in zip(batched, frames, strict=True):
+        (one,) = d.detect([im])
+        np.testing.assert_allclose(b, one, rtol=1e-5, atol=1e-4)
+    assert d.detect([]) == []

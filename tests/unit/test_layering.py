@@ -107,9 +107,11 @@ def test_manifest_rows_follow_the_data_format(layered):
         "path",
         "frame_path",
     }
+    crop_keys = {"crop_kind", "crops", "crop_source"}  # the 3-stage crops (yokai_pipeline/crops.py)
     for r in manifest:
         if r["kind"] == "character":
-            assert set(r) == char_keys
+            assert set(r) == char_keys | crop_keys
+            assert r["crop_kind"] == "full_body" and set(r["crops"]) == {"upper_body", "head"}
             assert r["path"] == f"layered_frames/character/ep01/{r['layer_id']}.png"
         else:
             assert set(r) == char_keys | {"mask_path"}

@@ -226,12 +226,20 @@ class OnnxModel:
             raise BadInputError(self.path, f"cannot convert to torch ({type(exc).__name__}: {exc})") from exc
         return module.eval().to(self.device)
 
-    def run(self, x: np.ndarray) -> list[np.ndarray]:
-        """All outputs for a float32 batch, computed ``batch_size`` rows at a time, as float32 numpy."""
+    def run(self, x: Any) -> list[np.ndarray]:
+        """All outputs for a float32 batch, computed ``batch_size`` rows at a time, as float32 numpy.
+
+        ``x`` is a numpy array or, for the torch runtime, a tensor already on the model's
+        device (preprocessed there: no host round trip).
+        """
         chunks: list[list[np.ndarray]] = []
+        host = isinstance(x, np.ndarray) or self._session is not None
         with self._lock:
             for start in range(0, len(x), self.batch_size):
-                part = np.ascontiguousarray(x[start : start + self.batch_size], dtype=np.float32)
+                part = x[start : start + self.batch_size]
+                if host:
+                    part = np.ascontiguousarray(np.asarray(part if isinstance(part, np.ndarray) else part.cpu()),
+                                                dtype=np.float32)  # fmt: skip
                 chunks.append(self._forward(part))
         if not chunks:
             raise ValueError("OnnxModel.run needs at least one row")
@@ -242,14 +250,15 @@ class OnnxModel:
         with self._lock:
             return self._forward(np.ascontiguousarray(x, dtype=np.float32))
 
-    def _forward(self, part: np.ndarray) -> list[np.ndarray]:
+    def _forward(self, part: Any) -> list[np.ndarray]:
         if self._session is not None:
             return [np.asarray(o, dtype=np.float32) for o in self._session.run(None, {self.input_name: part})]
         import torch
 
         cuda = self.device.startswith("cuda")
+        x = part if isinstance(part, torch.Tensor) else torch.from_numpy(part)
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and self.bf16):
-            out = self._module(torch.from_numpy(part).to(self.device, non_blocking=True))
+            out = self._module(x.to(self.device, torch.float32, non_blocking=True))
         outs = out if isinstance(out, list | tuple) else [out]
         return [o.float().cpu().numpy() for o in outs]
 
