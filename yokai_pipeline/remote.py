@@ -266,13 +266,17 @@ def synced(
 
 def episode_prefixes(episode_id: str) -> list[str]:
     """The workspace parts one episode's frame extraction and layering write."""
-    lf = "layered_frames"
+    from yokai_pipeline import layering
+
+    # the per-frame outputs as layering names them, so a new kind of output is synced too
+    ws = Workspace(Path("/"))
+    outputs = layering._paths(ws, {"episode_id": episode_id, "frame_index": 0})
+    folders = {
+        (p if k.endswith("_dir") else p.parent).relative_to(ws.root).as_posix() for k, p in outputs.items()
+    }
     return [
-        f"episodes/{episode_id}/",
-        *(
-            f"{lf}/{kind}/{episode_id}/"
-            for kind in ("character", "background", "masks", "instances", "failures")
-        ),
-        f"{lf}/episode_manifests/{episode_id}.jsonl",
-        f"{lf}/manifests/{episode_id}.jsonl",
+        ws.rel(ws.episode_dir(episode_id)) + "/",
+        *sorted(f + "/" for f in folders),
+        ws.rel(ws.episode_layers_manifest(episode_id)),
+        ws.rel(ws.layers_manifest(episode_id)),
     ]

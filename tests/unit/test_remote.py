@@ -173,3 +173,21 @@ def test_yokai_run_refuses_a_missing_bucket_at_start(s3_env, tmp_path, monkeypat
     text = " ".join(res.output.split())
     assert url in text and "does not exist" in text
     assert not (tmp_path / "scratch-a").exists()
+
+
+def test_episode_prefixes_cover_its_outputs_and_no_other_episode():
+    parts = remote.episode_prefixes("ep01")
+    # the layout layering.py and frames.py document
+    for key in (
+        "episodes/ep01/frames/ep01_f000001.png",
+        "episodes/ep01/frames.jsonl",
+        "layered_frames/character/ep01/ep01_f000001_i00.png",
+        "layered_frames/background/ep01/ep01_f000001.png",
+        "layered_frames/masks/ep01/ep01_f000001.png",
+        "layered_frames/instances/ep01/ep01_f000001.png",
+        "layered_frames/episode_manifests/ep01.jsonl",
+        "layered_frames/manifests/ep01.jsonl",
+    ):
+        assert any(key.startswith(p) for p in parts), key
+    for key in ("episodes/ep010/frames.jsonl", "layered_frames/manifests/ep010.jsonl", "selection.json"):
+        assert not any(key.startswith(p) for p in parts), key
