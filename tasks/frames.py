@@ -30,6 +30,8 @@ def extract_frames_task(video: str, workspace: str, cfg: FramesConfig, episode_i
     stats = frames.extract_frames(
         Path(video), Workspace(workspace), cfg, progress=reporter(f"frames {episode_id}", log.info)
     )
+    if stats.get("decoder_note"):
+        log.warning(stats["decoder_note"])
     log.info(
         f"{episode_id}: kept {stats.get('kept')} frames from {stats.get('decoded')} decoded, {stats.get('shots')} shots"
     )

@@ -53,6 +53,21 @@ class FramesConfig(_Stage):
         description="Also save every candidate frame of a shot (up to 3 x frames_per_shot, longer side capped "
         "at this) as the shot's stack, for the offline detector's background plate (0 = no stacks).",
     )
+    decoder: Literal["auto", "nvdec", "pyav"] = Field(
+        "auto",
+        description="auto: NVDEC (PyNvVideoCodec, frames stay on the GPU) when a CUDA device and the package "
+        "are present, else PyAV. nvdec: NVDEC, falling back to PyAV for a stream it cannot decode. pyav: CPU.",
+    )
+    decode_segments: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="Contiguous parts of the episode, cut at keyframes, decoded at once by one decoder each "
+        "(0 = auto: one per NVDEC engine share on the GPU, one for PyAV, which threads inside FFmpeg).",
+    )
+    gpu_batch: int = Field(
+        32, ge=1, le=512, description="Frames per batch of GPU frame analysis (halved on CUDA out of memory)."
+    )
 
 
 class LayeringConfig(_Stage):

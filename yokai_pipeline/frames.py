@@ -26,6 +26,7 @@ build the shot's background plate (yokai_pipeline/detection.py) without decoding
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import queue
@@ -54,6 +55,8 @@ _CHUNK = 8  # frames per analysis task: amortises the hand-off, bounds frames in
 _FEATURE_WORKERS = max(1, min(4, (os.cpu_count() or 2) - 1))
 _MAX_PENDING_WRITES = 8  # PNG encodes overlap decoding in threads; bounded so frames don't pile up
 _PROGRESS_EVERY = 48
+
+log = logging.getLogger(__name__)
 
 
 def episode_id_for(video: str | Path) -> str:
@@ -121,6 +124,8 @@ def frame_features(frame: Any, hist_width: int) -> tuple[np.ndarray, float, np.n
 
 def frame_pixels(frame: Any, max_side: int = 0, format: str = "rgb24") -> np.ndarray:
     """Pixels of a decoded ``av.VideoFrame``, downscaled so the longer side is at most ``max_side``."""
+    if hasattr(frame, "pixels"):  # a GPU frame resizes where it is (yokai_pipeline/video/nvdec.py)
+        return frame.pixels(max_side, format)
     img = frame.to_ndarray(format=format)
     h, w = img.shape[:2]
     if max_side and max(h, w) > max_side:
@@ -219,6 +224,153 @@ def analysed_frames(
                 pass
         thread.join()
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+@dataclass
+class FrameSource:
+    """Where an episode's analysed frames come from: one decoder backend over the whole file."""
+
+    decoder: str  # "pyav" or "nvdec"
+    fps: float
+    total: int  # frames the container announces (0 when unknown)
+    frames: Iterator[DecodedFrame]  # one pass (when ``open_at`` is None)
+    errors: tuple[type[BaseException], ...]  # what decoding raises for a truncated or corrupt file
+    segments: int = 1
+    note: str = ""  # why the configured decoder was not used, if it was not
+    # segments scanned at once: their first frames (keyframes), and a decoder from a frame to the end
+    starts: list[int] = field(default_factory=list)
+    open_at: Callable[[int], Iterator[DecodedFrame]] | None = None
+
+
+def _stream_rate(stream: Any) -> tuple[float, int]:
+    """(fps, announced frame count) of a PyAV stream; 0 where unknown or absurd."""
+    rate = stream.average_rate or stream.guessed_rate
+    fps = float(rate) if rate else 0.0
+    if not math.isfinite(fps) or fps <= 0 or fps > 1000:
+        fps = 0.0
+    return fps, max(int(stream.frames or 0), 0)
+
+
+def _keyframe_index(video: Path) -> tuple[list[int], list[int]]:
+    """(sorted presentation timestamps of every frame, indices of the keyframes) from the packets alone."""
+    import av
+
+    pts: list[int] = []
+    keys: list[int] = []
+    with av.open(str(video)) as c:
+        for packet in c.demux(c.streams.video[0]):
+            if packet.pts is None or packet.size == 0:
+                continue
+            pts.append(int(packet.pts))
+            if packet.is_keyframe:
+                keys.append(int(packet.pts))
+    pts.sort()
+    rank = {p: i for i, p in enumerate(pts)}
+    return pts, sorted(rank[k] for k in keys)
+
+
+def pyav_frames_from(video: Path, pts: list[int], start: int, hist_width: int) -> Iterator[DecodedFrame]:
+    """Frames ``start``.. of ``video`` from a container of their own, seeking to frame ``start``'s keyframe.
+
+    The same frames, indices and analysis as one pass from the beginning: the decoder starts at the
+    keyframe at or before ``start``, and the frames before ``start`` are skipped.
+
+    Args:
+        video: the episode file.
+        pts: every frame's presentation timestamp, sorted (:func:`_keyframe_index`).
+        start: first frame wanted.
+        hist_width: histogram image width.
+    """
+    import av
+
+    with av.open(str(video)) as c:
+        stream = c.streams.video[0]
+        stream.thread_type = "AUTO"
+        if start:
+            c.seek(pts[start], stream=stream, backward=True)
+        idx = start
+        for item in analysed_frames(c, stream, hist_width):
+            if start and item.frame.pts is not None and item.frame.pts < pts[start]:
+                continue  # before the wanted frame (a seek lands on the keyframe at or before it)
+            yield DecodedFrame(idx, item.timestamp, item.frame, item.hist, item.sharpness, item.thumb)
+            idx += 1
+
+
+def resolve_decoder(decoder: str) -> str:
+    """``auto`` -> ``nvdec`` when PyNvVideoCodec and a CUDA device are present, else ``pyav``.
+
+    Raises:
+        RuntimeError: ``nvdec`` asked for where it cannot run.
+    """
+    if decoder == "pyav":
+        return "pyav"
+    from yokai_pipeline.video.nvdec import nvdec_available
+
+    if nvdec_available():
+        return "nvdec"
+    if decoder == "nvdec":
+        raise RuntimeError(
+            "frames.decoder=nvdec needs a CUDA device and PyNvVideoCodec (pip install pynvvideocodec); "
+            "set frames.decoder=auto or pyav to decode on the CPU"
+        )
+    return "pyav"
+
+
+def open_frame_source(video: Path, container: Any, stream: Any, cfg: FramesConfig) -> FrameSource:
+    """The configured decoder over ``video`` (already opened by PyAV, which validated it).
+
+    NVDEC is used when :func:`resolve_decoder` picks it and it can decode the stream; a stream it
+    cannot decode (10-bit, 4:2:2, a codec this GPU lacks) falls back to PyAV with a log line.
+    """
+    import av
+
+    fps, total = _stream_rate(stream)
+    note = ""
+    if resolve_decoder(cfg.decoder) == "nvdec":
+        from yokai_pipeline.runtime.leases import resolve_auto
+        from yokai_pipeline.video.nvdec import NvdecDecodeError, NvdecSource, NvdecUnsupported
+
+        try:
+            src = NvdecSource(
+                video,
+                cfg.analysis_width,
+                _SHARPNESS_WIDTH,
+                cfg.decode_segments,
+                cfg.gpu_batch,
+                resolve_auto("auto", True),
+            )
+        except NvdecUnsupported as exc:
+            note = f"NVDEC cannot decode {video.name} ({exc}); decoding it with PyAV on the CPU"
+            log.warning(note)
+        else:
+            # the container's own count, when it has one, also catches a file cut short after its header
+            fps, total = fps or src.fps, total or src.total
+            errors = (NvdecDecodeError,)
+            if len(src.segments) < 2:
+                return FrameSource("nvdec", fps, total, src.frames_from(0), errors)
+            starts = [seg.start for seg in src.segments]
+            return FrameSource(
+                "nvdec", fps, total, iter(()), errors, len(starts), "", starts, src.frames_from
+            )
+    if cfg.decode_segments > 1:
+        from yokai_pipeline.video.segments import plan_segments
+
+        pts, keys = _keyframe_index(video)
+        segs = plan_segments(len(pts), keys, cfg.decode_segments)
+        if len(segs) > 1:
+            return FrameSource(
+                "pyav",
+                fps,
+                total,
+                iter(()),
+                (av.FFmpegError,),
+                len(segs),
+                note,
+                [s.start for s in segs],
+                lambda start: pyav_frames_from(video, pts, start, cfg.analysis_width),
+            )
+    it = analysed_frames(container, stream, cfg.analysis_width)
+    return FrameSource("pyav", fps, total, it, (av.FFmpegError,), 1, note)
 
 
 def colour_histogram(small_bgr: np.ndarray) -> np.ndarray:
@@ -448,9 +600,15 @@ def extract_frames(
             if old_dir.exists():  # outputs of another config or a killed run
                 shutil.rmtree(old_dir)
         stats_path.unlink(missing_ok=True)
-        rows, stats = _scan(
-            video, container, stream, workspace, episode_id, frames_dir, cfg, list(reference_hashes), progress
-        )
+        source = open_frame_source(video, container, stream, cfg)
+        try:
+            rows, stats = _scan(
+                video, source, workspace, episode_id, frames_dir, cfg, list(reference_hashes), progress
+            )
+        finally:
+            close = getattr(source.frames, "close", None)
+            if close is not None:  # stops a decoder's threads now, not at garbage collection
+                close()
     finally:
         container.close()
     fsio.write_jsonl(manifest, rows)
@@ -466,10 +624,213 @@ def extract_frames(
     return {**stats, "skipped": False}
 
 
+class _ShotMachine:
+    """Hard cuts, flash merging and per-shot candidate bins over analysed frames fed in order.
+
+    :meth:`feed` returns the shots that close for good (in order); :meth:`finish` the rest at the
+    end. :meth:`begin_at` starts it at a *clean* cut (see :func:`_is_clean_cut`), where one pass
+    over the whole file is in exactly this state, so a segment can be scanned on its own.
+    """
+
+    def __init__(self, cfg: FramesConfig) -> None:
+        self.cfg = cfg
+        self.max_bins = max(6, 3 * cfg.frames_per_shot)
+        self.prev_hist: np.ndarray | None = None
+        self.closed: _Shot | None = None  # previous shot, kept open until the current one is long enough
+        self.current: _Shot | None = None
+
+    def begin_at(self, index: int) -> None:
+        self.current, self.closed, self.prev_hist = _Shot(start=index), None, None
+
+    def feed(self, item: DecodedFrame, ts: float) -> list[_Shot]:
+        cfg, idx, hist = self.cfg, item.index, item.hist
+        done: list[_Shot] = []
+        cut = self.prev_hist is not None and histogram_distance(self.prev_hist, hist) >= cfg.shot_threshold
+        current, closed = self.current, self.closed
+        if current is None:
+            current = _Shot(start=idx)
+        elif cut:
+            if idx - current.start < cfg.min_shot_frames:
+                if closed is not None:  # a flash: merge it into the previous shot
+                    current.end = idx
+                    closed.absorb(current, self.max_bins)
+                    back = (
+                        closed.last_hist is not None
+                        and histogram_distance(closed.last_hist, hist) < cfg.shot_threshold
+                    )
+                    if back:
+                        current, closed = closed, None  # back to the same scene: one shot
+                    else:
+                        current = _Shot(start=idx)
+                # else: a too-short first segment simply joins the shot that follows
+            else:
+                current.end = idx
+                current.last_hist = self.prev_hist
+                if closed is not None:
+                    done.append(closed)
+                closed, current = current, _Shot(start=idx)
+        elif closed is not None and idx - current.start + 1 >= cfg.min_shot_frames:
+            done.append(closed)
+            closed = None
+        self.prev_hist = hist
+        current.offer(_Candidate(idx, ts, item.sharpness, item.frame, item.thumb), self.max_bins)
+        self.current, self.closed = current, closed
+        return done
+
+    def finish(self, end: int) -> list[_Shot]:
+        """The shots still open when the frames stop at ``end`` (exclusive)."""
+        current, closed = self.current, self.closed
+        if current is None:
+            return []
+        current.end = end
+        if closed is None:
+            return [current]
+        if current.end - current.start < self.cfg.min_shot_frames:
+            closed.absorb(current, self.max_bins)
+            return [closed]
+        return [closed, current]
+
+
+@dataclass
+class _ReadyShot:
+    """A closed shot as the stage writes it: its picks with their hashes, and its stack candidates."""
+
+    start: int
+    picks: list[tuple[_Candidate, str]]
+    stack: list[_Candidate]
+
+
+def _ready(shot: _Shot, cfg: FramesConfig, shrink: bool = False) -> _ReadyShot:
+    """Pick and hash ``shot``'s frames; with ``shrink``, stack-only candidates drop to stack size now.
+
+    Shrinking frees a GPU frame's full-size copy while the shot waits for the segments before it.
+    """
+    picks = [(c, perceptual_hash(c.thumb)) for c in shot.pick(cfg.frames_per_shot)]
+    stack = sorted(shot.bins.values(), key=lambda c: c.index) if cfg.shot_stack_side else []
+    if shrink and stack:
+        side = min(s for s in (cfg.max_side, cfg.shot_stack_side) if s > 0)
+        picked = {id(c) for c, _ in picks}
+        for c in stack:
+            if id(c) not in picked and hasattr(c.frame, "shrunk"):
+                c.frame = c.frame.shrunk(side)
+    return _ReadyShot(shot.start, picks, stack)
+
+
+class _Keeper:
+    """Within-episode dedup of the picks in shot order, then the writes (PNG encodes on threads)."""
+
+    def __init__(
+        self,
+        workspace: Workspace,
+        video: Path,
+        episode_id: str,
+        frames_dir: Path,
+        cfg: FramesConfig,
+        references: list[str],
+        writers: int = _FEATURE_WORKERS,
+    ) -> None:
+        self.ws, self.video, self.episode_id, self.frames_dir, self.cfg = (
+            workspace,
+            video,
+            episode_id,
+            frames_dir,
+            cfg,
+        )
+        self.rows: list[dict[str, Any]] = []
+        self.kept_hashes = HashIndex()
+        self.reference_index = HashIndex(references)
+        self.counters = {"candidates": 0, "dropped_within": 0, "dropped_cross": 0}
+        self.shot_starts: list[int] = []
+        self.writer = ThreadPoolExecutor(max_workers=writers, thread_name_prefix="frames-png")
+        self.pending: deque[Future] = deque()
+
+    def add(self, shot: _ReadyShot) -> None:
+        cfg = self.cfg
+        shot_id = len(self.shot_starts)
+        self.shot_starts.append(shot.start)
+        first_row = len(self.rows)
+        for cand, h in shot.picks:
+            self.counters["candidates"] += 1
+            if self.reference_index.near(h, cfg.dedup_hamming):
+                self.counters["dropped_cross"] += 1
+                continue
+            if self.kept_hashes.near(h, cfg.dedup_hamming):
+                self.counters["dropped_within"] += 1
+                continue
+            self.kept_hashes.add(h)
+            row = _frame_row(
+                self.ws, self.video, self.episode_id, self.frames_dir, cand, shot_id, h, cfg.max_side
+            )
+            self.rows.append(row)
+            self._submit(_save_frame, self.ws.abs(row["path"]), cand.frame, cfg.max_side)
+        if shot.stack and len(self.rows) > first_row:
+            side = min(s for s in (cfg.max_side, cfg.shot_stack_side) if s > 0)
+            dest = self.frames_dir.parent / "shots" / f"{self.episode_id}_s{shot_id:05d}.npz"
+            for row in self.rows[first_row:]:
+                row["stack_path"] = self.ws.rel(dest)
+            self._submit(_save_stack, dest, shot.stack, side)
+
+    def _submit(self, fn: Callable[..., Any], *args: Any) -> None:
+        self.pending.append(self.writer.submit(fn, *args))
+        while len(self.pending) > _MAX_PENDING_WRITES:
+            self.pending.popleft().result()
+
+    def finish(self) -> None:
+        while self.pending:
+            self.pending.popleft().result()  # a failed write fails the episode
+
+    def close(self) -> None:
+        self.writer.shutdown(wait=True)
+
+
+@dataclass
+class _ScanInfo:
+    decoded: int = 0  # frames seen (one pass) or the end of the stream (segments)
+    size: tuple[int, int] | None = None
+
+
+def _fixed_ts(item: DecodedFrame, last_ts: float, fps: float) -> float:
+    ts = item.timestamp
+    if ts is None or not math.isfinite(ts) or ts < 0 or (ts <= last_ts and item.index > 0):
+        # containers without timestamps: fall back to the nominal rate
+        ts = item.index / fps if fps else float(item.index)
+    return ts
+
+
+def _shots_one_pass(
+    source: FrameSource, cfg: FramesConfig, info: _ScanInfo, progress: Callable[[int, int], None] | None
+) -> Iterator[_ReadyShot]:
+    """The closed shots of one decoder reading the whole file."""
+    machine = _ShotMachine(cfg)
+    last_ts = -1.0
+    for item in source.frames:
+        if info.size is None:
+            info.size = (item.frame.width, item.frame.height)
+        info.decoded += 1
+        last_ts = _fixed_ts(item, last_ts, source.fps)
+        for shot in machine.feed(item, last_ts):
+            yield _ready(shot, cfg)
+        if progress is not None and info.decoded % _PROGRESS_EVERY == 0:
+            progress(info.decoded, max(source.total, info.decoded))
+    _check_decoded(source, info)
+    for shot in machine.finish(info.decoded):
+        yield _ready(shot, cfg)
+
+
+def _check_decoded(source: FrameSource, info: _ScanInfo) -> None:
+    if info.decoded == 0:
+        raise _NoFrames("no video frames could be decoded (audio-only, empty stream or corrupt)")
+    if source.total > 0 and info.decoded < 0.9 * source.total:
+        raise _NoFrames(f"truncated or corrupt: decoded {info.decoded} of {source.total} frames")
+
+
+class _NoFrames(Exception):
+    """The stream ended too early; becomes a BadInputError naming the file."""
+
+
 def _scan(
     video: Path,
-    container: Any,
-    stream: Any,
+    source: FrameSource,
     workspace: Workspace,
     episode_id: str,
     frames_dir: Path,
@@ -477,142 +838,179 @@ def _scan(
     references: list[str],
     progress: Callable[[int, int], None] | None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    import av
-
-    rate = stream.average_rate or stream.guessed_rate
-    fps = float(rate) if rate else 0.0
-    if not math.isfinite(fps) or fps <= 0 or fps > 1000:
-        fps = 0.0
-    total = max(int(stream.frames or 0), 0)
-    max_bins = max(6, 3 * cfg.frames_per_shot)
-    kept_rows: list[dict[str, Any]] = []
-    kept_hashes = HashIndex()
-    reference_index = HashIndex(references)
-    counters = {"candidates": 0, "dropped_within": 0, "dropped_cross": 0}
-    shot_starts: list[int] = []
-    size: tuple[int, int] | None = None
-
-    def finalise(shot: _Shot) -> None:
-        shot_id = len(shot_starts)
-        shot_starts.append(shot.start)
-        first_row = len(kept_rows)
-        for cand in shot.pick(cfg.frames_per_shot):
-            counters["candidates"] += 1
-            h = perceptual_hash(cand.thumb)
-            if reference_index.near(h, cfg.dedup_hamming):
-                counters["dropped_cross"] += 1
-                continue
-            if kept_hashes.near(h, cfg.dedup_hamming):
-                counters["dropped_within"] += 1
-                continue
-            kept_hashes.add(h)
-            row = _frame_row(workspace, video, episode_id, frames_dir, cand, shot_id, h, cfg.max_side)
-            kept_rows.append(row)
-            pending.append(writer.submit(_save_frame, workspace.abs(row["path"]), cand.frame, cfg.max_side))
-            while len(pending) > _MAX_PENDING_WRITES:
-                pending.popleft().result()
-        if cfg.shot_stack_side and len(kept_rows) > first_row:
-            side = min(s for s in (cfg.max_side, cfg.shot_stack_side) if s > 0)
-            dest = frames_dir.parent / "shots" / f"{episode_id}_s{shot_id:05d}.npz"
-            cands = sorted(shot.bins.values(), key=lambda c: c.index)
-            for row in kept_rows[first_row:]:
-                row["stack_path"] = workspace.rel(dest)
-            pending.append(writer.submit(_save_stack, dest, cands, side))
-
-    writer = ThreadPoolExecutor(max_workers=_FEATURE_WORKERS, thread_name_prefix="frames-png")
-    pending: deque[Future] = deque()
-    decoded = 0
-    prev_hist: np.ndarray | None = None
-    last_ts = -1.0
-    closed: _Shot | None = None  # previous shot, kept open until the current one is long enough
-    current: _Shot | None = None
+    info = _ScanInfo()
+    # with the decode on the GPU, PNG and stack encodes are what the CPU cores are left for
+    writers = (
+        _FEATURE_WORKERS if source.decoder == "pyav" else max(_FEATURE_WORKERS, (os.cpu_count() or 2) - 4)
+    )
+    keeper = _Keeper(workspace, video, episode_id, frames_dir, cfg, references, writers)
+    if source.open_at is not None:
+        shots = _shots_segmented(source, cfg, info, progress)
+    else:
+        shots = _shots_one_pass(source, cfg, info, progress)
     try:
         try:
-            for item in analysed_frames(container, stream, cfg.analysis_width):
-                if size is None:
-                    size = (item.frame.width, item.frame.height)
-                idx = item.index
-                decoded += 1
-                ts = item.timestamp
-                if ts is None or not math.isfinite(ts) or ts < 0 or (ts <= last_ts and idx > 0):
-                    # containers without timestamps: fall back to the nominal rate
-                    ts = idx / fps if fps else float(idx)
-                last_ts = ts
-                hist = item.hist
-                cut = prev_hist is not None and histogram_distance(prev_hist, hist) >= cfg.shot_threshold
-                if current is None:
-                    current = _Shot(start=idx)
-                elif cut:
-                    if idx - current.start < cfg.min_shot_frames:
-                        if closed is not None:  # a flash: merge it into the previous shot
-                            current.end = idx
-                            closed.absorb(current, max_bins)
-                            back = (
-                                closed.last_hist is not None
-                                and histogram_distance(closed.last_hist, hist) < cfg.shot_threshold
-                            )
-                            if back:
-                                current, closed = closed, None  # back to the same scene: one shot
-                            else:
-                                current = _Shot(start=idx)
-                        # else: a too-short first segment simply joins the shot that follows
-                    else:
-                        current.end = idx
-                        current.last_hist = prev_hist
-                        if closed is not None:
-                            finalise(closed)
-                        closed, current = current, _Shot(start=idx)
-                elif closed is not None and idx - current.start + 1 >= cfg.min_shot_frames:
-                    finalise(closed)
-                    closed = None
-                prev_hist = hist
-                current.offer(_Candidate(idx, ts, item.sharpness, item.frame, item.thumb), max_bins)
-                if progress is not None and decoded % _PROGRESS_EVERY == 0:
-                    progress(decoded, max(total, decoded))
-        except av.FFmpegError as exc:
-            if decoded == 0:
+            for shot in shots:
+                keeper.add(shot)
+        except _NoFrames as exc:
+            raise BadInputError(video, str(exc)) from exc
+        except source.errors as exc:
+            if info.decoded == 0:
                 raise BadInputError(
                     video, f"not a readable video (no frame could be decoded: {exc})"
                 ) from exc
-            of = f" of {total}" if total else ""
+            of = f" of {source.total}" if source.total else ""
             raise BadInputError(
-                video, f"truncated or corrupt: decoding failed after {decoded}{of} frames ({exc})"
+                video, f"truncated or corrupt: decoding failed after {info.decoded}{of} frames ({exc})"
             ) from exc
-        if decoded == 0:
-            raise BadInputError(
-                video, "no video frames could be decoded (audio-only, empty stream or corrupt)"
-            )
-        if total > 0 and decoded < 0.9 * total:
-            raise BadInputError(video, f"truncated or corrupt: decoded {decoded} of {total} frames")
-        assert current is not None
-        current.end = decoded
-        if closed is not None:
-            if current.end - current.start < cfg.min_shot_frames:
-                closed.absorb(current, max_bins)
-                finalise(closed)
-            else:
-                finalise(closed)
-                finalise(current)
-        else:
-            finalise(current)
+        finally:
+            shots.close()
         if progress is not None:
-            progress(decoded, decoded)
-        while pending:
-            pending.popleft().result()  # a failed write fails the episode
+            progress(info.decoded, info.decoded)
+        keeper.finish()
     finally:
-        writer.shutdown(wait=True)
-    assert size is not None
+        keeper.close()
+    assert info.size is not None
     stats = {
-        "decoded": decoded,
-        "fps": fps,
-        "width": size[0],
-        "height": size[1],
-        "shots": len(shot_starts),
-        "shot_starts": shot_starts,
-        "kept": len(kept_rows),
-        **counters,
+        "decoded": info.decoded,
+        "fps": source.fps,
+        "width": info.size[0],
+        "height": info.size[1],
+        "shots": len(keeper.shot_starts),
+        "shot_starts": keeper.shot_starts,
+        "kept": len(keeper.rows),
+        **keeper.counters,
+        "decoder": source.decoder,
+        "decode_segments": source.segments,
     }
-    return kept_rows, stats
+    if source.note:
+        stats["decoder_note"] = source.note
+    return keeper.rows, stats
+
+
+# --------------------------------------------------------------------------------------
+# Segments scanned at once (yokai_pipeline/video/segments.py)
+
+
+class _CleanCuts:
+    """Finds *clean* cuts: a hard cut with no other cut within ``min_shot_frames`` before or after.
+
+    At a clean cut one pass over the file always closes the shot before and starts a fresh one
+    with nothing carried over (the flash merge only reaches back over shorter shots), so the
+    scan from there on depends on the frames from there on alone. Whether a cut is clean is
+    decided by the frames within ``min_shot_frames`` of it, so two segments' scanners agree.
+    """
+
+    def __init__(self, cfg: FramesConfig) -> None:
+        self.cfg = cfg
+        self.prev_hist: np.ndarray | None = None
+        self.last_cut = -(10**9)
+        self.waiting: int | None = None  # a cut that is clean if no cut follows it too soon
+
+    def see(self, item: DecodedFrame) -> int | None:
+        """The clean cut that ``item`` confirms, if any."""
+        cfg, idx = self.cfg, item.index
+        cut = (
+            self.prev_hist is not None and histogram_distance(self.prev_hist, item.hist) >= cfg.shot_threshold
+        )
+        self.prev_hist = item.hist
+        confirmed = None
+        if cut:
+            self.waiting = idx if idx - self.last_cut >= cfg.min_shot_frames else None
+            self.last_cut = idx
+        elif self.waiting is not None and idx - self.waiting + 1 >= cfg.min_shot_frames:
+            confirmed, self.waiting = self.waiting, None
+        return confirmed
+
+
+def _segment_worker(
+    source: FrameSource, k: int, cfg: FramesConfig, out: queue.Queue, stop: threading.Event
+) -> None:
+    """Scan segment ``k``: from its first clean cut (frame 0 for the first) to the next segment's.
+
+    A segment's first clean cut is the first at least ``min_shot_frames`` after its keyframe, so
+    this scanner and the one before it agree on it. Frames are fed to the shot machine only once
+    no cut that could be where this scan starts or ends is pending. Puts ``_ReadyShot`` items,
+    then ``("end", frame reached, whether it is the end of the file)``; an exception instead on failure.
+    """
+    starts = [*source.starts, 10**12]
+    lo, hi = starts[k] + cfg.min_shot_frames, starts[k + 1] + cfg.min_shot_frames
+    machine, cuts = _ShotMachine(cfg), _CleanCuts(cfg)
+    fifo: deque[tuple[DecodedFrame, float]] = deque()
+    began = k == 0
+    last_ts, end = -1.0, starts[k]
+
+    def feed_before(limit: int) -> None:
+        while fifo and fifo[0][0].index < limit:
+            item, ts = fifo.popleft()
+            if began:  # before the scan's start frames are only looked at
+                for shot in machine.feed(item, ts):
+                    out.put(_ready(shot, cfg, shrink=True))
+
+    frames = source.open_at(starts[k])  # type: ignore[misc]
+    try:
+        for item in frames:
+            if stop.is_set():
+                return
+            end = item.index + 1
+            last_ts = _fixed_ts(item, last_ts, source.fps)
+            clean = cuts.see(item)
+            fifo.append((item, last_ts))
+            if clean is not None and clean >= (hi if began else lo):
+                feed_before(clean)
+                if clean >= hi:  # the next segment's first clean cut: this scan ends there
+                    for shot in machine.finish(clean) if began else []:
+                        out.put(_ready(shot, cfg, shrink=True))
+                    out.put(("end", clean, False))
+                    return
+                began = True
+                machine.begin_at(clean)
+            feed_before(cuts.waiting if cuts.waiting is not None else end)
+        feed_before(end)
+        for shot in machine.finish(end) if began else []:
+            out.put(_ready(shot, cfg, shrink=True))
+        out.put(("end", end, True))
+    except BaseException as exc:  # handed to the consumer, raised there
+        out.put(exc)
+    finally:
+        close = getattr(frames, "close", None)
+        if close is not None:  # a generator: stops its decoder now
+            close()
+
+
+def _shots_segmented(
+    source: FrameSource, cfg: FramesConfig, info: _ScanInfo, progress: Callable[[int, int], None] | None
+) -> Iterator[_ReadyShot]:
+    """The closed shots of every segment, scanned at once (one thread and decoder each), in order."""
+    stop = threading.Event()
+    queues: list[queue.Queue] = [queue.Queue() for _ in source.starts]
+    threads = [
+        threading.Thread(
+            target=_segment_worker, args=(source, k, cfg, q, stop), daemon=True, name=f"frames-seg{k}"
+        )
+        for k, q in enumerate(queues)
+    ]
+    for t in threads:
+        t.start()
+    try:
+        for q in queues:
+            while not isinstance(item := q.get(), tuple):
+                if isinstance(item, BaseException):
+                    raise item
+                if info.size is None and item.picks:
+                    info.size = (item.picks[0][0].frame.width, item.picks[0][0].frame.height)
+                yield item
+            _, reached, eof = item
+            info.decoded = max(info.decoded, reached)
+            if progress is not None:
+                progress(info.decoded, max(source.total, info.decoded))
+            if eof:  # the segments after it found no start: they hold nothing
+                break
+        _check_decoded(source, info)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
 
 
 def _frame_row(
