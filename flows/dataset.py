@@ -11,6 +11,7 @@ from prefect import flow, get_run_logger, unmapped
 from flows.gpu import caption_flow, embedding_flow
 from flows.heavy import run_heavy, step_record
 from tasks.analysis import analyze_task, report_tags_task, review_task, select_task
+from tasks.common import synced_flow
 from tasks.dataset import augment_task, backgrounds_task, package_task, selected_folders, validate_task
 from tasks.frames import series_dedup_task
 from tasks.identity import cluster_task
@@ -32,6 +33,7 @@ def processed_episodes(workspace: str) -> list[str]:
 
 
 @flow(name="dataset", persist_result=True)
+@synced_flow()
 def dataset_flow(
     workspace: str,
     config: PipelineConfig = PipelineConfig(),  # noqa: B008

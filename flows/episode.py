@@ -9,11 +9,12 @@ from prefect import flow, get_run_logger
 
 from flows.gpu import layering_flow
 from flows.heavy import run_heavy, step_record
-from tasks.common import call_checked, reused
+from tasks.common import call_checked, reused, synced_flow
 from tasks.frames import extract_frames_task
 from yokai_pipeline.config import PipelineConfig
 from yokai_pipeline.frames import episode_id_for
 from yokai_pipeline.fsio import file_lock, remove_stale_temps
+from yokai_pipeline.remote import episode_prefixes
 from yokai_pipeline.summary import utc_now
 from yokai_pipeline.workspace import Workspace
 
@@ -25,6 +26,7 @@ def _run_name() -> str:
 
 
 @flow(name="episode", persist_result=True, flow_run_name=_run_name)
+@synced_flow(lambda a: episode_prefixes(episode_id_for(Path(a["video"]))))
 def episode_flow(
     video: str,
     workspace: str,

@@ -11,16 +11,18 @@ import time
 from prefect import flow, get_run_logger
 
 from flows.heavy import gpu_flow_lease, step_record
-from tasks.common import call_checked, reused, run_bounded
+from tasks.common import call_checked, reused, run_bounded, synced_flow
 from tasks.dataset import caption_task, selected_folders, tag_task
 from tasks.identity import embed_task
 from tasks.layering import read_frame_rows, segment_chunk_task, write_layer_manifest_task
 from yokai_pipeline.config import PipelineConfig
+from yokai_pipeline.remote import episode_prefixes
 from yokai_pipeline.runtime import stage_workers
 from yokai_pipeline.workspace import Workspace
 
 
 @flow(name="layering", persist_result=True)
+@synced_flow(lambda a: episode_prefixes(a["episode_id"]))
 def layering_flow(workspace: str, episode_id: str, config: PipelineConfig = PipelineConfig()) -> dict:  # noqa: B008
     """Segment an episode's extracted frames into layers on one leased device, chunk by chunk.
 
@@ -75,6 +77,7 @@ def layering_flow(workspace: str, episode_id: str, config: PipelineConfig = Pipe
 
 
 @flow(name="embedding", persist_result=True)
+@synced_flow()
 def embedding_flow(workspace: str, episode_ids: list[str], config: PipelineConfig = PipelineConfig()) -> dict:  # noqa: B008
     """Embed the character layers of each episode, one mapped task per episode."""
     ws = Workspace(workspace)
@@ -102,6 +105,7 @@ def embedding_flow(workspace: str, episode_ids: list[str], config: PipelineConfi
 
 
 @flow(name="caption", persist_result=True)
+@synced_flow()
 def caption_flow(workspace: str, config: PipelineConfig = PipelineConfig()) -> dict:  # noqa: B008
     """Tag (when captions use tags), then caption every selected cluster folder, one mapped task per character."""
     chars = selected_folders(workspace)

@@ -21,6 +21,7 @@ from prefect import Flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.deployments import run_deployment
 
+from tasks.common import workspace_mirror
 from yokai_pipeline import runtime
 from yokai_pipeline.config import PipelineConfig
 from yokai_pipeline.errors import YokaiError
@@ -101,12 +102,18 @@ def run_heavy(flow_fn: Flow, stage: str, parameters: dict[str, Any], config: Pip
         return run_subflow(flow_fn, stage, parameters)
     name = f"{flow_fn.name}/{orch.deployment_prefix}-{stage}"
     get_run_logger().info(f"running {name} as a deployment")
+    # an S3 workspace: the worker (maybe another host) pulls what this run has written so far
+    mirror = workspace_mirror(parameters["workspace"], config.storage)
+    if mirror is not None:
+        mirror.publish([""])
     run = run_deployment(name=name, parameters=parameters, timeout=orch.timeout_seconds)
     if run.state is None or not run.state.is_completed():
         msg = run.state.message if run.state else "no state"
         raise YokaiError(
             f"deployment {name} run {run.name} ended {run.state.name if run.state else '?'}: {msg}"
         )
+    if mirror is not None:
+        mirror.pull([""])  # and this run reads what the worker published
     return run.state.result()
 
 

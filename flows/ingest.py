@@ -21,7 +21,9 @@ from flows.pipeline import EpisodesFailed
 from tasks.common import IO_RETRIES, IO_RETRY_DELAYS, run_bounded
 from yokai_pipeline import ingest
 from yokai_pipeline.config import PipelineConfig, StorageConfig
+from yokai_pipeline.errors import ConfigError
 from yokai_pipeline.storage import Storage, open_storage
+from yokai_pipeline.workspace import Workspace
 
 
 def open_inbox(inbox: str, cfg: StorageConfig) -> Storage:
@@ -111,6 +113,12 @@ def ingest_flow(
             this long (files still being copied or uploaded are left for a later run).
     """
     log = get_run_logger()
+    if Workspace(workspace).remote is not None:
+        # the registry and claims are local files with O_EXCL / flock semantics, not S3 objects
+        raise ConfigError(
+            f"workspace {workspace}: the ingest flow needs a local or shared-file-system workspace; "
+            "run `yokai run` / the pipeline flow for an s3:// workspace"
+        )
     Path(workspace).mkdir(parents=True, exist_ok=True)
     new = scan_inbox_task(inbox, workspace, config.storage, stable_seconds)
     log.info(f"{len(new)} new complete episode(s) in {inbox}")

@@ -12,7 +12,7 @@ from flows.dataset import dataset_flow
 from flows.episode import episode_flow
 from flows.heavy import run_heavy_state, run_subflow, step_record
 from flows.training import training_flow
-from tasks.common import run_bounded
+from tasks.common import run_bounded, synced_flow
 from tasks.report import evaluate_task, write_summary_task
 from yokai_pipeline import clustering
 from yokai_pipeline.config import PipelineConfig
@@ -136,6 +136,7 @@ def build_and_train(
 
 
 @flow(name="yokai-pipeline", persist_result=True)
+@synced_flow()  # an s3:// workspace: pulled first, published at the end
 def pipeline_flow(
     episodes_dir: str,
     workspace: str,

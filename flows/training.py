@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
-from tasks.common import run_bounded
+from tasks.common import run_bounded, synced_flow
 from tasks.training import evidence_task, train_task
 from yokai_pipeline import validation
 from yokai_pipeline.config import PipelineConfig
@@ -29,6 +29,7 @@ def packaged_characters(workspace: str, only: list[str] | None = None) -> list[d
 
 
 @flow(name="training", persist_result=True)
+@synced_flow()
 def training_flow(
     workspace: str,
     config: PipelineConfig = PipelineConfig(),  # noqa: B008

@@ -12,6 +12,7 @@ but those files are gone (a deleted workspace whose results live in the worker's
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -26,8 +27,10 @@ from prefect.futures import PrefectFuture
 from prefect.states import State
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from yokai_pipeline import runtime
+from yokai_pipeline import remote, runtime
+from yokai_pipeline.config import PipelineConfig, StorageConfig
 from yokai_pipeline.fsio import file_sha256, stable_hash
+from yokai_pipeline.workspace import Workspace
 
 IO_RETRIES = 2
 IO_RETRY_DELAYS = [2, 10]
@@ -83,7 +86,7 @@ def content_cache(
     module_hash = stable_hash([inspect.getsource(m) for m in modules])
 
     def key_fn(context: Any, parameters: dict[str, Any]) -> str:
-        root = Path(parameters[root_param]) if root_param else None
+        root = Workspace(parameters[root_param]).root if root_param else None
         parts: list[str] = [module_hash]
         for name in file_params:
             for p in _paths(parameters.get(name)):
@@ -162,3 +165,51 @@ def stage_lease(device: str, uses_gpu: bool = True, count: int = 1) -> AbstractC
     Cluster-wide, tasks tagged ``gpu`` are counted by the ``gpu`` tag concurrency limit.
     """
     return runtime.lease_device(device if uses_gpu else "cpu", count)
+
+
+@functools.lru_cache(maxsize=8)
+def _credentials_block(name: str) -> Any:
+    from prefect.blocks.core import Block
+
+    return Block.load(f"aws-credentials/{name}")
+
+
+def workspace_mirror(workspace: str, cfg: StorageConfig) -> remote.Mirror | None:
+    """The scratch mirror of an S3 workspace (None for a local one)."""
+    if Workspace(workspace).remote is None:
+        return None
+    creds = _credentials_block(cfg.credentials_block) if cfg.credentials_block else None
+    return remote.open_mirror(workspace, cfg, creds)
+
+
+def workspace_sync(
+    workspace: str, cfg: StorageConfig, prefixes: list[str] | tuple[str, ...] = ("",)
+) -> AbstractContextManager[Workspace]:
+    """:func:`yokai_pipeline.remote.synced` with the S3 keys of ``storage.credentials_block`` if set."""
+    remote_ws = Workspace(workspace).remote is not None
+    creds = _credentials_block(cfg.credentials_block) if remote_ws and cfg.credentials_block else None
+    return remote.synced(workspace, cfg, prefixes, credentials=creds)
+
+
+def synced_flow(prefixes: Callable[[dict[str, Any]], list[str]] | None = None) -> Callable:
+    """Decorate a flow function (under ``@flow``) so an S3 workspace is pulled before it and published after.
+
+    ``prefixes`` maps the call's bound arguments to the workspace parts the flow reads and writes
+    (default: all of it). A local workspace is passed through untouched.
+    """
+
+    def wrap(fn: Callable) -> Callable:
+        sig = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            bound = sig.bind(*args, **kwargs)
+            bound.apply_defaults()
+            config = bound.arguments.get("config") or PipelineConfig()
+            parts = prefixes(bound.arguments) if prefixes else [""]
+            with workspace_sync(bound.arguments["workspace"], config.storage, parts):
+                return fn(*args, **kwargs)
+
+        return run
+
+    return wrap

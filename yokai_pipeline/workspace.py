@@ -1,14 +1,40 @@
-"""The run workspace layout (local paths). See README "Workspace layout"."""
+"""The run workspace layout. See README "Workspace layout".
+
+A workspace is a local (or network-mounted) folder, or an ``s3://bucket/prefix`` URL: then
+``root`` is the local scratch mirror of that prefix (``$YOKAI_SCRATCH/<bucket>/<prefix>``) that
+the stages read and write as they do any folder, and ``remote`` is the URL that
+:mod:`yokai_pipeline.remote` pulls from and publishes to.
+"""
 
 from __future__ import annotations
 
+import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from yokai_pipeline.errors import ConfigError
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")  # a scheme of 2+ letters, so C:/ stays a path
+_S3 = re.compile(r"^s3:/+(?P<rest>.*)$", re.IGNORECASE)  # also "s3:/b/x", what pathlib makes of "s3://b/x"
+SCRATCH_ENV = "YOKAI_SCRATCH"
+
+
+def scratch_dir() -> Path:
+    """Where S3 workspaces are mirrored on this machine: ``$YOKAI_SCRATCH`` or ~/.cache/yokai/scratch."""
+    return Path(os.environ.get(SCRATCH_ENV) or Path.home() / ".cache" / "yokai" / "scratch").resolve()
+
+
+def _s3_url(text: str) -> str | None:
+    """The canonical ``s3://bucket/prefix`` of an S3 workspace location, else None."""
+    m = _S3.match(text)
+    if m is None:
+        return None
+    bucket, _, prefix = m["rest"].partition("/")
+    parts = [p for p in prefix.split("/") if p]
+    if not bucket or any(p in (".", "..") for p in parts):
+        raise ConfigError(f"workspace {text!r}: an S3 workspace is s3://bucket/prefix (no '.' or '..' parts)")
+    return "s3://" + "/".join([bucket, *parts])
 
 
 @dataclass(frozen=True)
@@ -16,18 +42,28 @@ class Workspace:
     """Paths of one run workspace. All manifests store paths relative to ``root``."""
 
     root: Path
+    remote: str | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         text = str(self.root)
-        if _URL.match(text):  # also "s3:/b/x", what pathlib makes of "s3://b/x"
-            # Path would turn s3://bucket/x into a local folder named "s3:"; stage outputs
-            # are written with local file operations, so only a shared file system works
+        url = _s3_url(text)
+        if url is not None:
+            object.__setattr__(self, "remote", url)
+            object.__setattr__(self, "root", scratch_dir().joinpath(*url[len("s3://") :].split("/")))
+            return
+        if _URL.match(text):
+            # Path would turn gs://bucket/x into a local folder named "gs:"
             raise ConfigError(
-                f"workspace {text!r}: only a local or network-mounted folder is supported as the "
-                "workspace (not an object-store URL); use s3:// for the ingest inbox, and mount a shared "
-                "file system (NFS, EFS, Lustre) at the same path on every worker for a multi-machine run"
+                f"workspace {text!r}: a workspace is a local or network-mounted folder or an s3://bucket/prefix "
+                "URL (other object stores are not supported); for a multi-machine run use s3:// or mount "
+                "a shared file system (NFS, EFS, Lustre) at the same path on every worker"
             )
         object.__setattr__(self, "root", Path(self.root).resolve())
+
+    @property
+    def location(self) -> str:
+        """What the user named: the ``s3://`` URL, or the local folder."""
+        return self.remote or str(self.root)
 
     def rel(self, path: str | Path) -> str:
         return Path(path).resolve().relative_to(self.root).as_posix()

@@ -287,4 +287,4 @@ def test_deployment_templates_are_valid():
     assert set(k8s["variables"]["properties"]) >= {"image", "namespace", "env"}
     docker = yaml.safe_load((REPO / "deployments" / "docker" / "gpu-job-variables.yaml").read_text())
     (request,) = docker["job_variables"]["container_create_kwargs"]["device_requests"]
-    assert request["capabilities"] == [["gpu"]] and request["count"] == 1
+    assert request["capabilities"] == [["gpu"]] and request["count"] == -1  # leases pick the GPU

@@ -66,14 +66,17 @@ def run_pipeline(
 ) -> dict[str, Any]:
     """Run the pipeline flow with a progress bar; returns the summary."""
     from yokai_pipeline.errors import ConfigError
+    from yokai_pipeline.remote import open_mirror
     from yokai_pipeline.workspace import Workspace
 
     try:
-        Workspace(workspace)  # before resolve(), which would turn s3:/x into a local path
+        ws = Workspace(workspace)  # before resolve(), which would turn s3:/x into a local path
+        if ws.remote and not cfg.storage.credentials_block:  # (a block is loaded by the flow)
+            open_mirror(ws, cfg.storage)  # missing bucket, unreachable endpoint, refused keys: stop here
     except ConfigError as exc:
         console.print(f"[red]invalid workspace:[/red] {exc}")
         raise typer.Exit(2) from exc
-    workspace = workspace.resolve()
+    workspace = ws.root  # an S3 workspace's local scratch mirror, where its summary lands too
     prepare_prefect_env(workspace)
     from flows.pipeline import pipeline_flow
     from yokai_pipeline import progress as progress_mod
@@ -83,7 +86,7 @@ def run_pipeline(
         try:
             state = pipeline_flow(
                 str(episodes_dir.resolve()),
-                str(workspace),
+                ws.location,
                 cfg,
                 ground_truth_dir=str(ground_truth_dir.resolve()) if ground_truth_dir else None,
                 evidence_steps=evidence_steps,

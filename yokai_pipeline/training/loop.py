@@ -26,6 +26,7 @@ from typing import Any
 
 from yokai_pipeline.errors import BadInputError, ConfigError
 from yokai_pipeline.fsio import atomic_write_bytes, atomic_write_json, read_json
+from yokai_pipeline.training import model_cache
 from yokai_pipeline.training.captions import process_caption
 from yokai_pipeline.training.dataset import (
     DatasetSpec,
@@ -42,7 +43,6 @@ from yokai_pipeline.training.families import (
     encode_prompts,
     encode_sdxl_prompts,
     get_family,
-    load_base_model,
     sdxl_time_ids,
 )
 from yokai_pipeline.training.kohya_args import TrainingError, read_training_args, resolve_config_path
@@ -162,16 +162,20 @@ def train_lora_builtin(
             f"{config_file}: pretrained_model_name_or_path is not set; set it or pass --base-model"
         )
     fam = get_family(family or config_family(args))
-    model = load_base_model(base, fam.name)
-    return train_lora_with_model(
-        config_file,
-        model,
-        max_steps=max_steps,
-        device=device,
-        on_progress=on_progress,
-        resolution=resolution,
-        fingerprint=fingerprint,
-    )
+    dev = pick_device(device)
+    dtype = weight_dtype(dev, str(args.get("mixed_precision", "no")))
+    # the frozen base model is loaded once per process per device; this character's adapters go
+    # when its training ends, so the next one on this device starts from the same base
+    with model_cache.base_model(base, fam.name, str(dev), str(dtype)) as model:
+        return train_lora_with_model(
+            config_file,
+            model,
+            max_steps=max_steps,
+            device=str(dev),
+            on_progress=on_progress,
+            resolution=resolution,
+            fingerprint=fingerprint,
+        )
 
 
 def config_family(args: dict[str, Any]) -> str:
@@ -211,7 +215,6 @@ def train_lora_with_model(
 
 def prepare_state(config_file: Path, model: BaseModel, *, device: str, resolution: int | None) -> TrainState:
     """Read the config and its datasets; choose device and dtypes."""
-    import torch
 
     args = read_training_args(config_file)
     specs = read_dataset_config(args, config_file)
@@ -225,9 +228,16 @@ def prepare_state(config_file: Path, model: BaseModel, *, device: str, resolutio
     dev = pick_device(device)
     st.output_dir.mkdir(parents=True, exist_ok=True)
     use_amp = dev.type == "cuda" and st.mixed_precision in ("bf16", "fp16")
+    dtype = weight_dtype(dev, st.mixed_precision)
+    return TrainState(config_file, args, st, specs, model, dev, dtype, use_amp, steps_per_epoch)
+
+
+def weight_dtype(dev: Any, mixed_precision: str) -> Any:
+    """dtype of the frozen weights: bf16/fp16 under CUDA mixed precision, else float32."""
+    import torch
+
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
-    weight_dtype = dtypes.get(st.mixed_precision, torch.float32) if use_amp else torch.float32
-    return TrainState(config_file, args, st, specs, model, dev, weight_dtype, use_amp, steps_per_epoch)
+    return dtypes.get(mixed_precision, torch.float32) if dev.type == "cuda" else torch.float32
 
 
 def setup_training(state: TrainState) -> None:
