@@ -135,10 +135,14 @@ def _strip_timing(obj):
     return obj
 
 
+RUN_RECORDS = {"summary.json", "dataset_run.json"}
+
+
 def output_digest(workspace: Path) -> dict[str, str]:
     """sha256 of every output file, keyed by its workspace-relative path.
 
-    Skipped: Prefect's own result store, summary.json (timings only). Workspace-absolute paths
+    Skipped: Prefect's own result store, summary.json (timings only) and dataset_run.json (which
+    flow run built the dataset: run bookkeeping, another id in every run). Workspace-absolute paths
     inside text files are replaced by ``<WS>`` and timing fields are dropped from JSON, so two
     workspaces with the same outputs compare equal.
     """
@@ -146,7 +150,7 @@ def output_digest(workspace: Path) -> dict[str, str]:
     out = {}
     for p in sorted(root.rglob("*")):
         rel = p.relative_to(root)
-        if not p.is_file() or rel.parts[0] == ".prefect" or rel.as_posix() == "summary.json":
+        if not p.is_file() or rel.parts[0] == ".prefect" or rel.as_posix() in RUN_RECORDS:
             continue
         if any(part.startswith((".tmp-", ".old-")) for part in rel.parts):
             continue  # interrupted writes: reported by leftovers()
