@@ -869,19 +869,15 @@ def _detect(
     cfg: LayeringConfig,
     det: DetectionConfig,
 ) -> tuple[Any, np.ndarray | None]:
-    """(detection.Detection, mask for the layers' alpha) of one frame, by ``det.backend``.
+    """(detection.Detection, mask for the layers' alpha) of one frame, offline detector.
 
-    offline: the offline detector's instances (with the shot's plate); with a model
-    segmenter its mask is then cut inside the instances' boxes. yolo: the detector's boxes
-    cut the segmenter's mask (the offline segmenter's when the layering backend is offline).
+    The offline detector's instances (with the shot's plate); with a model segmenter its
+    mask is then cut inside the instances' boxes. The yolo backend batches a chunk's frames
+    instead (:func:`_layer_chunk_yolo`).
     """
     from yokai_pipeline import detection
 
     h, w = img.shape[:2]
-    if det.backend == "yolo":
-        if mask is None:
-            mask = _mask_for(get_segmenter(cfg), img)
-        return detection.detect_yolo([img], [_mask_u8(mask)], det, round(cfg.mask_threshold * 255))[0], mask
     stack = (
         detection.read_stack(ws.abs(row["stack_path"]), int(row["frame_index"]))
         if row.get("stack_path")
@@ -927,7 +923,7 @@ def _layer_chunk(
             if img is None:
                 img = read_frame(ws.abs(row["path"]))
             if det is not None and det.backend != "none":
-                if mask is None and (cfg.backend != "offline" or det.backend == "yolo"):
+                if mask is None and cfg.backend != "offline":
                     mask = _mask_for(segmenter or get_segmenter(cfg), img)
                 found, mask = _detect(ws, row, img, mask, cfg, det)
                 out.append((i, _write_frame(ws, row, img, mask, cfg, found), None))
