@@ -239,6 +239,17 @@ class DetectionConfig(_Stage):
         le=1,
         description="offline: ... and the plate saw this share of that region in some frame (the figure elsewhere).",
     )
+    static_same_frames: int = Field(
+        2,
+        ge=0,
+        description="offline: a static region the plate never saw on its own is still a prop where it is drawn exactly so (paint and outline) in this many single frames; 0 = off.",
+    )
+    static_ring_frac: float = Field(
+        0.9,
+        ge=0,
+        le=1,
+        description="offline: ... its outline counting as unchanged where this share of it is.",
+    )
     detach_frac: float = Field(
         0.25,
         ge=0,

@@ -391,14 +391,18 @@ def detect_offline(frame: np.ndarray, stack: np.ndarray | None, cfg: DetectionCo
     evidence = (differs(frame, plate, cfg.diff_tol) & saw) | (~saw & (covered >= 2)) | changed
     blobs = moving_blobs(cand, evidence, cfg, strict=True)
     if cfg.static_match_frac > 0:
-        static, stable = static_cells(cells, line, frames, valid, cfg)
+        static, still, stable = static_cells(cells, line, frames, valid, cfg)
         # a static cell the plate saw on its own in some frames (the figure elsewhere) is a
         # prop; one it never saw is part of a figure that holds still (its body, the arm waving)
+        # unless it is still (drawn exactly so, outline and all, in single frames)
         n = len(static)
-        static &= np.bincount(cells[seen >= 2], minlength=n) >= cfg.static_seen_frac * np.bincount(
-            cells.ravel(), minlength=n
+        static &= still | (
+            np.bincount(cells[seen >= 2], minlength=n)
+            >= cfg.static_seen_frac * np.bincount(cells.ravel(), minlength=n)
         )
-        evidence = evidence & ~_detachable(blobs, cells, static, stable, min_area, cfg)
+        off = _detachable(blobs, cells, static, stable, min_area, cfg)
+        off |= _walks_off_props(blobs & ~off, cells, still, frames, min_area, cfg)
+        evidence = evidence & ~off
     fg = fill_holes(_figure_cells(cells, line, evidence, blobs, cfg.cell_fg_frac))
     labels = split_instances(fg, min_area, cfg.split_depth)
     return Detection(labels, boxes_of(labels), plate, saw)
@@ -406,7 +410,7 @@ def detect_offline(frame: np.ndarray, stack: np.ndarray | None, cfg: DetectionCo
 
 def static_cells(
     cells: np.ndarray, line: np.ndarray, frames: np.ndarray, valid: np.ndarray, cfg: DetectionConfig
-) -> np.ndarray:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per cell of frame 0: is it drawn the same, at the same place, in other frames of the shot?
 
     A pixel is *stable* when at least two aligned frames, and ``seen_frac`` of those that
@@ -417,22 +421,45 @@ def static_cells(
     pixels and half of the outline pixels bordering it are stable (half: a prop a figure stands
     in front of is bordered by the figure's outline too).
 
+    A static cell is also *still* when, in ``static_same_frames`` single frames, its paint
+    (``static_match_frac``) and its whole outline (``static_ring_frac``) are unchanged at once:
+    a prop looks exactly so wherever nothing covers it; a figure that walks along one of its
+    own lines keeps that line in place (the pooled test above passes), but in no single frame
+    do all of its outlines stay.
+
     Returns:
-        (bool per cell label (index 0, the line art, is False), stable pixels HxW).
+        (static per cell label (index 0, the line art, is False), still per cell label,
+        stable pixels HxW).
     """
     n = int(cells.max()) + 1
     matches = np.zeros(cells.shape, np.int16)
     shown = np.zeros(cells.shape, np.int16)
-    for j in range(1, len(frames)):
-        matches += (_max_channel(cv2.absdiff(frames[j], frames[0])) <= cfg.diff_tol) & valid[j]
-        shown += valid[j]
-    stable = (matches >= 2) & (matches >= cfg.seen_frac * shown)
     total = np.bincount(cells.ravel(), minlength=n)
+    rings = _RingCounter(cells, line, n)
+    paint, outline = [], []
+    for j in range(1, len(frames)):
+        mj = (_max_channel(cv2.absdiff(frames[j], frames[0])) <= cfg.diff_tol) & valid[j]
+        matches += mj
+        shown += valid[j]
+        if cfg.static_same_frames:
+            paint.append(np.bincount(cells[mj], minlength=n) >= cfg.static_match_frac * np.maximum(total, 1))
+            outline.append(mj)
+    stable = (matches >= 2) & (matches >= cfg.seen_frac * shown)
     hit = np.bincount(cells[stable], minlength=n)
-    ring_total, ring_hit = _ring_counts(cells, line, stable, n)
-    static = (hit >= cfg.static_match_frac * np.maximum(total, 1)) & (ring_hit * 2 >= ring_total)
+    static = (hit >= cfg.static_match_frac * np.maximum(total, 1)) & (
+        rings.count(stable) * 2 >= rings.count(None)
+    )
     static[0] = False
-    return static, stable
+    # the outline a cell shares with a changing cell (a figure in front of the prop) moves
+    # with that figure: only the rest of the outline must stay
+    changing = (cells > 0) & ~static[cells]
+    keep = cv2.dilate(changing.view(np.uint8), np.ones((9, 9), np.uint8)) == 0
+    own = rings.count(keep)
+    same = np.zeros(n, np.int32)
+    for p, mj in zip(paint, outline, strict=True):
+        same += p & (rings.count(mj & keep) >= cfg.static_ring_frac * own)
+    still = static & (same >= max(1, cfg.static_same_frames)) & (own * 4 >= rings.count(None))
+    return static, still, stable
 
 
 def _detachable(
@@ -463,28 +490,112 @@ def _detachable(
     return (st & detach[lab]) | whole
 
 
-def _ring_counts(
-    cells: np.ndarray, ring: np.ndarray, evidence: np.ndarray, n: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per cell: how many outline pixels of ``ring`` border it (within 2 px), and how many changed.
+def _walks_off_props(
+    blobs: np.ndarray,
+    cells: np.ndarray,
+    still: np.ndarray,
+    frames: np.ndarray,
+    min_area: float,
+    cfg: DetectionConfig,
+) -> np.ndarray:
+    """Still cells to take out of blobs whose changing part is a small figure that moves whole.
+
+    :func:`_detachable` keeps a blob whole when its changing part is small next to it (a
+    figure holding still, a hand waving). A small figure walking past a large prop looks the
+    same by area; what tells them apart is that the figure's changing part is found again,
+    shifted, in other frames of the shot (it moved as a whole), while an animated hand or
+    mouth changes shape. Then the blob's still cells (drawn exactly so, outline included, in
+    single frames: :func:`static_cells`) are a prop.
+    """
+    out = np.zeros(blobs.shape, bool)
+    if not cfg.static_same_frames:
+        return out
+    n, lab, stats, _ = cv2.connectedComponentsWithStats(blobs.view(np.uint8), connectivity=8)
+    st = still[cells] & blobs
+    for k in range(1, n):
+        x, y, w, h, _ = (int(v) for v in stats[k])
+        blob = lab[y : y + h, x : x + w] == k
+        # the changing cells, without the outlines (a prop's lines are not still cells)
+        part = blob & ~st[y : y + h, x : x + w] & (cells[y : y + h, x : x + w] > 0)
+        if not st[y : y + h, x : x + w][blob].any() or part.sum() < min_area:
+            continue
+        if _moved_whole(frames, part, (x, y), cfg.diff_tol):
+            out[y : y + h, x : x + w] |= blob & st[y : y + h, x : x + w]
+    return out
+
+
+def _moved_whole(frames: np.ndarray, part: np.ndarray, origin: tuple[int, int], tol: int) -> bool:
+    """Is ``part`` of frame 0 (a mask at ``origin``) found shifted in some other aligned frame?
+
+    The best shift (at half size, within a tenth of the frame's width) must show at least 60 %
+    of the part's pixels in their colour, and 20 points more than no shift does.
+    """
+    ys, xs = np.nonzero(part)
+    x0, y0 = origin[0] + int(xs.min()), origin[1] + int(ys.min())
+    x1, y1 = origin[0] + int(xs.max()) + 1, origin[1] + int(ys.max()) + 1
+    mask = part[y0 - origin[1] : y1 - origin[1], x0 - origin[0] : x1 - origin[0]]
+    hh, ww = frames.shape[1:3]
+    r = max(8, ww // 10)
+    rx0, ry0, rx1, ry1 = max(0, x0 - r), max(0, y0 - r), min(ww, x1 + r), min(hh, y1 + r)
+    tpl = frames[0, y0:y1, x0:x1]
+    half = (max(1, (x1 - x0) // 2), max(1, (y1 - y0) // 2))
+    t2 = cv2.resize(tpl, half, interpolation=cv2.INTER_AREA).astype(np.float32)
+    m2 = cv2.resize(mask.view(np.uint8), half, interpolation=cv2.INTER_NEAREST)
+    if m2.sum() < 16:
+        return False
+    m2 = cv2.merge([m2.astype(np.float32)] * 3)
+
+    def frac(img: np.ndarray, dx: int, dy: int) -> float:
+        win = img[y0 + dy : y1 + dy, x0 + dx : x1 + dx]
+        return float((_max_channel(cv2.absdiff(win, tpl))[mask] <= tol).mean())
+
+    for j in range(1, len(frames)):
+        reg = frames[j, ry0:ry1, rx0:rx1]
+        size = (max(1, (rx1 - rx0) // 2), max(1, (ry1 - ry0) // 2))
+        r2 = cv2.resize(reg, size, interpolation=cv2.INTER_AREA).astype(np.float32)
+        if r2.shape[0] < t2.shape[0] or r2.shape[1] < t2.shape[1]:
+            continue
+        res = cv2.matchTemplate(r2, t2, cv2.TM_SQDIFF, mask=m2)
+        _, _, (bx, by), _ = cv2.minMaxLoc(np.nan_to_num(res, nan=np.inf))
+        dx, dy = rx0 + 2 * bx - x0, ry0 + 2 * by - y0
+        if abs(dx) + abs(dy) < 4 or not (0 <= x0 + dx and x1 + dx <= ww and 0 <= y0 + dy and y1 + dy <= hh):
+            continue
+        best = max(
+            frac(frames[j], dx + ex, dy + ey)
+            for ex in (-1, 0, 1)
+            for ey in (-1, 0, 1)
+            if 0 <= x0 + dx + ex and x1 + dx + ex <= ww and 0 <= y0 + dy + ey and y1 + dy + ey <= hh
+        )
+        if best >= 0.6 and best >= frac(frames[j], 0, 0) + 0.2:
+            return True
+    return False
+
+
+class _RingCounter:
+    """Per cell: how many of the outline pixels bordering it (within 2 px) are set in a mask.
 
     An outline pixel between two cells counts for both (the nearest cell labels above and
-    below it: a grey dilation and erosion of the label map).
+    below it: a grey dilation and erosion of the label map, computed once per frame).
     """
-    lab = cells.astype(np.float32)
-    k = np.ones((5, 5), np.uint8)
-    hi = cv2.dilate(lab, k)
-    lo = cv2.erode(np.where(cells > 0, lab, np.float32(n)), k)
-    total = np.zeros(n, np.int64)
-    hit = np.zeros(n, np.int64)
-    for near in (hi, lo):
-        idx = near[ring].astype(np.int64)
-        ok = (idx > 0) & (idx < n)
-        total += np.bincount(idx[ok], minlength=n)
-        idx = near[ring & evidence].astype(np.int64)
-        ok = (idx > 0) & (idx < n)
-        hit += np.bincount(idx[ok], minlength=n)
-    return total, hit
+
+    def __init__(self, cells: np.ndarray, ring: np.ndarray, n: int) -> None:
+        lab = cells.astype(np.float32)
+        k = np.ones((5, 5), np.uint8)
+        self.n, self.ring = n, ring
+        self.near = [
+            cv2.dilate(lab, k)[ring].astype(np.int64),
+            cv2.erode(np.where(cells > 0, lab, np.float32(n)), k)[ring].astype(np.int64),
+        ]
+
+    def count(self, mask: np.ndarray | None) -> np.ndarray:
+        """Outline pixels per cell where ``mask`` is set (None: all of them)."""
+        sel = None if mask is None else mask[self.ring]
+        out = np.zeros(self.n, np.int64)
+        for idx in self.near:
+            idx = idx if sel is None else idx[sel]
+            ok = (idx > 0) & (idx < self.n)
+            out += np.bincount(idx[ok], minlength=self.n)
+        return out
 
 
 def _figure_cells(

@@ -218,7 +218,7 @@ def test_static_cells_marks_the_prop_not_the_walker():
     line = detection.line_art(frame, cfg.dark_value, cfg.line_contrast)
     _, cells = detection.enclosed_regions(line, cfg.big_cell_frac)
     stack = np.stack([f for f, _ in shot])
-    static, stable = detection.static_cells(cells, line, stack, np.ones(stack.shape[:3], bool), cfg)
+    static, _, stable = detection.static_cells(cells, line, stack, np.ones(stack.shape[:3], bool), cfg)
     wall = np.bincount(cells[parts["house"] & ~parts["walker"]]).argmax()
     walker = np.bincount(cells[parts["walker"]]).argmax()
     assert wall > 0 and static[wall], "the house wall is the same in the frames that show it"
