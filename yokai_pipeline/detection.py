@@ -394,14 +394,13 @@ def detect_offline(frame: np.ndarray, stack: np.ndarray | None, cfg: DetectionCo
         static, still, stable = static_cells(cells, line, frames, valid, cfg)
         # a static cell the plate saw on its own in some frames (the figure elsewhere) is a
         # prop; one it never saw is part of a figure that holds still (its body, the arm waving)
-        # unless it is still (drawn exactly so, outline and all, in single frames)
-        n = len(static)
-        static &= still | (
-            np.bincount(cells[seen >= 2], minlength=n)
-            >= cfg.static_seen_frac * np.bincount(cells.ravel(), minlength=n)
+        # unless the rest of the blob moved off it as a whole (_walks_off_props)
+        n, pooled = len(static), static.copy()
+        static &= np.bincount(cells[seen >= 2], minlength=n) >= cfg.static_seen_frac * np.bincount(
+            cells.ravel(), minlength=n
         )
         off = _detachable(blobs, cells, static, stable, min_area, cfg)
-        off |= _walks_off_props(blobs & ~off, cells, still, frames, min_area, cfg)
+        off |= _walks_off_props(blobs & ~off, cells, pooled, still, frames, min_area, cfg)
         evidence = evidence & ~off
     fg = fill_holes(_figure_cells(cells, line, evidence, blobs, cfg.cell_fg_frac))
     labels = split_instances(fg, min_area, cfg.split_depth)
@@ -493,6 +492,7 @@ def _detachable(
 def _walks_off_props(
     blobs: np.ndarray,
     cells: np.ndarray,
+    static: np.ndarray,
     still: np.ndarray,
     frames: np.ndarray,
     min_area: float,
@@ -504,7 +504,8 @@ def _walks_off_props(
     figure holding still, a hand waving). A small figure walking past a large prop looks the
     same by area; what tells them apart is that the figure's changing part is found again,
     shifted, in other frames of the shot (it moved as a whole), while an animated hand or
-    mouth changes shape. Then the blob's still cells (drawn exactly so, outline included, in
+    mouth changes shape (the part compared: the blob's cells that are not static). Then the
+    blob's still cells (drawn exactly so, outline included, in
     single frames: :func:`static_cells`) are a prop.
     """
     out = np.zeros(blobs.shape, bool)
@@ -516,7 +517,8 @@ def _walks_off_props(
         x, y, w, h, _ = (int(v) for v in stats[k])
         blob = lab[y : y + h, x : x + w] == k
         # the changing cells, without the outlines (a prop's lines are not still cells)
-        part = blob & ~st[y : y + h, x : x + w] & (cells[y : y + h, x : x + w] > 0)
+        sub = cells[y : y + h, x : x + w]
+        part = blob & (sub > 0) & ~static[sub]
         if not st[y : y + h, x : x + w][blob].any() or part.sum() < min_area:
             continue
         if _moved_whole(frames, part, (x, y), cfg.diff_tol):
