@@ -518,12 +518,20 @@ def _walks_off_props(
         blob = lab[y : y + h, x : x + w] == k
         # the changing cells, without the outlines (a prop's lines are not still cells)
         sub = cells[y : y + h, x : x + w]
-        part = blob & (sub > 0) & ~static[sub]
+        part = _largest_part(blob & (sub > 0) & ~static[sub])
         if not st[y : y + h, x : x + w][blob].any() or part.sum() < min_area:
             continue
         if _moved_whole(frames, part, (x, y), cfg.diff_tol):
             out[y : y + h, x : x + w] |= blob & st[y : y + h, x : x + w]
     return out
+
+
+def _largest_part(mask: np.ndarray) -> np.ndarray:
+    """The largest 8-connected component of ``mask`` (the figure among scattered prop bits)."""
+    n, lab, stats, _ = cv2.connectedComponentsWithStats(mask.view(np.uint8), connectivity=8)
+    if n <= 2:
+        return mask
+    return lab == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
 
 
 def _moved_whole(frames: np.ndarray, part: np.ndarray, origin: tuple[int, int], tol: int) -> bool:
