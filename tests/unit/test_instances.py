@@ -259,3 +259,56 @@ def test_merge_keeps_two_tight_modes_apart_but_joins_fragments():
     one = a + 0.2 * rng.standard_normal((20, 16)).astype(np.float32)
     frag = np.repeat([0, 1], 10)
     assert (clustering.merge_close_clusters(one, frag, 0.1, spread_ratio=2.0) == 0).all(), "fragments join"
+
+
+def _touching_shot_frame(walker_x: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """A still shot: an outlined house and a figure walking along its lower edge, touching it."""
+    h, w = 180, 320
+    img = np.full((h, w, 3), (170, 200, 230), np.uint8)
+    img[120:] = (120, 160, 90)
+    parts = {k: np.zeros((h, w), np.uint8) for k in ("house", "walker")}
+    cv2.rectangle(img, (70, 60), (130, 95), (200, 150, 120), -1)
+    cv2.rectangle(img, (70, 60), (130, 95), (0, 0, 0), 2)
+    cv2.rectangle(parts["house"], (70, 60), (130, 95), 1, -1)
+    cv2.ellipse(img, (walker_x, 116), (11, 22), 0, 0, 360, (90, 220, 120), -1)
+    cv2.ellipse(img, (walker_x, 116), (11, 22), 0, 0, 360, (0, 0, 0), 2)
+    cv2.ellipse(parts["walker"], (walker_x, 116), (11, 22), 0, 0, 360, 1, -1)
+    return img, {k: v > 0 for k, v in parts.items()}
+
+
+@pytest.mark.parametrize("static_same_frames", [2, 0])
+def test_offline_detector_detaches_a_prop_the_figure_touches_in_every_frame(static_same_frames):
+    """The walker touches the house in every frame of the shot, so the plate never saw the
+    house on its own; the wall is still drawn exactly so (paint and its own outline) in single
+    frames while the walker moved off it as a whole: the house is background. Without the cue
+    (0) the house stays attached. (A figure holding still with a waving arm keeps its body:
+    the tests above run with the cue on, the default.)"""
+    shot = [_touching_shot_frame(x) for x in range(80, 144, 8)]
+    frame, parts = shot[0]
+    cfg = DetectionConfig(static_same_frames=static_same_frames)
+    labels = detection.detect_offline(frame, np.stack([f for f, _ in shot[1:]]), cfg).labels
+    walker = np.bincount(labels[parts["walker"]]).argmax()
+    assert walker > 0 and (labels[parts["walker"]] == walker).mean() > 0.9
+    house_only = parts["house"] & ~cv2.dilate(parts["walker"].view(np.uint8), np.ones((9, 9))).astype(bool)
+    attached = (labels[house_only] == walker).mean()
+    if static_same_frames:
+        assert attached < 0.05, "the house is background"
+    else:
+        assert attached > 0.5, "without the still-region cue the house comes with the walker"
+
+
+def test_static_cells_still_needs_the_whole_own_outline_in_one_frame():
+    """The walker's region moves its outline in every frame: not still. The house wall it
+    touches is still: only the outline it shares with the walker moved."""
+    shot = [_touching_shot_frame(x) for x in range(80, 110, 6)]
+    frame, parts = shot[0]
+    cfg = DetectionConfig()
+    line = detection.line_art(frame, cfg.dark_value, cfg.line_contrast)
+    _, cells = detection.enclosed_regions(line, cfg.big_cell_frac)
+    stack = np.stack([f for f, _ in shot])
+    static, still, _ = detection.static_cells(cells, line, stack, np.ones(stack.shape[:3], bool), cfg)
+    wall = np.bincount(cells[parts["house"] & ~parts["walker"]]).argmax()
+    walker = np.bincount(cells[parts["walker"]]).argmax()
+    assert wall > 0 and still[wall], "the wall is drawn exactly so in single frames"
+    assert walker > 0 and not still[walker], "the walker's outline moved in every frame"
+    assert not (still & ~static).any(), "still implies static"
