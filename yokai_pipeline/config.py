@@ -250,6 +250,12 @@ class DetectionConfig(_Stage):
         le=1,
         description="offline: ... its outline counting as unchanged where this share of it is.",
     )
+    still_instance_frac: float = Field(
+        0.9,
+        ge=0,
+        le=1,
+        description="offline: an instance whose regions are this share still (drawn exactly so in other frames) is a prop; 1 = off.",
+    )
     detach_frac: float = Field(
         0.25,
         ge=0,
