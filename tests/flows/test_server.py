@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import socket
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -150,6 +151,9 @@ def test_layering_runs_as_gpu_pool_sub_deployment(episode_run, prefect_server):
     # The parent read the child's persisted result back through run_deployment.
     assert episode_run["result"]["layers"]["character_layers"] > 0
     assert "gpu" in child.tags
+    # the parent's workspace-sharing token reached the GPU-pool run, which found it; then it was removed
+    assert child.parameters["share_token"].endswith("@" + socket.gethostname())
+    assert not list((episode_run["workspace"] / ".yokai-share").iterdir())
 
 
 def _run_ingest(server: PrefectServer, s3, inbox: str, workspace: Path):
