@@ -258,7 +258,7 @@ def test_killed_mid_episode_crashes_and_the_retry_equals_a_clean_run(cpu_worker,
     assert crashed.state.name == "Crashed", crashed.state
     # The run's own runner reports the crash first; retry once the worker has seen its process
     # end too, or its late report would mark the retried attempt Crashed (as it would in the UI).
-    seen = f"Reported flow run '{run.id}' as crashed"  # the worker's or its runner's logger
+    seen = f"prefect.flow_runs.worker - Reported flow run '{run.id}' as crashed"
     deadline = time.monotonic() + 120
     while seen not in _logs(cpu_worker) and time.monotonic() < deadline:
         time.sleep(1)
