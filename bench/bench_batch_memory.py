@@ -9,7 +9,7 @@ For each model with random weights (same activations as the real ones):
   32, inference as the stages run it (U^2-Net / IS-Net ``predict_masks`` on uint8 frames: bf16
   autocast on CUDA; a CLIP-sized ViT image tower under bf16 autocast; CLIP's own tower is
   open_clip's, not on this host, timm's ``vit_*_clip_224`` has its shapes). Compare with the
-  estimates of ``yokai_pipeline/layering.py:batch_cost`` (U^2-Net 150, IS-Net 1536 at 1024 px)
+  estimates of ``yokai_pipeline/layering.py:batch_cost`` (U^2-Net 150, IS-Net 448 at 1024 px)
   and ``yokai_pipeline/embedding.py:CLIP_BATCH_COST`` (24).
 - ``auto``: what ``batch_size = "auto"`` picks on this device with the estimate, and whether a
   forward pass at that size ran (its peak memory).
@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-ESTIMATES_MIB = {"u2net": 150.0, "isnet": 1536.0, "vit_b32_clip": 24.0, "vit_l14_clip": 24.0}
+ESTIMATES_MIB = {"u2net": 150.0, "isnet": 448.0, "vit_b32_clip": 24.0, "vit_l14_clip": 24.0}
 HOST_BYTES = 16 * 2**30  # the inputs of the halving run live in host memory
 UPPER = {"u2net": 128, "isnet": 128, "vit_b32_clip": 512, "vit_l14_clip": 512}
 

@@ -377,11 +377,12 @@ class ISNetSegmenter(U2NetSegmenter):
 def batch_cost(cfg: LayeringConfig) -> batching.BatchCost:
     """What one frame costs the segmenter's forward pass on the GPU (bf16; for ``batch_size = "auto"``).
 
-    Estimates: U^2-Net at 320 px keeps its encoder maps (64 channels at full size, then halving)
-    for the decoder, about 150 MiB a frame; IS-Net runs at ``isnet_input_size`` (1024 px: ten times
-    the area). An estimate too low is caught by the halving on out-of-memory.
+    Measured on an H200 (``bench/bench_batch_memory.py``, BENCHMARKS.md "Memory"): U^2-Net at
+    320 px 141 MiB a frame (it keeps its encoder maps for the decoder), IS-Net at 1024 px 378 MiB;
+    the estimates add about 6% and 20%. An estimate too low is caught by the halving on
+    out-of-memory.
     """
-    per_item = 1536 * (cfg.isnet_input_size / 1024) ** 2 if cfg.backend == "isnet" else 150
+    per_item = 448 * (cfg.isnet_input_size / 1024) ** 2 if cfg.backend == "isnet" else 150
     return batching.BatchCost("layering", per_item, upper=128, cpu_default=16)
 
 

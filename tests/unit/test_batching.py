@@ -89,11 +89,29 @@ def test_out_of_memory_halves_the_batch_and_keeps_the_smaller_size(caplog):
     assert torch.equal(out, x * 2)  # every item once, in order
     assert state.size == 8
     assert calls[:3] == [32, 16, 8]  # 32 fails, the first 16 fails, then parts of 8
-    assert "out of memory at batch 32; retrying in batches of 16" in caplog.text
-    assert "out of memory at batch 16; retrying in batches of 8" in caplog.text
+    assert "at batch 32; retrying in batches of 16" in caplog.text
+    assert "at batch 16; retrying in batches of 8" in caplog.text
     calls.clear()
     out = batching.run_in_parts(_forward_that_fits(8, calls), torch.arange(20.0), state, torch.cat)
     assert calls == [8, 8, 4] and torch.equal(out, torch.arange(20.0) * 2)  # no failed attempt again
+
+
+def test_a_kernel_size_limit_halves_the_batch_like_out_of_memory():
+    """What the H200 raised for U^2-Net at batch 2026 (141 GB left room, 32-bit indexing did not)."""
+    calls: list[int] = []
+
+    def forward(x):
+        calls.append(len(x))
+        if len(x) > 10:
+            raise RuntimeError(
+                "upsample_bilinear2d_nhwc only supports output tensors with less than INT_MAX elements, "
+                f"but got [{len(x)}, 32, 320, 320]"
+            )
+        return x + 1
+
+    state = batching.Budget("u2net", "cuda:0", 40)
+    out = batching.run_in_parts(forward, torch.arange(40.0), state, torch.cat)
+    assert torch.equal(out, torch.arange(40.0) + 1) and state.size == 10 and calls[:3] == [40, 20, 10]
 
 
 def test_one_item_that_does_not_fit_and_other_errors_are_raised():
@@ -126,10 +144,10 @@ def test_layering_auto_uses_the_segmenter_device_and_model_cost(monkeypatch):
 
     monkeypatch.setattr(u2net, "resolve_device", lambda device: "cuda:1")  # the leased GPU
     monkeypatch.setattr(batching, "_mem_get_info", _mem(16, 24))
-    # (16 - 3.6) GiB = 12697 MiB: 84 U^2-Net frames at 150 MiB -> 64; 8 IS-Net frames at 1536 MiB -> 8
+    # (16 - 3.6) GiB = 12697 MiB: 84 U^2-Net frames at 150 MiB -> 64; 28 IS-Net frames at 448 MiB -> 16
     assert layering.sized(LayeringConfig(backend="u2net", batch_size="auto")).batch_size == 64
     batching.forget_choices()
-    assert layering.sized(LayeringConfig(backend="isnet", batch_size="auto")).batch_size == 8
+    assert layering.sized(LayeringConfig(backend="isnet", batch_size="auto")).batch_size == 16
     assert layering.sized(LayeringConfig(backend="offline", batch_size="auto")).batch_size == 16
     assert layering.sized(LayeringConfig(backend="u2net", batch_size=12)).batch_size == 12
 
@@ -155,4 +173,4 @@ def test_segmenter_out_of_memory_gives_the_masks_of_a_plain_run(tiny_u2netp, mon
         masks = seg.predict_u8(images)
     assert all(np.array_equal(a, b) for a, b in zip(masks, plain, strict=True))
     assert seg._budget.size == 3 and sizes == [6, 3, 3]
-    assert "layering on cpu: out of memory at batch 6" in caplog.text
+    assert "layering on cpu: out of memory (or over a kernel's size limit) at batch 6" in caplog.text

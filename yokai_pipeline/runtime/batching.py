@@ -119,10 +119,19 @@ def forget_choices() -> None:
         _chosen.clear()
 
 
+#: What CUDA kernels raise when one call holds more elements than their 32-bit indexing allows
+#: (e.g. ``upsample_bilinear2d_nhwc only supports output tensors with less than INT_MAX
+#: elements``, met on the H200 at U^2-Net batch 2026): too big a batch, like out of memory.
+_SIZE_LIMIT_MESSAGES = ("INT_MAX", "canUse32BitIndexMath", "32-bit index")
+
+
 def _is_oom(exc: BaseException) -> bool:
+    """Out of device memory, or over a kernel's tensor-size limit: both are fixed by a smaller batch."""
     import torch
 
-    return isinstance(exc, torch.cuda.OutOfMemoryError)
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and any(m in str(exc) for m in _SIZE_LIMIT_MESSAGES)
 
 
 def run_in_parts(
@@ -157,7 +166,7 @@ def run_in_parts(
             with _lock:
                 state.size = min(state.size, size // 2)
             log.warning(
-                "%s on %s: out of memory at batch %d; retrying in batches of %d",
+                "%s on %s: out of memory (or over a kernel's size limit) at batch %d; retrying in batches of %d",
                 state.stage,
                 state.device,
                 size,
