@@ -16,7 +16,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
 export NUMBA_CACHE_DIR ?= $(HOME)/.cache/yokai/numba
 WORKSPACE ?= runs/demo
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= --durations=30
 
 .PHONY: setup demo test lint bench system-deps
 

@@ -21,8 +21,8 @@ from prefect import Flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.deployments import run_deployment
 
-from tasks.common import workspace_mirror
-from yokai_pipeline import runtime
+from tasks.common import SHARE_TOKEN, workspace_mirror
+from yokai_pipeline import runtime, sharing
 from yokai_pipeline.config import PipelineConfig
 from yokai_pipeline.errors import YokaiError
 
@@ -106,7 +106,10 @@ def run_heavy(flow_fn: Flow, stage: str, parameters: dict[str, Any], config: Pip
     mirror = workspace_mirror(parameters["workspace"], config.storage)
     if mirror is not None:
         mirror.publish([""])
-    run = run_deployment(name=name, parameters=parameters, timeout=orch.timeout_seconds)
+    # a local workspace: the child checks first thing that its host sees this very folder
+    with sharing.shared_token(parameters["workspace"]) as token:
+        params = {**parameters, SHARE_TOKEN: token} if token else parameters
+        run = run_deployment(name=name, parameters=params, timeout=orch.timeout_seconds)
     if run.state is None or not run.state.is_completed():
         msg = run.state.message if run.state else "no state"
         raise YokaiError(

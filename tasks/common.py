@@ -27,7 +27,7 @@ from prefect.futures import PrefectFuture
 from prefect.states import State
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from yokai_pipeline import remote, runtime
+from yokai_pipeline import remote, runtime, sharing
 from yokai_pipeline.config import PipelineConfig, StorageConfig
 from yokai_pipeline.fsio import file_sha256, stable_hash
 from yokai_pipeline.workspace import Workspace
@@ -191,25 +191,41 @@ def workspace_sync(
     return remote.synced(workspace, cfg, prefixes, credentials=creds)
 
 
+#: The parameter every synced flow gains: the token of :mod:`yokai_pipeline.sharing` its parent wrote.
+SHARE_TOKEN = "share_token"
+
+
 def synced_flow(prefixes: Callable[[dict[str, Any]], list[str]] | None = None) -> Callable:
     """Decorate a flow function (under ``@flow``) so an S3 workspace is pulled before it and published after.
 
     ``prefixes`` maps the call's bound arguments to the workspace parts the flow reads and writes
     (default: all of it). A local workspace is passed through untouched.
+
+    The flow also gains a last parameter ``share_token`` (default None): a parent that starts it
+    as a deployment run (:func:`flows.heavy.run_heavy`) passes the token it wrote into a local
+    workspace, and the flow fails before any work when this worker does not see it
+    (:func:`yokai_pipeline.sharing.check_token`).
     """
 
     def wrap(fn: Callable) -> Callable:
         sig = inspect.signature(fn)
+        token_param = inspect.Parameter(
+            SHARE_TOKEN, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=str | None
+        )
 
         @functools.wraps(fn)
-        def run(*args: Any, **kwargs: Any) -> Any:
+        def run(*args: Any, share_token: str | None = None, **kwargs: Any) -> Any:
             bound = sig.bind(*args, **kwargs)
             bound.apply_defaults()
+            sharing.check_token(bound.arguments["workspace"], share_token)
             config = bound.arguments.get("config") or PipelineConfig()
             parts = prefixes(bound.arguments) if prefixes else [""]
             with workspace_sync(bound.arguments["workspace"], config.storage, parts):
                 return fn(*args, **kwargs)
 
+        # Prefect builds the flow's parameters (and the deployment's schema) from this signature
+        run.__signature__ = sig.replace(parameters=[*sig.parameters.values(), token_param])  # type: ignore[attr-defined]
+        run.__annotations__ = {**fn.__annotations__, SHARE_TOKEN: "str | None"}
         return run
 
     return wrap

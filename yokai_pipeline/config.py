@@ -8,7 +8,7 @@ validation before any work starts.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -84,7 +84,10 @@ class LayeringConfig(_Stage):
         "(or its net state dict as .pth / .safetensors) for isnet. Required for the neural backends.",
     )
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
-    batch_size: int = Field(16, ge=1, le=1024, description="Images per forward pass on the GPU.")
+    batch_size: Annotated[int, Field(ge=1, le=1024)] | Literal["auto"] = Field(
+        16,
+        description='Images per forward pass on the GPU; "auto": the largest power of two the leased GPU\'s free memory holds (at most 128; 16 on the CPU). Halved and retried on out-of-memory.',
+    )
     chunk_size: int = Field(32, ge=1, description="Frames per layering task (the unit of retry and resume).")
     mask_threshold: float = Field(
         0.5, gt=0, lt=1, description="Probability above which a pixel is character."
@@ -293,7 +296,10 @@ class EmbeddingConfig(_Stage):
         "laion2b_s34b_b79k", description="open_clip pretrained tag or a local checkpoint path (clip backend)."
     )
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
-    batch_size: int = Field(64, ge=1, le=4096, description="Images per forward pass.")
+    batch_size: Annotated[int, Field(ge=1, le=4096)] | Literal["auto"] = Field(
+        64,
+        description='Images per forward pass; "auto": the largest power of two the leased GPU\'s free memory holds (at most 512; 64 on the CPU). CLIP halves it and retries on out-of-memory.',
+    )
     num_workers: int = Field(2, ge=0, le=64, description="Decoding threads feeding the model.")
     ccip_model: str = Field(
         "deepghs/ccip_onnx",

@@ -42,7 +42,7 @@ from yokai_pipeline.fsio import (
     read_jsonl,
     stable_hash,
 )
-from yokai_pipeline.runtime import DeviceUploader, name_of, pixel_batches
+from yokai_pipeline.runtime import DeviceUploader, batching, name_of, pixel_batches
 from yokai_pipeline.runtime import decode_pool as _decode_pool
 
 # Re-exported: callers and tests stop the decode pool through this module.
@@ -288,6 +288,11 @@ def _preprocess(item: ImageLike, plan: Any, transform: Any, size: tuple[int, int
     return arr
 
 
+#: One image through the CLIP image tower in bf16, activations freed layer by layer: ViT-L/14 at
+#: 224 px (257 tokens x 1024, MLP 4096, 16 heads) peaks near 10 MiB; 24 MiB leaves room for bigger towers.
+CLIP_BATCH_COST = batching.BatchCost("embedding", 24, upper=512, cpu_default=64)
+
+
 class ClipEmbedder:
     """open_clip image encoder fed by a persistent pool of decode processes.
 
@@ -308,6 +313,9 @@ class ClipEmbedder:
         if cfg.num_workers:
             _decode_pool(cfg.num_workers)  # spawning overlaps the model load below
         self.bundle = load_clip(cfg.model, cfg.pretrained, cfg.device)
+        size = batching.resolve_batch_size(CLIP_BATCH_COST, self.bundle.device, cfg.batch_size)
+        self.cfg = cfg.model_copy(update={"batch_size": size})
+        self._budget = batching.Budget("embedding", self.bundle.device, size)
         self.model = cfg.model
         self.dim = self.bundle.dim
         self._lock = threading.Lock()
@@ -363,7 +371,7 @@ class ClipEmbedder:
                 x = torch.empty((n, 3, *b.image_size), device=b.device).copy_(u8.permute(0, 3, 1, 2))
                 x.div_(255).sub_(mean).div_(std)
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda):
-                    feats = b.model.encode_image(x)
+                    feats = batching.run_in_parts(b.model.encode_image, x, self._budget, torch.cat)
                 # Kept on the device: a .cpu() per batch would stall the pipeline.
                 chunks.append(torch.nn.functional.normalize(feats.float(), dim=-1))
             out = torch.cat(chunks).cpu().numpy().astype(np.float32, copy=False)
@@ -386,7 +394,10 @@ class CCIPEmbedder:
     def __init__(self, cfg: EmbeddingConfig):
         from yokai_pipeline.models.ccip import load_ccip
 
-        self.cfg = cfg
+        # onnxruntime's memory is not torch's to measure: "auto" is the CPU default there
+        self.cfg = cfg = cfg.model_copy(
+            update={"batch_size": batching.resolve_batch_size(CLIP_BATCH_COST, "cpu", cfg.batch_size)}
+        )
         self.ccip = load_ccip(cfg.ccip_model, cfg.device, cfg.batch_size, threshold=cfg.ccip_threshold)
         self.model = cfg.ccip_model
         self.dim = self.ccip.dim

@@ -45,6 +45,8 @@ How this meets kohya's real rules (``/work/shared/KOHYA_FACTS.md``):
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import random
 import re
@@ -677,12 +679,11 @@ def _prepare_character(
     written: dict[str, str] = {}
     captions_missing = 0
     rows = []
+    earlier = _earlier_rows(configs_path(out_dir, f"{name}_split.json"), char_dir)
     for pos in range(total):
         src = assignment[pos]
         stem = f"{pos:0{width}d}_{safe_name(src.stem, fallback='img')}"
-        source_img = load_image(src)
-        img = prepare_image(source_img, cfg.alpha_mode, tuple(cfg.composite_color), cfg.upscale_to)
-        atomic_write_bytes(char_dir / f"{stem}.png", _png_bytes(img))
+        row = _packaged_image(src, char_dir / f"{stem}.png", cfg, earlier.get(f"{stem}.png"))
         text = read_caption(src.with_suffix(".txt"))
         if text is None or not text.strip():
             captions_missing += 1
@@ -695,9 +696,7 @@ def _prepare_character(
                 "source": src.name,
                 "original": sources.get(src.name, src.name),
                 "split": "validation" if pos in val_pos_set else "train",
-                "size": list(img.size),
-                "source_size": list(source_img.size),
-                "upscaled": img.size != source_img.size,
+                **row,
             }
         )
     for p in char_dir.iterdir():  # files of an earlier run with other names would be trained too
@@ -823,6 +822,47 @@ def low_resolution_drop(path: Path, size: tuple[int, int], cfg: PackagingConfig)
 
 def configs_path(out_dir: Path, filename: str) -> Path:
     return out_dir / "configs" / filename
+
+
+def _earlier_rows(split_json: Path, char_dir: Path) -> dict[str, dict[str, Any]]:
+    """The image rows an earlier packaging of this character recorded, by output file name."""
+    try:
+        doc = json.loads(split_json.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(doc, dict) or doc.get("image_dir") != str(char_dir):
+        return {}
+    return {r["file"]: r for r in doc.get("files", []) if isinstance(r, dict) and "file" in r}
+
+
+def _packaged_image(src: Path, out: Path, cfg: PackagingConfig, earlier: dict[str, Any] | None) -> dict:
+    """Write ``src`` prepared for kohya to ``out``; the row fields that describe it.
+
+    A re-run keeps an output whose source bytes and preparation settings (the ``stamp``) and
+    file size are those recorded last time: decoding, upscaling and PNG-encoding every image of
+    a finished series again would be most of a re-run's time. The outputs are the same bytes.
+    """
+    try:
+        digest = hashlib.sha256(src.read_bytes()).hexdigest()[:32]
+    except OSError:
+        digest = "unreadable"  # load_image below raises the error that names the file
+    settings = f"{cfg.alpha_mode}:{','.join(map(str, cfg.composite_color))}:{cfg.upscale_to}"
+    stamp = f"{digest}:{settings}"
+    reusable = earlier and earlier.get("stamp") == stamp and out.is_file()
+    if reusable and out.stat().st_size == earlier.get("bytes"):
+        keep = ("size", "source_size", "upscaled", "stamp", "bytes")
+        return {k: earlier[k] for k in keep}
+    source_img = load_image(src)
+    img = prepare_image(source_img, cfg.alpha_mode, tuple(cfg.composite_color), cfg.upscale_to)
+    png = _png_bytes(img)
+    atomic_write_bytes(out, png)
+    return {
+        "size": list(img.size),
+        "source_size": list(source_img.size),
+        "upscaled": img.size != source_img.size,
+        "stamp": stamp,
+        "bytes": len(png),
+    }
 
 
 def _remove_other_repeat_folders(out_dir: Path, name: str, keep: Path) -> None:

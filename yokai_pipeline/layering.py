@@ -49,6 +49,7 @@ from yokai_pipeline import fsio
 from yokai_pipeline.config import DetectionConfig, LayeringConfig
 from yokai_pipeline.errors import BadInputError, ConfigError
 from yokai_pipeline.fsio import atomic_write_bytes, atomic_write_json, read_jsonl, write_jsonl
+from yokai_pipeline.runtime import batching
 from yokai_pipeline.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -158,6 +159,7 @@ class U2NetSegmenter:
         self.batch_size = batch_size
         self.compile = compile
         self.model = load_u2net(weights, variant, device=self.device, compile=compile)
+        self._budget = batching.Budget("layering", self.device, batch_size)
 
     @property
     def _cuda(self) -> bool:
@@ -197,7 +199,13 @@ class U2NetSegmenter:
         """float [N, H, W] masks in [0, 1] for a uint8 NHWC batch on the model's device."""
         from yokai_pipeline.models.u2net import predict_masks
 
-        return predict_masks(self.model, x)
+        return self._in_parts(lambda part: predict_masks(self.model, part), x)
+
+    def _in_parts(self, forward: Any, x: Any) -> Any:
+        """``forward(x)``, split in smaller batches when the device runs out of memory."""
+        import torch
+
+        return batching.run_in_parts(forward, x, self._budget, torch.cat)
 
     @staticmethod
     def _collect(handle: Any) -> np.ndarray:
@@ -358,11 +366,38 @@ class ISNetSegmenter(U2NetSegmenter):
         self.compile = compile
         self.input_size = input_size
         self.model = load_isnet(weights, device=self.device, compile=compile)
+        self._budget = batching.Budget("layering", self.device, batch_size)
 
     def _masks(self, x: Any) -> Any:
         from yokai_pipeline.models.isnet import predict_masks
 
-        return predict_masks(self.model, x, input_size=self.input_size)
+        return self._in_parts(lambda part: predict_masks(self.model, part, input_size=self.input_size), x)
+
+
+def batch_cost(cfg: LayeringConfig) -> batching.BatchCost:
+    """What one frame costs the segmenter's forward pass on the GPU (bf16; for ``batch_size = "auto"``).
+
+    Measured on an H200 (``bench/bench_batch_memory.py``, BENCHMARKS.md "Memory"): U^2-Net at
+    320 px 141 MiB a frame (it keeps its encoder maps for the decoder), IS-Net at 1024 px 378 MiB;
+    the estimates add about 6% and 20%. An estimate too low is caught by the halving on
+    out-of-memory.
+    """
+    per_item = 448 * (cfg.isnet_input_size / 1024) ** 2 if cfg.backend == "isnet" else 150
+    return batching.BatchCost("layering", per_item, upper=128, cpu_default=16)
+
+
+def sized(cfg: LayeringConfig) -> LayeringConfig:
+    """``cfg`` with an integer ``batch_size``: ``"auto"`` resolved for the device the segmenter uses."""
+    if cfg.batch_size != "auto":
+        return cfg
+    if cfg.backend == "offline":
+        device = "cpu"
+    else:
+        from yokai_pipeline.models.u2net import resolve_device
+
+        device = resolve_device(cfg.device)
+    size = batching.resolve_batch_size(batch_cost(cfg), device, "auto")
+    return cfg.model_copy(update={"batch_size": size})
 
 
 _segmenters: dict[str, Any] = {}
@@ -371,6 +406,7 @@ _segmenters_lock = threading.Lock()
 
 def get_segmenter(cfg: LayeringConfig) -> Segmenter:
     """The segmenter for ``cfg.backend``, memoised per process and configuration."""
+    cfg = sized(cfg)
     key = cfg.model_dump_json(
         include={"backend", "weights", "device", "batch_size", "compile", "min_area_frac", "isnet_input_size"}
     )
@@ -1215,6 +1251,7 @@ def segment_layers(
             results[i] = done
     failures: list[tuple[int, dict, BaseException]] = []
     if todo:
+        cfg = sized(cfg)
         segmenter = get_segmenter(cfg)
         workers = max(1, cfg.num_workers)
         model = getattr(segmenter, "batched", False) and hasattr(segmenter, "predict_batches")

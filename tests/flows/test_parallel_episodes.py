@@ -51,7 +51,7 @@ def _dataset(ws: Path) -> dict[str, str]:
 
 @pytest.mark.slow
 def test_three_episodes_at_once_overlap_and_build_the_serial_datasets(tmp_path):
-    series = synthetic.generate_series(tmp_path / "series", seed=4, episodes=3, seconds=14.0)
+    series = synthetic.generate_series(tmp_path / "series", seed=4, episodes=3, seconds=9.0)
     episodes = Path(series.episodes[0]).parent
     parallel = _yokai_run(episodes, tmp_path / "ws3", 3, tmp_path)
     serial = _yokai_run(episodes, tmp_path / "ws1", 1, tmp_path)

@@ -216,6 +216,45 @@ def _prepare_two_again(tmp_path: Path, **cfg_kw) -> tuple[dict, PackagingConfig]
     return prepare_training_data(src, tmp_path / "training_data" / "characters", sel, cfg), cfg
 
 
+def _packaged(summary: dict) -> dict[str, bytes]:
+    return {
+        f"{c['name']}/{p.name}": p.read_bytes()
+        for c in summary["characters"]
+        for p in sorted(Path(c["image_dir"]).iterdir())
+    }
+
+
+def test_rerun_keeps_unchanged_images_and_rewrites_changed_ones(tmp_path, monkeypatch):
+    import yokai_pipeline.kohya as kohya
+
+    s1, _ = _prepare_two(tmp_path, upscale_to=256)
+    first = _packaged(s1)
+    written = []
+    real_write = kohya.atomic_write_bytes
+    monkeypatch.setattr(kohya, "atomic_write_bytes", lambda p, b: written.append(p.name) or real_write(p, b))
+
+    s2, _ = _prepare_two_again(tmp_path, upscale_to=256)
+    assert written == []  # nothing changed: no image upscaled and encoded again
+    assert _packaged(s2) == first
+
+    # a source repainted, an output damaged: those two (and only those) are made again
+    keita = next(c for c in s1["characters"] if c["name"] == "keita")
+    split = json.loads((Path(keita["image_dir"]).parent / "configs" / "keita_split.json").read_text())
+    repainted, damaged = split["files"][3], split["files"][5]
+    src = tmp_path / "augmented_clusters" / "cluster_007" / repainted["source"]
+    Image.fromarray(np.full((90, 60, 4), 200, np.uint8)).save(src)
+    out = Path(keita["image_dir"]) / damaged["file"]
+    out.write_bytes(out.read_bytes()[:-50])
+    s3, _ = _prepare_two_again(tmp_path, upscale_to=256)
+    assert sorted(written) == sorted([repainted["file"], damaged["file"]])
+    third = _packaged(s3)
+    assert [k for k in first if third[k] != first[k]] == [f"keita/{repainted['file']}"]
+
+    written.clear()  # another preparation setting: every image again
+    _prepare_two_again(tmp_path, upscale_to=300)
+    assert len(written) == len([k for k in first if k.endswith(".png")])
+
+
 def test_source_resolution_kept_unless_upscaling_is_configured(tmp_path):
     summary, _ = _prepare_two(tmp_path)
     for c in summary["characters"]:
