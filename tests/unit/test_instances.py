@@ -113,8 +113,9 @@ def test_background_hole_is_filled_from_the_plate_where_seen():
 
 _RUNS: dict[str, dict] = {}
 _PROPS = (
-    "a prop a character touches in every frame of the shot stays attached: the plate never saw it "
-    "alone (docs/detection.md, static regions)"
+    "props a figure covers over more than a tenth of their region in every frame of the shot are never "
+    "still and stay attached, and prop pieces the pan shows in one or two frames are neither static nor "
+    "still (docs/detection.md, cue 5b): those layers (~10-15%) pull ARI / purity under the floors"
 )
 _VARIANTS = [
     "default",
