@@ -254,10 +254,10 @@ class DetectionConfig(_Stage):
         description="offline: ... its outline counting as unchanged where this share of it is.",
     )
     still_instance_frac: float = Field(
-        0.9,
+        0.95,
         ge=0,
         le=1,
-        description="offline: an instance whose regions are this share still (drawn exactly so in other frames) is a prop; 1 = off.",
+        description="offline: an instance this share of whose pixels is still (regions drawn exactly so in other frames, stable outlines) is a prop; 1 = off.",
     )
     detach_frac: float = Field(
         0.25,

@@ -405,25 +405,23 @@ def detect_offline(frame: np.ndarray, stack: np.ndarray | None, cfg: DetectionCo
     fg = fill_holes(_figure_cells(cells, line, evidence, blobs, cfg.cell_fg_frac))
     labels = split_instances(fg, min_area, cfg.split_depth)
     if cfg.static_match_frac > 0 and cfg.still_instance_frac < 1:
-        labels = _drop_still_instances(labels, cells, still, cfg.still_instance_frac)
+        labels = _drop_still_instances(labels, still[cells] | (line & stable), cfg.still_instance_frac)
     return Detection(labels, boxes_of(labels), plate, saw)
 
 
-def _drop_still_instances(
-    labels: np.ndarray, cells: np.ndarray, still: np.ndarray, frac: float
-) -> np.ndarray:
-    """``labels`` without the instances whose regions are ``frac`` or more still (renumbered).
+def _drop_still_instances(labels: np.ndarray, still: np.ndarray, frac: float) -> np.ndarray:
+    """``labels`` without the instances of which ``frac`` or more of the pixels are ``still`` (renumbered).
 
     The watershed can cut a prop off the figure it touches; the prop's part is then an instance
-    of its own whose regions are drawn exactly so in other frames of the shot (still): it did
-    not move, it is no character. A figure holding still keeps its animated part (not still).
+    of its own drawn exactly so in other frames of the shot (still regions, stable outlines):
+    it did not move, it is no character. A figure holding still keeps its animated part (its
+    regions and outlines moved).
     """
     n = int(labels.max())
     if n == 0:
         return labels
-    inside = cells > 0
-    total = np.bincount(labels[inside], minlength=n + 1)
-    hit = np.bincount(labels[inside & still[cells]], minlength=n + 1)
+    total = np.bincount(labels.ravel(), minlength=n + 1)
+    hit = np.bincount(labels[still], minlength=n + 1)
     keep = ~(hit >= frac * np.maximum(total, 1))
     keep[0] = False
     lut = np.zeros(n + 1, np.int32)
