@@ -1,8 +1,8 @@
 """Peak memory of the built-in trainer stays flat as characters are added (one base model per process).
 
 A fresh process (``tests/fixtures/peak_rss_training.py``) trains 4 characters one after another,
-as the training flow does on one device, and reports its own peak RSS (``getrusage``
-``ru_maxrss``) after the first and after the fourth. The base model is made big enough (a
+as the training flow does on one device, and reports the peak RSS of each character's training
+(the kernel's VmHWM, reset before each one). The base model is made big enough (a
 256/512-wide UNet: 190 MiB of fp32 weights) that one extra resident copy stands well out of the
 allocator's noise; a second process that gives each character its own base model shows the test
 sees that regression.
@@ -59,10 +59,10 @@ def test_peak_rss_after_four_characters_is_that_after_one(tmp_path):
         f"(one base model), {[round(p) for p in own['peak_mib']]} MiB (a base model per character)"
     )
     assert cached["loads"] == 1 and own["loads"] == 4
-    one, four = cached["peak_mib"][0], cached["peak_mib"][3]
+    one = cached["peak_mib"][0]
     # margin: half a base model. Every extra resident copy adds a whole one, so even one more copy
-    # fails; half a copy leaves room for the allocator's growth over 3 more trainings (measured: ~5 MiB)
-    assert four <= one + 0.5 * base
-    # the control: the same measurement sees the regression (3 more copies: at least 2 copies more)
-    own_one, own_four = own["peak_mib"][0], own["peak_mib"][3]
-    assert own_four >= own_one + 2 * base
+    # fails; half a copy leaves room for the allocator's growth over 3 more trainings
+    assert max(cached["peak_mib"][1:]) <= one + 0.5 * base
+    # the control: the same measurement sees the regression. At the fourth character a base model
+    # per character holds 3 more copies (at least 2 more, whatever the first training's transients)
+    assert own["peak_mib"][3] >= cached["peak_mib"][3] + 2 * base
