@@ -212,16 +212,22 @@ def test_offline_detector_detaches_a_prop_a_figure_walks_in_front_of(static_matc
         assert attached > 0.5, "without the static-region cue the house comes with the walker"
 
 
-def test_static_cells_marks_the_prop_not_the_walker():
-    shot = [_shot_frame(x, 90) for x in (150, 90, 100, 110, 120)]
+def _static_cells_of(shot: list) -> tuple[dict[str, np.ndarray], np.ndarray, tuple, int, int]:
+    """static_cells of a shot's first frame: (parts, cells, (static, still, stable), wall cell, walker cell)."""
     frame, parts = shot[0]
     cfg = DetectionConfig()
     line = detection.line_art(frame, cfg.dark_value, cfg.line_contrast)
     _, cells = detection.enclosed_regions(line, cfg.big_cell_frac)
     stack = np.stack([f for f, _ in shot])
-    static, _, stable = detection.static_cells(cells, line, stack, np.ones(stack.shape[:3], bool), cfg)
-    wall = np.bincount(cells[parts["house"] & ~parts["walker"]]).argmax()
-    walker = np.bincount(cells[parts["walker"]]).argmax()
+    out = detection.static_cells(cells, line, stack, np.ones(stack.shape[:3], bool), cfg)
+    wall = int(np.bincount(cells[parts["house"] & ~parts["walker"]]).argmax())
+    walker = int(np.bincount(cells[parts["walker"]]).argmax())
+    return parts, cells, out, wall, walker
+
+
+def test_static_cells_marks_the_prop_not_the_walker():
+    shot = [_shot_frame(x, 90) for x in (150, 90, 100, 110, 120)]
+    parts, _, (static, _, stable), wall, walker = _static_cells_of(shot)
     assert wall > 0 and static[wall], "the house wall is the same in the frames that show it"
     assert walker > 0 and not static[walker], "the walker's region moved"
     assert stable[parts["house"] & ~parts["walker"]].mean() > 0.9
@@ -302,14 +308,7 @@ def test_static_cells_still_needs_the_whole_own_outline_in_one_frame():
     """The walker's region moves its outline in every frame: not still. The house wall it
     touches is still: only the outline it shares with the walker moved."""
     shot = [_touching_shot_frame(x) for x in range(80, 110, 6)]
-    frame, parts = shot[0]
-    cfg = DetectionConfig()
-    line = detection.line_art(frame, cfg.dark_value, cfg.line_contrast)
-    _, cells = detection.enclosed_regions(line, cfg.big_cell_frac)
-    stack = np.stack([f for f, _ in shot])
-    static, still, _ = detection.static_cells(cells, line, stack, np.ones(stack.shape[:3], bool), cfg)
-    wall = np.bincount(cells[parts["house"] & ~parts["walker"]]).argmax()
-    walker = np.bincount(cells[parts["walker"]]).argmax()
+    _, _, (static, still, _), wall, walker = _static_cells_of(shot)
     assert wall > 0 and still[wall], "the wall is drawn exactly so in single frames"
     assert walker > 0 and not still[walker], "the walker's outline moved in every frame"
     assert not (still & ~static).any(), "still implies static"
