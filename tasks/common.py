@@ -208,7 +208,10 @@ def synced_flow(prefixes: Callable[[dict[str, Any]], list[str]] | None = None) -
     """
 
     def wrap(fn: Callable) -> Callable:
-        sig = inspect.signature(fn)
+        # real types, evaluated in the flow's own module: Prefect cannot resolve the strings of a
+        # ``from __future__ import annotations`` module from this wrapper's globals, and a config
+        # parameter it cannot resolve loses its schema (the UI's run form becomes a raw JSON box)
+        sig = inspect.signature(fn, eval_str=True)
         token_param = inspect.Parameter(
             SHARE_TOKEN, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=str | None
         )
@@ -225,7 +228,11 @@ def synced_flow(prefixes: Callable[[dict[str, Any]], list[str]] | None = None) -
 
         # Prefect builds the flow's parameters (and the deployment's schema) from this signature
         run.__signature__ = sig.replace(parameters=[*sig.parameters.values(), token_param])  # type: ignore[attr-defined]
-        run.__annotations__ = {**fn.__annotations__, SHARE_TOKEN: "str | None"}
+        run.__annotations__ = {
+            **{name: p.annotation for name, p in sig.parameters.items() if p.annotation is not p.empty},
+            **({"return": sig.return_annotation} if sig.return_annotation is not sig.empty else {}),
+            SHARE_TOKEN: str | None,
+        }
         return run
 
     return wrap

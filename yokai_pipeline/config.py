@@ -10,7 +10,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+
+
+def _auto_is_zero(value: Any) -> Any:
+    """``"auto"`` (TOML, JSON, the CLI) is kept as 0, so the field stays a plain integer: Prefect's
+    custom-run form renders an integer, but a union of an integer and a string turns the whole
+    config into a raw JSON box."""
+    return 0 if value == "auto" else value
+
+
+#: A batch size: an integer, or 0 / ``"auto"`` for one chosen from the device's free memory
+#: (yokai_pipeline/runtime/batching.py).
+AutoBatch = Annotated[int, BeforeValidator(_auto_is_zero)]
 
 
 class _Stage(BaseModel):
@@ -84,9 +96,11 @@ class LayeringConfig(_Stage):
         "(or its net state dict as .pth / .safetensors) for isnet. Required for the neural backends.",
     )
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
-    batch_size: Annotated[int, Field(ge=1, le=1024)] | Literal["auto"] = Field(
+    batch_size: AutoBatch = Field(
         16,
-        description='Images per forward pass on the GPU; "auto": the largest power of two the leased GPU\'s free memory holds (at most 128; 16 on the CPU). Halved and retried on out-of-memory.',
+        ge=0,
+        le=1024,
+        description='Images per forward pass on the GPU; 0 or "auto": the largest power of two the leased GPU\'s free memory holds (at most 128; 16 on the CPU). Halved and retried on out-of-memory.',
     )
     chunk_size: int = Field(32, ge=1, description="Frames per layering task (the unit of retry and resume).")
     mask_threshold: float = Field(
@@ -296,9 +310,11 @@ class EmbeddingConfig(_Stage):
         "laion2b_s34b_b79k", description="open_clip pretrained tag or a local checkpoint path (clip backend)."
     )
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
-    batch_size: Annotated[int, Field(ge=1, le=4096)] | Literal["auto"] = Field(
+    batch_size: AutoBatch = Field(
         64,
-        description='Images per forward pass; "auto": the largest power of two the leased GPU\'s free memory holds (at most 512; 64 on the CPU). CLIP halves it and retries on out-of-memory.',
+        ge=0,
+        le=4096,
+        description='Images per forward pass; 0 or "auto": the largest power of two the leased GPU\'s free memory holds (at most 512; 64 on the CPU). CLIP halves it and retries on out-of-memory.',
     )
     num_workers: int = Field(2, ge=0, le=64, description="Decoding threads feeding the model.")
     ccip_model: str = Field(

@@ -388,7 +388,7 @@ def batch_cost(cfg: LayeringConfig) -> batching.BatchCost:
 
 def sized(cfg: LayeringConfig) -> LayeringConfig:
     """``cfg`` with an integer ``batch_size``: ``"auto"`` resolved for the device the segmenter uses."""
-    if cfg.batch_size != "auto":
+    if not batching.is_auto(cfg.batch_size):
         return cfg
     if cfg.backend == "offline":
         device = "cpu"

@@ -69,6 +69,10 @@ def test_every_handed_over_flow_takes_the_token_parameter():
         props = fl.parameters.properties
         assert "share_token" in props, fl.name
         assert props["share_token"].get("default") is None
+        # the wrapper keeps the config's type: its schema is PipelineConfig's, which the UI's
+        # custom-run form renders field by field (an untyped one becomes a raw JSON box)
+        assert "PipelineConfig" in json.dumps(props["config"]), (fl.name, props["config"].keys())
+        assert "PipelineConfig" in fl.parameters.definitions, fl.name
 
 
 def test_a_shared_folder_runs_the_step_and_leaves_no_token(tmp_path, monkeypatch):

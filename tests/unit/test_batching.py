@@ -132,9 +132,12 @@ def test_one_item_that_does_not_fit_and_other_errors_are_raised():
 
 
 def test_config_takes_auto_or_a_bounded_integer():
-    assert LayeringConfig(batch_size="auto").batch_size == "auto"
+    assert LayeringConfig(batch_size="auto").batch_size == 0  # kept as 0: a plain integer field
+    assert LayeringConfig(batch_size=0) == LayeringConfig(batch_size="auto")
     assert EmbeddingConfig(batch_size=256).batch_size == 256
-    for bad in (0, 5000, "max"):
+    # an integer in the JSON schema, so Prefect's custom-run form renders the config as a form
+    assert EmbeddingConfig.model_json_schema()["properties"]["batch_size"]["type"] == "integer"
+    for bad in (-1, 5000, "max"):
         with pytest.raises(ValidationError):
             EmbeddingConfig(batch_size=bad)
 

@@ -103,14 +103,19 @@ def resolve_batch_size(
     requested: int | str,
     mem_get_info: Callable[[str], tuple[int, int]] | None = None,
 ) -> int:
-    """The configured batch size: an integer as given, ``"auto"`` chosen once per process and device."""
-    if requested != "auto":
+    """The configured batch size: an integer as given, 0 / ``"auto"`` chosen once per process and device."""
+    if not is_auto(requested):
         return int(requested)
     key = (cost.stage, str(device))
     with _lock:
         if key not in _chosen:
             _chosen[key] = auto_batch_size(cost, device, mem_get_info)
         return _chosen[key]
+
+
+def is_auto(requested: int | str) -> bool:
+    """Whether a configured batch size asks for a choice from free memory (the config stores ``"auto"`` as 0)."""
+    return requested in (0, "auto")
 
 
 def forget_choices() -> None:
