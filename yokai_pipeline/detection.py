@@ -577,6 +577,9 @@ def _moved_whole(frames: np.ndarray, part: np.ndarray, origin: tuple[int, int], 
         return False
     m2 = cv2.merge([m2.astype(np.float32)] * 3)
 
+    def inside(dx: int, dy: int) -> bool:
+        return 0 <= x0 + dx and x1 + dx <= ww and 0 <= y0 + dy and y1 + dy <= hh
+
     def frac(img: np.ndarray, dx: int, dy: int) -> float:
         win = img[y0 + dy : y1 + dy, x0 + dx : x1 + dx]
         return float((_max_channel(cv2.absdiff(win, tpl))[mask] <= tol).mean())
@@ -590,13 +593,13 @@ def _moved_whole(frames: np.ndarray, part: np.ndarray, origin: tuple[int, int], 
         res = cv2.matchTemplate(r2, t2, cv2.TM_SQDIFF, mask=m2)
         _, _, (bx, by), _ = cv2.minMaxLoc(np.nan_to_num(res, nan=np.inf))
         dx, dy = rx0 + 2 * bx - x0, ry0 + 2 * by - y0
-        if abs(dx) + abs(dy) < 4 or not (0 <= x0 + dx and x1 + dx <= ww and 0 <= y0 + dy and y1 + dy <= hh):
+        if abs(dx) + abs(dy) < 4 or not inside(dx, dy):
             continue
         best = max(
             frac(frames[j], dx + ex, dy + ey)
             for ex in (-1, 0, 1)
             for ey in (-1, 0, 1)
-            if 0 <= x0 + dx + ex and x1 + dx + ex <= ww and 0 <= y0 + dy + ey and y1 + dy + ey <= hh
+            if inside(dx + ex, dy + ey)
         )
         if best >= 0.6 and best >= frac(frames[j], 0, 0) + 0.2:
             return True

@@ -45,7 +45,6 @@ How this meets kohya's real rules (``/work/shared/KOHYA_FACTS.md``):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import random
@@ -62,6 +61,7 @@ from yokai_pipeline.fsio import (
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
+    file_sha256,
     read_image,
     read_jsonl,
     safe_name,
@@ -843,7 +843,7 @@ def _packaged_image(src: Path, out: Path, cfg: PackagingConfig, earlier: dict[st
     a finished series again would be most of a re-run's time. The outputs are the same bytes.
     """
     try:
-        digest = hashlib.sha256(src.read_bytes()).hexdigest()[:32]
+        digest = file_sha256(src)[:32]
     except OSError:
         digest = "unreadable"  # load_image below raises the error that names the file
     settings = f"{cfg.alpha_mode}:{','.join(map(str, cfg.composite_color))}:{cfg.upscale_to}"

@@ -1240,7 +1240,7 @@ def segment_layers(
         BadInputError: every frame of a non-empty chunk failed (names the first one).
         RuntimeError: a worker process died (the frames written so far are kept).
     """
-    ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace)
+    ws = Workspace.of(workspace)
     results: dict[int, list[dict]] = {}
     todo = []
     for i, row in enumerate(frame_rows):
@@ -1330,7 +1330,7 @@ def write_layer_manifest(workspace: Workspace, episode_id: str, rows: list[dict]
     ``layered_frames/manifests/<id>.jsonl`` (what the dataset reads) starts equal to it and is
     narrowed by :func:`apply_series_dedup`.
     """
-    ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace)
+    ws = Workspace.of(workspace)
     ordered = sorted(rows, key=lambda r: (int(r["frame_index"]), r["kind"], r["layer_id"]))
     write_jsonl(ws.episode_layers_manifest(episode_id), ordered)
     return write_jsonl(ws.layers_manifest(episode_id), ordered)
@@ -1377,7 +1377,7 @@ def mask_iou(workspace: Workspace, episode_id: str, ground_truth: Any) -> dict:
     """
     from yokai_pipeline import synthetic
 
-    ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace)
+    ws = Workspace.of(workspace)
     if isinstance(ground_truth, str | Path):
         ground_truth = synthetic.load_ground_truth(ground_truth)
     manifest = ws.layers_manifest(episode_id)

@@ -208,7 +208,7 @@ def open_mirror(workspace: str | Path | Workspace, cfg: StorageConfig, credentia
         ConfigError: not an S3 workspace, or its bucket is missing, unreachable or refuses the
             credentials (the message names the workspace and the cause).
     """
-    ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace)
+    ws = Workspace.of(workspace)
     if ws.remote is None:
         raise ConfigError(f"workspace {ws.location}: not an s3:// workspace")
     store = storage_from_config(cfg, ws.remote, credentials=credentials)

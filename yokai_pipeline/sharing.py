@@ -52,7 +52,7 @@ def write_token(workspace: str | Path | Workspace) -> str | None:
     Returns:
         ``<id>@<host>``, or None for an S3 workspace (nothing to check: every worker reaches it).
     """
-    ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace)
+    ws = Workspace.of(workspace)
     if ws.remote is not None:
         return None
     _sweep_stale(ws.root / SHARE_DIR)
@@ -72,7 +72,7 @@ def remove_token(workspace: str | Path | Workspace, token: str | None) -> None:
     """Remove a token :func:`write_token` wrote (nothing for None)."""
     if token is None:
         return
-    ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace)
+    ws = Workspace.of(workspace)
     _token_path(ws, token.partition("@")[0]).unlink(missing_ok=True)
 
 
@@ -100,7 +100,7 @@ def check_token(
         WorkspaceNotShared: the token file is absent, or holds another id (message: workspace,
             this host, the parent's host and the fix).
     """
-    ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace)
+    ws = Workspace.of(workspace)
     if token is None or ws.remote is not None:
         return
     token_id, _, parent_host = token.partition("@")

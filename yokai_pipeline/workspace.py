@@ -60,6 +60,15 @@ class Workspace:
             )
         object.__setattr__(self, "root", Path(self.root).resolve())
 
+    @classmethod
+    def of(cls, workspace: str | Path | Workspace) -> Workspace:
+        """``workspace`` itself, or the workspace a path or ``s3://`` URL names.
+
+        A Workspace is passed through, not rebuilt from its root: an S3 workspace's root is its
+        scratch mirror, which would make a local workspace of it.
+        """
+        return workspace if isinstance(workspace, Workspace) else cls(workspace)
+
     @property
     def location(self) -> str:
         """What the user named: the ``s3://`` URL, or the local folder."""

@@ -1,13 +1,13 @@
-"""Batch sizes bounded by the leased device's memory: ``batch_size = "auto"``, and halving on OOM.
+"""Batch sizes bounded by the leased device's memory: ``batch_size = "auto"`` (or 0), and halving on OOM.
 
-A GPU stage whose config says ``batch_size = "auto"`` gets the largest power of two (stable
+A GPU stage whose config says ``batch_size = "auto"`` (stored as 0) gets the largest power of two (stable
 shapes for ``torch.compile``) whose estimated cost fits the device's free memory
 (``torch.cuda.mem_get_info``) less a reserve, capped by the stage's upper bound; on the CPU it
 gets the stage's usual default. The choice is made once per process, stage and device, so a
 model memoised by its config is not loaded again when the free memory moves.
 
 Whatever the size (an explicit integer included), a forward pass that raises
-``torch.cuda.OutOfMemoryError`` is run again in halves, the cache freed in between, down to one
+``torch.cuda.OutOfMemoryError`` (or a kernel's 32-bit size-limit error) is run again in halves, the cache freed in between, down to one
 item; the smaller size is kept for the stage's later batches on that device and logged.
 """
 
