@@ -273,6 +273,17 @@ class DetectionConfig(_Stage):
         le=1,
         description="offline: an instance this share of whose pixels is still (regions drawn exactly so in other frames, stable outlines) is a prop; 1 = off.",
     )
+    revealed_frames: int = Field(
+        2,
+        ge=0,
+        description="offline: an instance is a character where this many other frames of the shot show the background in place of enough of it (min_moving_px, revealed_frac); 0 = off.",
+    )
+    revealed_frac: float = Field(
+        0.01,
+        ge=0,
+        le=1,
+        description="offline: ... at least this share of the instance.",
+    )
     detach_frac: float = Field(
         0.25,
         ge=0,
