@@ -359,3 +359,22 @@ def test_revealing_frames_counts_frames_not_pixels():
     got = detection.revealing_frames(labels, revealed, min_px=10, frac=0.1)
     assert got[1:].tolist() == [1, 3, 0]
     assert detection.revealing_frames(labels, revealed, min_px=1, frac=0.0)[3] == 2
+
+
+def test_motion_share_reaches_the_layer_manifest_row():
+    from yokai_pipeline import layering
+    from yokai_pipeline.config import LayeringConfig
+
+    labels = np.zeros((40, 60), np.int32)
+    labels[5:20, 5:20], labels[10:30, 30:50] = 1, 2
+    det = detection.Detection(labels, detection.boxes_of(labels), motion_share=np.float32([0.5, 0.25]))
+    rgb = np.full((40, 60, 3), 200, np.uint8)
+    cfg = LayeringConfig(crop_margin=0)
+    layers, _, _ = layering.layers_from_labels(rgb, labels, cfg)
+    crops = layering.layer_crops(layers, (60, 40), cfg, det)
+    assert [layering._crop_fields(crops, k)["motion_share"] for k in (0, 1)] == [0.5, 0.25]
+    # with a model segmenter the mask is cut inside the offline boxes: each keeps its own share
+    mask = np.zeros((40, 60), np.uint8)
+    mask[5:30, 30:50] = 255  # only the second instance's box holds mask pixels
+    cut, src = detection.labels_and_sources(mask, det.boxes, 127, 10)
+    assert cut.max() == 1 and det.motion_share[src].tolist() == [0.25]
