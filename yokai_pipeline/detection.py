@@ -516,11 +516,16 @@ def _confirmed_instances(
     frames = revealing_frames(labels, revealed, cfg.min_moving_px, cfg.revealed_frac)
     keep = frames >= cfg.revealed_frames
     keep[0] = False
-    lut = np.zeros(n + 1, np.int32)
-    lut[keep] = np.arange(1, int(keep.sum()) + 1)
     total = np.bincount(labels.ravel(), minlength=n + 1)
     hit = np.bincount(labels[revealed[1:].any(axis=0)], minlength=n + 1)
-    return lut[labels], (hit[keep] / np.maximum(total[keep], 1)).astype(np.float32)
+    return _keep_labels(labels, keep), (hit[keep] / np.maximum(total[keep], 1)).astype(np.float32)
+
+
+def _keep_labels(labels: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """``labels`` with only the labels where ``keep`` (index 0 False), renumbered 1.. in order."""
+    lut = np.zeros(len(keep), np.int32)
+    lut[keep] = np.arange(1, int(keep.sum()) + 1)
+    return lut[labels]
 
 
 def _drop_still_instances(labels: np.ndarray, still: np.ndarray, frac: float) -> np.ndarray:
@@ -538,9 +543,7 @@ def _drop_still_instances(labels: np.ndarray, still: np.ndarray, frac: float) ->
     hit = np.bincount(labels[still], minlength=n + 1)
     keep = ~(hit >= frac * np.maximum(total, 1))
     keep[0] = False
-    lut = np.zeros(n + 1, np.int32)
-    lut[keep] = np.arange(1, int(keep.sum()) + 1)
-    return lut[labels]
+    return _keep_labels(labels, keep)
 
 
 def static_cells(
@@ -577,18 +580,8 @@ def static_cells(
     total = np.bincount(cells.ravel(), minlength=n)
     rings = _RingCounter(cells, line, n)
     paint, outline = [], []
-    quiet = None
-    if hidden is not None:
-        # cells whose place (outline included: a figure that moves a little reveals the
-        # background along its outline) never showed the background in another frame (cue 7):
-        # where they differ, a moving figure in front hides them
-        need = np.maximum(4, cfg.revealed_frac * (total + rings.count(None)))
-        frames_rev = sum(
-            (np.bincount(cells[rj], minlength=n) + rings.count(rj)) >= need for rj in hidden[1][1:]
-        )
-        quiet = np.asarray(frames_rev < cfg.revealed_frames)
-        quiet[0] = False
-        quiet = quiet[cells]
+    quiet = None if hidden is None else _quiet_cells(cells, rings, hidden[1], cfg)
+    if quiet is not None:
         near_quiet = cv2.dilate(quiet.view(np.uint8), np.ones((5, 5), np.uint8)) > 0  # their outlines
     excused = np.zeros(cells.shape, np.int16)
     band = np.ones((5, 5), np.uint8)
@@ -632,6 +625,25 @@ def static_cells(
         same += p & (rings.count(mj & keep) >= cfg.static_ring_frac * own)
     still = static & (same >= max(1, cfg.static_same_frames)) & (own * 4 >= rings.count(None))
     return static, still, stable
+
+
+def _quiet_cells(
+    cells: np.ndarray, rings: _RingCounter, revealed: np.ndarray, cfg: DetectionConfig
+) -> np.ndarray:
+    """Pixels of the cells whose place no ``revealed_frames`` other frames reveal (cue 7).
+
+    The outline bordering a cell counts with it: a figure that moves a little reveals the
+    background along its outline only. Where a quiet cell differs in another frame, a moving
+    figure in front hides it (:func:`static_cells`).
+    """
+    n = rings.n
+    need = np.maximum(4, cfg.revealed_frac * (np.bincount(cells.ravel(), minlength=n) + rings.count(None)))
+    frames = np.zeros(n, np.int32)
+    for rj in revealed[1:]:
+        frames += (np.bincount(cells[rj], minlength=n) + rings.count(rj)) >= need
+    quiet = frames < cfg.revealed_frames
+    quiet[0] = False
+    return quiet[cells]
 
 
 def _detachable(
