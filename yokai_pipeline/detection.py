@@ -407,8 +407,10 @@ def detect_offline(frame: np.ndarray, stack: np.ndarray | None, cfg: DetectionCo
             cells.ravel(), minlength=n
         )
         off = _detachable(blobs, cells, static, stable, min_area, cfg)
-        off |= _walks_off_props(blobs & ~off, cells, pooled, still, frames, min_area, cfg)
-        evidence = evidence & ~off
+        walk = _walks_off_props(blobs & ~off, cells, pooled, still, frames, min_area, cfg)
+        if walk.any():
+            walk = _whole_after(walk, blobs, cells, line, evidence & ~off, min_area, cfg)
+        evidence = evidence & ~(off | walk)
     fg = fill_holes(_figure_cells(cells, line, evidence, blobs, cfg.cell_fg_frac))
     labels = split_instances(fg, min_area, cfg.split_depth)
     if cfg.static_match_frac > 0 and cfg.still_instance_frac < 1:
@@ -708,6 +710,37 @@ def _walks_off_props(
             continue
         if _moved_whole(frames, part, (x, y), cfg.diff_tol):
             out[y : y + h, x : x + w] |= blob & st[y : y + h, x : x + w]
+    return out
+
+
+def _whole_after(
+    walk: np.ndarray,
+    blobs: np.ndarray,
+    cells: np.ndarray,
+    line: np.ndarray,
+    evidence: np.ndarray,
+    min_area: float,
+    cfg: DetectionConfig,
+) -> np.ndarray:
+    """``walk`` without the blobs it would cut into more instances than they make whole.
+
+    A prop is cut off the side of a figure, never out of its middle: still cells whose removal
+    leaves a blob in more pieces (a figure's torso between its head and legs, still while the
+    arms move over it) belong to the figure.
+    """
+
+    def instances(ev: np.ndarray) -> np.ndarray:
+        return split_instances(
+            fill_holes(_figure_cells(cells, line, ev, blobs, cfg.cell_fg_frac)), min_area, cfg.split_depth
+        )
+
+    n, lab = cv2.connectedComponents(blobs.view(np.uint8), connectivity=8)
+    before, after = instances(evidence), instances(evidence & ~walk)
+    out = walk.copy()
+    for k in np.unique(lab[walk]):
+        blob = lab == k
+        if len(np.unique(after[blob & (after > 0)])) > len(np.unique(before[blob & (before > 0)])):
+            out &= ~blob
     return out
 
 
