@@ -1258,7 +1258,11 @@ def segment_layers(
         # Other segmenters live in this process only.
         processes = (model or isinstance(segmenter, OfflineSegmenter)) and _use_processes(cfg, len(todo))
         # with the neural detector, frames per task = one detector batch (0: another backend)
-        yolo = detection.batch_size if detection is not None and detection.backend == "yolo" else 0
+        yolo = 0
+        if detection is not None and detection.backend == "yolo":
+            from yokai_pipeline.models.detector import resolve_batch_size
+
+            yolo = resolve_batch_size(detection.batch_size, detection.device)
         # the neural detector lives once, in this process; its tasks are whole detector batches
         processes = processes and not yolo
         pool = None
