@@ -378,3 +378,44 @@ def test_motion_share_reaches_the_layer_manifest_row():
     mask[5:30, 30:50] = 255  # only the second instance's box holds mask pixels
     cut, src = detection.labels_and_sources(mask, det.boxes, 127, 10)
     assert cut.max() == 1 and det.motion_share[src].tolist() == [0.25]
+
+
+def _stepping_frame(deg: float, dx: int) -> np.ndarray:
+    """A figure whose torso stays put while its head and legs shift and its arms swing over it."""
+    img = np.full((H, W, 3), (170, 200, 230), np.uint8)
+    img[130:] = (120, 160, 90)
+    x = 160 + dx
+    for side in (-1, 1):
+        foot = (x + side * (8 + abs(dx)), 150)
+        cv2.line(img, (x + side * 8, 120), foot, (0, 0, 0), 9)
+        cv2.line(img, (x + side * 8, 120), foot, (60, 60, 160), 5)
+    cv2.rectangle(img, (140, 62), (180, 122), (250, 120, 90), -1)
+    cv2.rectangle(img, (140, 62), (180, 122), (0, 0, 0), 2)
+    cv2.circle(img, (x, 45), 13, (240, 200, 170), -1)
+    cv2.circle(img, (x, 45), 13, (0, 0, 0), 2)
+    a = np.radians(deg)
+    for side in (-1, 1):
+        shoulder = (160 + side * 12, 68)
+        hand = (int(shoulder[0] + side * 34 * np.sin(a)), int(shoulder[1] + 34 * np.cos(a)))
+        cv2.line(img, shoulder, hand, (0, 0, 0), 9)
+        cv2.line(img, shoulder, hand, (90, 90, 250), 5)
+    return img
+
+
+@pytest.mark.parametrize("whole", [True, False])
+def test_still_torso_under_moving_arms_stays_with_its_figure(whole, monkeypatch):
+    """The torso is drawn the same wherever the arms leave it (hidden by them, not changed: a
+    still region) and the rest of the figure moves: cutting the torso off as a prop would
+    leave head, arms and legs as separate layers. Still regions go only off a figure's side."""
+    if not whole:
+        monkeypatch.setattr(detection, "_whole_after", lambda walk, *_: walk)
+    moves = zip((5, 40, 70, 100, 55, 85, 30, 110), (0, 6, -6, 8, -8, 5, -5, 7), strict=True)
+    shot = [_stepping_frame(d, dx) for d, dx in moves]
+    bg = np.full((H, W, 3), (170, 200, 230), np.uint8)
+    bg[130:] = (120, 160, 90)
+    truth = np.any(shot[0] != bg, axis=2)
+    labels = detection.detect_offline(shot[0], np.stack(shot[1:]), DetectionConfig()).labels
+    if whole:
+        assert labels.max() == 1 and _iou(labels == 1, truth) > 0.9
+    else:
+        assert labels.max() >= 2, "without the check the figure falls apart"
