@@ -395,7 +395,9 @@ class ClusteringConfig(_Stage):
         description="Noise layers closer than this mean cosine distance form a cluster of their own when there are noise_group_size of them (a rare character seen a few times); 0 = off, None = 0.15 for offline embeddings, off for CLIP.",
     )
     noise_group_size: int = Field(
-        3, ge=2, description="Fewest noise layers that form a cluster of their own (noise_group_distance)."
+        2,
+        ge=2,
+        description="Fewest noise layers that form a cluster of their own (noise_group_distance): 2, so a character seen in two frames is a cluster rather than noise.",
     )
     n_epochs: int | None = Field(
         None,
