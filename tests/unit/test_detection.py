@@ -313,6 +313,17 @@ def test_prop_a_figure_covers_in_every_frame_detaches(revealed_frames):
         assert (labels[house_only] == k).mean() > 0.9, "without the cue the house comes with the walker"
 
 
+def _draw_arms(img: np.ndarray, deg: float) -> np.ndarray:
+    """Two outlined arms from the shoulders at (148 / 172, 68), ``deg`` from hanging straight down."""
+    a = np.radians(deg)
+    for side in (-1, 1):
+        shoulder = (160 + side * 12, 68)
+        hand = (int(shoulder[0] + side * 34 * np.sin(a)), int(shoulder[1] + 34 * np.cos(a)))
+        cv2.line(img, shoulder, hand, (0, 0, 0), 9)
+        cv2.line(img, shoulder, hand, (90, 90, 250), 5)
+    return img
+
+
 def _arms_frame(deg: float) -> np.ndarray:
     """A figure standing still, its arms hanging over its body at 0 degrees, raised sideways above."""
     img = np.full((H, W, 3), (170, 200, 230), np.uint8)
@@ -321,13 +332,7 @@ def _arms_frame(deg: float) -> np.ndarray:
     cv2.ellipse(img, (160, 95), (22, 40), 0, 0, 360, (0, 0, 0), 2)
     cv2.circle(img, (160, 45), 13, (240, 200, 170), -1)
     cv2.circle(img, (160, 45), 13, (0, 0, 0), 2)
-    a = np.radians(deg)
-    for side in (-1, 1):
-        shoulder = (160 + side * 12, 68)
-        hand = (int(shoulder[0] + side * 34 * np.sin(a)), int(shoulder[1] + 34 * np.cos(a)))
-        cv2.line(img, shoulder, hand, (0, 0, 0), 9)
-        cv2.line(img, shoulder, hand, (90, 90, 250), 5)
-    return img
+    return _draw_arms(img, deg)
 
 
 @pytest.mark.parametrize("own_changes", [True, False])
@@ -393,13 +398,7 @@ def _stepping_frame(deg: float, dx: int) -> np.ndarray:
     cv2.rectangle(img, (140, 62), (180, 122), (0, 0, 0), 2)
     cv2.circle(img, (x, 45), 13, (240, 200, 170), -1)
     cv2.circle(img, (x, 45), 13, (0, 0, 0), 2)
-    a = np.radians(deg)
-    for side in (-1, 1):
-        shoulder = (160 + side * 12, 68)
-        hand = (int(shoulder[0] + side * 34 * np.sin(a)), int(shoulder[1] + 34 * np.cos(a)))
-        cv2.line(img, shoulder, hand, (0, 0, 0), 9)
-        cv2.line(img, shoulder, hand, (90, 90, 250), 5)
-    return img
+    return _draw_arms(img, deg)
 
 
 @pytest.mark.parametrize("whole", [True, False])
