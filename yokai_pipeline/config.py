@@ -287,7 +287,7 @@ class DetectionConfig(_Stage):
         0.01,
         ge=0,
         le=1,
-        description="offline: ... at least this share of the instance.",
+        description="offline: the share of an instance (and at least min_moving_px pixels) that each of revealed_frames other frames must show something else in place of.",
     )
     detach_frac: float = Field(
         0.25,
