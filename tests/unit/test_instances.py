@@ -112,10 +112,10 @@ def test_background_hole_is_filled_from_the_plate_where_seen():
 
 
 _RUNS: dict[str, dict] = {}
-_PROPS = (
-    "props a figure covers over more than a tenth of their region in every frame of the shot are never "
-    "still and stay attached, and prop pieces the pan shows in one or two frames are neither static nor "
-    "still (docs/detection.md, cue 5b): those layers (~10-15%) pull ARI / purity under the floors"
+_HARD = (
+    "every difficulty at once: under the night palette the offline descriptor's colours of two rare "
+    "characters and of the two characters sharing a body colour come too close, so they share clusters "
+    "(docs/clustering.md); the detection figures (unmatched, own layer) meet their floors"
 )
 _VARIANTS = [
     "default",
@@ -124,8 +124,8 @@ _VARIANTS = [
     "edge",
     "shared_colour",
     "shared_shape",
-    pytest.param("props", marks=pytest.mark.xfail(strict=True, reason=_PROPS)),
-    pytest.param("hard", marks=pytest.mark.xfail(strict=True, reason=_PROPS)),
+    "props",
+    pytest.param("hard", marks=pytest.mark.xfail(strict=True, reason=_HARD)),
 ]
 
 
@@ -140,16 +140,23 @@ def _figures(variant: str, tmp_path_factory) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", _VARIANTS)
+@pytest.mark.parametrize("variant", [v if isinstance(v, str) else v.values[0] for v in _VARIANTS])
 def test_instance_floors_on_the_variants(variant, tmp_path_factory):
-    """Issue 15's floors with the default offline config: ARI >= 0.9, purity >= 0.95, <= 10% of
-    character layers match no character, >= 80% of visible characters (>= 1,500 px) have a layer
-    of their own (bench/bench_instances.py's FLOORS)."""
+    """Issue 15's instance floors with the default offline config, every variant: <= 10% of character
+    layers match no character, >= 80% of visible characters (>= 1,500 px) have a layer of their own
+    (bench/bench_instances.py's FLOORS)."""
     fig = _figures(variant, tmp_path_factory)
     assert fig["unmatched"] <= 0.10 and fig["own"] >= 0.80, fig
-    assert fig["ari"] >= 0.9 and fig["purity"] >= 0.95, fig
     if variant == "default":
         assert fig["seg_iou"] >= 0.97, fig
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", _VARIANTS)
+def test_identity_floors_on_the_variants(variant, tmp_path_factory):
+    """Issue 15's clustering floors on the same runs: ARI >= 0.9, purity >= 0.95 against the true characters."""
+    fig = _figures(variant, tmp_path_factory)
+    assert fig["ari"] >= 0.9 and fig["purity"] >= 0.95, fig
 
 
 def test_offline_detector_rejects_nothing_without_a_stack():
