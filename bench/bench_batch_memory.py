@@ -10,7 +10,8 @@ For each model with random weights (same activations as the real ones):
   autocast on CUDA; a CLIP-sized ViT image tower under bf16 autocast; CLIP's own tower is
   open_clip's, not on this host, timm's ``vit_*_clip_224`` has its shapes). Compare with the
   estimates of ``yokai_pipeline/layering.py:batch_cost`` (U^2-Net 150, IS-Net 448 at 1024 px)
-  and ``yokai_pipeline/embedding.py:CLIP_BATCH_COST`` (24).
+  and ``yokai_pipeline/embedding.py:CLIP_BATCH_COST`` (24); the WD14 v3 large tagger's timm
+  architecture (``eva02_large_patch14_448``) against ``yokai_pipeline/models/wd14.py:BATCH_COST`` (64).
 - ``auto``: what ``batch_size = "auto"`` picks on this device with the estimate, and whether a
   forward pass at that size ran (its peak memory).
 - ``halving``: ``run_in_parts`` started at a batch far too big for the device: the size it
@@ -26,9 +27,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-ESTIMATES_MIB = {"u2net": 150.0, "isnet": 448.0, "vit_b32_clip": 24.0, "vit_l14_clip": 24.0}
+ESTIMATES_MIB = {
+    "u2net": 150.0,
+    "isnet": 448.0,
+    "vit_b32_clip": 24.0,
+    "vit_l14_clip": 24.0,
+    "wd14_eva02_l": 64.0,
+}
 HOST_BYTES = 16 * 2**30  # the inputs of the halving run live in host memory
-UPPER = {"u2net": 128, "isnet": 128, "vit_b32_clip": 512, "vit_l14_clip": 512}
+UPPER = {"u2net": 128, "isnet": 128, "vit_b32_clip": 512, "vit_l14_clip": 512, "wd14_eva02_l": 512}
 
 
 def _models(device: str, side: tuple[int, int]):
@@ -58,6 +65,16 @@ def _models(device: str, side: tuple[int, int]):
                 return vit(x.to(device).float().div_(255)).float()
 
         out.append((name, tower, pixels))
+    # the WD14 v3 large tagger's architecture (SmilingWolf/wd-eva02-large-tagger-v3) at its 448 px
+    tagger = timm.create_model("eva02_large_patch14_448", pretrained=False, num_classes=10861)
+    tagger = tagger.to(device).eval()
+    tag_pixels = torch.randint(0, 256, (1, 3, 448, 448), dtype=torch.uint8)
+
+    def tag(x, m=tagger):
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+            return torch.sigmoid(m(x.to(device).float().div_(255)).float())
+
+    out.append(("wd14_eva02_l", tag, tag_pixels))
     return out
 
 

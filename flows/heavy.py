@@ -95,12 +95,34 @@ def run_subflow(flow_fn: Flow, stage: str, parameters: dict[str, Any]) -> Any:
     return subflow_task(flow_fn, stage, parameters)
 
 
+#: (root flow run id, workspace) -> why a worker could not see the workspace: the rest of that run's
+#: hand-overs fail at once with the same message instead of each starting a flow run that fails.
+_unshared: dict[tuple[str, str], str] = {}
+
+
+def _run_key(workspace: str) -> tuple[str, str]:
+    from prefect.runtime import flow_run
+
+    return (str(flow_run.root_flow_run_id or flow_run.id), str(workspace))
+
+
 def run_heavy(flow_fn: Flow, stage: str, parameters: dict[str, Any], config: PipelineConfig) -> Any:
-    """Call ``flow_fn(**parameters)`` locally or as deployment ``<flow name>/<prefix>-<stage>``."""
+    """Call ``flow_fn(**parameters)`` locally or as deployment ``<flow name>/<prefix>-<stage>``.
+
+    Raises:
+        sharing.WorkspaceNotShared: the deployment's worker does not see this workspace (this
+            step's, or an earlier step's of the same run: then nothing is handed over).
+        YokaiError: the deployment's run ended in another state than Completed.
+    """
     orch = config.orchestration
     if not orch.distributed:
         return run_subflow(flow_fn, stage, parameters)
     name = f"{flow_fn.name}/{orch.deployment_prefix}-{stage}"
+    key = _run_key(parameters["workspace"])
+    if key in _unshared:
+        raise sharing.WorkspaceNotShared(
+            f"{name} not handed over: an earlier step of this run found {_unshared[key]}"
+        )
     get_run_logger().info(f"running {name} as a deployment")
     # an S3 workspace: the worker (maybe another host) pulls what this run has written so far
     mirror = workspace_mirror(parameters["workspace"], config.storage)
@@ -112,9 +134,11 @@ def run_heavy(flow_fn: Flow, stage: str, parameters: dict[str, Any], config: Pip
         run = run_deployment(name=name, parameters=params, timeout=orch.timeout_seconds)
     if run.state is None or not run.state.is_completed():
         msg = run.state.message if run.state else "no state"
-        raise YokaiError(
-            f"deployment {name} run {run.name} ended {run.state.name if run.state else '?'}: {msg}"
-        )
+        text = f"deployment {name} run {run.name} ended {run.state.name if run.state else '?'}: {msg}"
+        if sharing.WorkspaceNotShared.__name__ in msg:
+            _unshared[key] = text
+            raise sharing.WorkspaceNotShared(text)
+        raise YokaiError(text)
     if mirror is not None:
         mirror.pull([""])  # and this run reads what the worker published
     return run.state.result()

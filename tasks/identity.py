@@ -53,7 +53,9 @@ def cluster_task(
         mode, stats = "recluster", clustering.recluster(ws, episode_ids, cfg)
     else:
         known = {m["episode_id"] for m in existing["members"]}
-        new = [e for e in episode_ids if e not in known]
+        # and episodes whose layers changed since (a video replaced under the same name)
+        changed = set(clustering.changed_episodes(ws, existing, episode_ids))
+        new = [e for e in episode_ids if e not in known or e in changed]
         mode, stats = (
             ("incremental", clustering.assign_incremental(ws, new, cfg)) if new else ("unchanged", {})
         )

@@ -38,7 +38,7 @@ import numpy as np
 
 from yokai_pipeline.config import ClusteringConfig
 from yokai_pipeline.errors import BadInputError, ConfigError
-from yokai_pipeline.fsio import atomic_write_json, read_json
+from yokai_pipeline.fsio import atomic_write_json, file_sha256, read_json
 from yokai_pipeline.workspace import Workspace
 
 CLUSTERS_VERSION = 1
@@ -709,6 +709,34 @@ def write_cluster_tree(
     return {"placed": len(doc["members"]) - len(missing), "missing": missing}
 
 
+def episode_stamps(workspace: Workspace, episode_ids: Iterable[str]) -> dict[str, str]:
+    """What each episode's clustered layers came from: a hash of its layer manifest and its embeddings.
+
+    Recorded in clusters.json (``episodes``), so a later run sees an episode whose video was
+    replaced under the same name, or that was layered or embedded again, although its layer
+    ids are the same. Episodes missing either file get no stamp.
+    """
+    import hashlib
+
+    out = {}
+    for ep in episode_ids:
+        files = [workspace.layers_manifest(ep), workspace.embeddings_path(ep)]
+        if all(f.is_file() for f in files):
+            out[ep] = hashlib.sha256("".join(file_sha256(f) for f in files).encode()).hexdigest()[:32]
+    return out
+
+
+def changed_episodes(workspace: Workspace, doc: Mapping[str, Any], episode_ids: Iterable[str]) -> list[str]:
+    """Episodes of ``episode_ids`` clustered in ``doc`` whose layers or embeddings have changed since.
+
+    A document written before stamps were recorded (no ``episodes``) reports none.
+    """
+    old = doc.get("episodes") or {}
+    ids = [e for e in episode_ids if e in old]
+    now = episode_stamps(workspace, ids)
+    return [e for e in ids if e in now and now[e] != old[e]]
+
+
 def _stats(doc: dict[str, Any], t0: float, **extra: Any) -> dict[str, Any]:
     members = doc["members"]
     n_noise = sum(1 for m in members if m["cluster"] < 0)
@@ -761,6 +789,7 @@ def cluster_layers(workspace: Workspace, episode_ids: Sequence[str], cfg: Cluste
     labels = clear_of_review_ids(labels)
     members = [_member(r, c, p) for r, c, p in zip(layers.rows, labels, probs, strict=True)]
     doc = build_document(members, dict(zip(layers.ids, layers.X, strict=True)), layers.embedding, cfg)
+    doc["episodes"] = episode_stamps(workspace, episode_ids)
     placed = write_cluster_tree(workspace, doc, cfg)
     return _stats(doc, t0, reassigned=reassigned, skipped=layers.skipped, missing=placed["missing"])
 
@@ -774,8 +803,10 @@ def assign_incremental(
     ``cfg.reassign_max_distance``; its probability is ``1 - distance / bound``. Layers that
     match nothing are clustered among themselves (UMAP + HDBSCAN); their clusters get ids
     after the current maximum, the rest are noise. Layers already in clusters.json are left
-    as they are, so re-running is harmless. Without a clusters.json this is
-    :func:`cluster_layers`.
+    as they are, so re-running is harmless; but an episode of ``new_episode_ids`` whose layers
+    or embeddings changed since it was clustered (:func:`changed_episodes`: its video was
+    replaced, or it was layered again) has its old members taken out and its layers placed
+    afresh. Without a clusters.json this is :func:`cluster_layers`.
 
     Returns:
         Stats as :func:`cluster_layers` plus ``joined`` (new layers placed in existing
@@ -787,6 +818,9 @@ def assign_incremental(
         stats = cluster_layers(workspace, new_episode_ids, cfg)
         return {**stats, "joined": 0, "new_clusters": stats["n_clusters"], "new_layers": stats["n_layers"]}
 
+    changed = set(changed_episodes(workspace, doc, new_episode_ids))
+    if changed:
+        doc = {**doc, "members": [m for m in doc["members"] if m["episode_id"] not in changed]}
     known = {m["layer_id"] for m in doc["members"]}
     new = load_layers(workspace, new_episode_ids)
     _check_same_embedding(doc, new.embedding, workspace)
@@ -801,6 +835,12 @@ def assign_incremental(
         old_labels = np.array([m["cluster"] for m in doc["members"] if m["layer_id"] in X_by_layer])
         old_X = np.stack([X_by_layer[m["layer_id"]] for m in doc["members"] if m["layer_id"] in X_by_layer])
         targets: Any = representatives(old_X, old_labels, cfg.seed)
+    elif changed:  # the stored centroids still hold the changed episodes' old layers
+        kept = [m for m in doc["members"] if m["layer_id"] in X_by_layer and m["cluster"] >= 0]
+        targets = centroids_of(
+            np.stack([X_by_layer[m["layer_id"]] for m in kept]) if kept else X[:0],
+            np.array([m["cluster"] for m in kept], dtype=np.int64),
+        )
     else:
         targets = {c["id"]: np.asarray(c["centroid"], dtype=np.float32) for c in doc["clusters"]}
     ids, probs = _nearest(X, targets, cfg, metric)
@@ -827,10 +867,12 @@ def assign_incremental(
     members = list(doc["members"]) + [_member(r, c, p) for r, c, p in zip(rows, ids, probs, strict=True)]
     X_by_layer.update(zip((r["layer_id"] for r in rows), X, strict=True))
     new_doc = build_document(members, X_by_layer, doc.get("embedding", new.embedding), cfg)
+    new_doc["episodes"] = {**doc.get("episodes", {}), **episode_stamps(workspace, new_episode_ids)}
     placed = write_cluster_tree(workspace, new_doc, cfg)
     return _stats(
         new_doc,
         t0,
+        changed_episodes=sorted(changed),
         joined=joined,
         new_clusters=n_new_clusters,
         new_layers=len(rows),
@@ -936,6 +978,7 @@ def recluster(workspace: Workspace, episode_ids: Sequence[str], cfg: ClusteringC
     final = np.array([mapping[int(c)] if c >= 0 else -1 for c in labels], dtype=np.int64)
     members = [_member(r, c, p) for r, c, p in zip(layers.rows, final, probs, strict=True)]
     new_doc = build_document(members, dict(zip(layers.ids, layers.X, strict=True)), layers.embedding, cfg)
+    new_doc["episodes"] = episode_stamps(workspace, episode_ids)
     placed = write_cluster_tree(workspace, new_doc, cfg)
     old_ids = {c["id"] for c in doc["clusters"]}
     return _stats(

@@ -209,7 +209,12 @@ class DetectionConfig(_Stage):
         "whose boxes make the head crops; None = head crops from the instance mask's geometry.",
     )
     device: str = Field("auto", description="yolo: auto, cpu, cuda or cuda:N.")
-    batch_size: int = Field(16, ge=1, le=1024, description="yolo: images per forward pass.")
+    batch_size: AutoBatch = Field(
+        16,
+        ge=0,
+        le=1024,
+        description='yolo: images per forward pass; 0 or "auto": the largest power of two the GPU\'s free memory holds (at most 256; 16 on the CPU). Halved and retried on out-of-memory (torch runtime).',
+    )
     score_threshold: float = Field(0.35, ge=0, le=1, description="yolo: lowest box score kept.")
     dark_value: int = Field(
         56, ge=1, le=255, description="offline: line art is darker than this (max channel)."
@@ -534,7 +539,12 @@ class TagConfig(_Stage):
         "torch", description="torch: timm weights (bf16 on CUDA). onnx: the published model.onnx on CPU."
     )
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N (torch runtime).")
-    batch_size: int = Field(64, ge=1, le=4096, description="Images per forward pass.")
+    batch_size: AutoBatch = Field(
+        64,
+        ge=0,
+        le=4096,
+        description='Images per forward pass; 0 or "auto": the largest power of two the GPU\'s free memory holds (at most 512; 64 on the CPU). Halved and retried on out-of-memory (torch runtime).',
+    )
     num_workers: int = Field(4, ge=0, le=64, description="Decode processes feeding the tagger (0 = inline).")
     general_threshold: float = Field(
         0.35, gt=0, lt=1, description="Probability a general tag needs (the wd-tagger space's default)."

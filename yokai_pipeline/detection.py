@@ -21,6 +21,7 @@ k = instance k), the boxes, and the plate with where it saw the background.
 from __future__ import annotations
 
 import json
+import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -784,10 +785,17 @@ _stacks_lock = threading.Lock()
 def read_stack(path: str | Path, frame_index: int | None = None) -> np.ndarray:
     """A shot's stack (written by frame extraction) without frame ``frame_index``; cached per process.
 
+    The cache is keyed on the file's size and mtime too: a re-extracted episode (a replaced
+    video) rewrites its stacks under the same names, and layering's worker processes outlive it.
+
     Raises:
         BadInputError: the stack is missing or unreadable (names the file).
     """
-    key = str(path)
+    try:
+        st = os.stat(path)
+        key = f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}"
+    except OSError:
+        key = str(path)  # np.load below names the missing file
     with _stacks_lock:
         hit = _stacks.get(key)
         if hit is not None:

@@ -37,6 +37,7 @@ from yokai_pipeline.errors import BadInputError
 from yokai_pipeline.fsio import (
     atomic_path,
     atomic_write_json,
+    file_sha256,
     read_image,
     read_json,
     read_jsonl,
@@ -473,12 +474,24 @@ def character_rows(workspace: Workspace, episode_id: str) -> list[dict[str, Any]
     return [r for r in read_jsonl(manifest) if r.get("kind", "character") == "character"]
 
 
+def _layer_hashes(workspace: Workspace, rows: list[dict[str, Any]]) -> list[str | None]:
+    """Content hash of each row's layer image (None for a file that is missing)."""
+    out: list[str | None] = []
+    for r in rows:
+        try:
+            out.append(file_sha256(workspace.abs(r["path"])))
+        except OSError:
+            out.append(None)
+    return out
+
+
 def embed_layers(workspace: Workspace, episode_id: str, cfg: EmbeddingConfig) -> dict[str, Any]:
     """Embed one episode's character layers into ``embeddings/<episode_id>.npy``.
 
     Row ``i`` of the array is the ``i``-th character row of the layer manifest. A sidecar
     ``embeddings/<episode_id>.json`` records the layer ids, backend, model, dimension and a
-    config hash; when it matches the current manifest and config the episode is skipped.
+    hash of the config, the layer ids and the layer images' bytes; when it matches, the episode
+    is skipped.
     Layers that cannot be read get a zero row and are listed under ``failed``.
 
     Args:
@@ -493,7 +506,10 @@ def embed_layers(workspace: Workspace, episode_id: str, cfg: EmbeddingConfig) ->
     layer_ids = [r["layer_id"] for r in rows]
     npy, side = workspace.embeddings_path(episode_id), sidecar_path(workspace, episode_id)
     sig = embedding_signature(cfg)
-    config_hash = stable_hash({"signature": sig, "layer_ids": layer_ids})
+    # The layers' bytes too: a video replaced under the same name is cut into layers with the same ids.
+    config_hash = stable_hash(
+        {"signature": sig, "layer_ids": layer_ids, "layers": _layer_hashes(workspace, rows)}
+    )
     if side.is_file() and npy.is_file():
         try:
             meta = read_json(side)

@@ -798,15 +798,43 @@ def _write_frame(
     atomic_write_bytes(paths["background"], _encode_png(background))
     h, w = rgb.shape[:2]
     crops = layer_crops(layers, (w, h), cfg, det)
-    atomic_write_json(paths["crops"], crops)
+    atomic_write_json(paths["crops"], {"stamp": row.get(STAMP_KEY), "instances": crops})
     # The mask goes last: its presence marks the frame complete (resume).
     atomic_write_bytes(paths["mask"], _encode_png(fg.astype(np.uint8) * 255, bilevel=True))
     paths["failure"].unlink(missing_ok=True)
     return _rows_for(ws, row, [(box, area) for _, box, area in layers], (w, h), paths, crops)
 
 
+#: Frame-row key of :func:`frame_stamp` while a chunk is cut (not written to the manifest).
+STAMP_KEY = "layering_stamp"
+#: Settings that change how fast layers are cut, not what they are.
+_SPEED_FIELDS = {"device", "batch_size", "chunk_size", "num_workers", "worker_processes", "compile"}
+
+
+def frame_stamp(
+    ws: Workspace, row: dict, cfg: LayeringConfig, detection: DetectionConfig | None
+) -> str | None:
+    """What a frame's layers are cut from: the frame's bytes, its shot stack's and the settings.
+
+    A frame finished by an earlier run is reused only under the same stamp, so a video replaced
+    under the same name (its frames keep their names) or a changed setting cuts the frame again.
+    None when the frame cannot be read (it then fails as bad input where it is cut).
+    """
+    try:
+        files = [fsio.file_sha256(ws.abs(row["path"]))]
+        stack = row.get("stack_path")
+        if stack and ws.abs(stack).is_file():
+            files.append(fsio.file_sha256(ws.abs(stack)))
+    except OSError:
+        return None
+    settings = [cfg.model_dump(mode="json", exclude=_SPEED_FIELDS)]
+    if detection is not None:
+        settings.append(detection.model_dump(mode="json", exclude=_SPEED_FIELDS))
+    return fsio.stable_hash({"files": files, "settings": settings})[:32]
+
+
 def _existing_rows(ws: Workspace, row: dict, cfg: LayeringConfig) -> list[dict] | None:
-    """Rows of a frame finished by an earlier run, rebuilt from its mask; None if incomplete."""
+    """Rows of a frame finished by an earlier run under the same :func:`frame_stamp`; None if not."""
     paths = _paths(ws, row)
     if not (paths["mask"].is_file() and paths["background"].is_file()):
         return None
@@ -827,13 +855,17 @@ def _existing_rows(ws: Workspace, row: dict, cfg: LayeringConfig) -> list[dict] 
         if not (paths["character_dir"] / f"{stem}_i{k:02d}.png").is_file():
             return None
         layers.append((crop_box(box, cfg.crop_margin, w, h), area))
-    crops = None
-    if paths["crops"].is_file():  # written with the layers; absent in workspaces older than crops
-        try:
-            crops = fsio.read_json(paths["crops"])
-        except (OSError, ValueError):
-            return None
-    return _rows_for(ws, row, layers, (w, h), paths, crops)
+    try:  # the frame and settings it was cut from (frame_stamp); older layouts have none
+        written = fsio.read_json(paths["crops"])
+    except (OSError, ValueError):
+        return None
+    if (
+        not isinstance(written, dict)
+        or written.get("stamp") is None
+        or written["stamp"] != row.get(STAMP_KEY)
+    ):
+        return None  # another frame under this name (a replaced video), or other settings
+    return _rows_for(ws, row, layers, (w, h), paths, written["instances"])
 
 
 def _label_boxes(labels: np.ndarray) -> list[tuple[int, Box, int]]:
@@ -1244,6 +1276,7 @@ def segment_layers(
     results: dict[int, list[dict]] = {}
     todo = []
     for i, row in enumerate(frame_rows):
+        row = {**row, STAMP_KEY: frame_stamp(ws, row, cfg, detection)}
         done = _existing_rows(ws, row, cfg)
         if done is None:
             todo.append((i, row))
@@ -1258,7 +1291,11 @@ def segment_layers(
         # Other segmenters live in this process only.
         processes = (model or isinstance(segmenter, OfflineSegmenter)) and _use_processes(cfg, len(todo))
         # with the neural detector, frames per task = one detector batch (0: another backend)
-        yolo = detection.batch_size if detection is not None and detection.backend == "yolo" else 0
+        yolo = 0
+        if detection is not None and detection.backend == "yolo":
+            from yokai_pipeline.models.detector import resolve_batch_size
+
+            yolo = resolve_batch_size(detection.batch_size, detection.device)
         # the neural detector lives once, in this process; its tasks are whole detector batches
         processes = processes and not yolo
         pool = None

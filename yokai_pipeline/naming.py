@@ -298,6 +298,7 @@ def _seed(
     if seeded:
         new_doc = clustering.build_document(doc["members"], X_by_layer, doc["embedding"], clustering_cfg)
         new_doc["clustering"] = doc.get("clustering", new_doc["clustering"])
+        new_doc["episodes"] = doc.get("episodes", {})  # the same layers: their stamps hold
         clustering.write_cluster_tree(workspace, new_doc, clustering_cfg)
     return seeded
 

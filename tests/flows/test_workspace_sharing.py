@@ -101,3 +101,32 @@ def test_a_worker_on_another_host_fails_at_start_naming_the_workspace_and_the_fi
     assert f"workspace {ws.root} is not shared" in msg
     assert "use an s3:// workspace, or mount the same folder" in msg
     assert list((ws.root / ".yokai-share").iterdir()) == []  # the parent's folder is left clean
+
+
+@flow(name="parent-of-two")
+def _parent_of_two(workspace: str) -> list[str]:
+    """Two hand-overs in one run, as two episodes' layering steps would be."""
+    errors = []
+    for _ in range(2):
+        try:
+            run_heavy(caption_flow, "caption", {"workspace": workspace, "config": CONFIG}, CONFIG)
+        except YokaiError as exc:
+            errors.append(f"{type(exc).__name__}: {exc}")
+    return errors
+
+
+def test_after_one_worker_cannot_see_the_workspace_the_run_hands_nothing_more_over(tmp_path, monkeypatch):
+    ws = Workspace(tmp_path / "ws")
+    _no_characters(ws)
+    seen: list[dict] = []
+    monkeypatch.setattr(flows.heavy, "run_deployment", _fake_worker(ws, other_host=True, seen=seen))
+    first, second = _parent_of_two(str(ws.root))
+    assert len(seen) == 1  # the second step started no flow run on the worker
+    assert first.startswith("WorkspaceNotShared: deployment caption/yokai-caption")
+    assert second.startswith("WorkspaceNotShared: caption/yokai-caption not handed over")
+    assert f"workspace {ws.root} is not shared" in second  # the same reason, and the fix
+    assert "use an s3:// workspace" in second
+    # another run on the same workspace (the folder fixed) tries again
+    seen.clear()
+    monkeypatch.setattr(flows.heavy, "run_deployment", _fake_worker(ws, other_host=False, seen=seen))
+    assert _parent_of_two(str(ws.root)) == [] and len(seen) == 2

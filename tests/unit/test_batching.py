@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from tests.unit.test_layering import tiny_u2netp  # noqa: F401 - the fixture
 from yokai_pipeline import layering
-from yokai_pipeline.config import EmbeddingConfig, LayeringConfig
+from yokai_pipeline.config import DetectionConfig, EmbeddingConfig, LayeringConfig
 from yokai_pipeline.runtime import batching
 
 torch = pytest.importorskip("torch")
@@ -177,3 +177,81 @@ def test_segmenter_out_of_memory_gives_the_masks_of_a_plain_run(tiny_u2netp, mon
     assert all(np.array_equal(a, b) for a, b in zip(masks, plain, strict=True))
     assert seg._budget.size == 3 and sizes == [6, 3, 3]
     assert "layering on cpu: out of memory (or over a kernel's size limit) at batch 6" in caplog.text
+
+
+def _out_of_memory_above(module, limit: int, calls: list[int]):
+    """``module`` wrapped so a forward pass of more than ``limit`` rows raises CUDA's out-of-memory error."""
+
+    class Limited(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = module
+
+        def forward(self, x):
+            calls.append(len(x))
+            if len(x) > limit:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return self.inner(x)
+
+    return Limited()
+
+
+def test_the_torch_path_of_onnx_detectors_halves_on_out_of_memory(tmp_path):
+    pytest.importorskip("onnx2torch", reason="the torch path needs onnx2torch")
+    from tests.unit import onnx_models
+    from yokai_pipeline.models import detector as det
+
+    path = onnx_models.yolo_detector(tmp_path / "model.onnx", imgsz=64, n_classes=2, seed=3)
+    frames = [np.random.default_rng(i).integers(0, 255, (48, 64, 3), dtype=np.uint8) for i in range(8)]
+    plain = det.load_detector(path, "head", device="cpu", runtime="torch", batch_size=8, conf_threshold=0.0)
+    want_raw, want = plain.raw(frames), plain.detect(frames)
+    d = det.Detector(onnx_graph_model(path, batch_size=8), "head", conf_threshold=0.0)
+    calls: list[int] = []
+    d.model._module = _out_of_memory_above(d.model._module, 2, calls)
+    np.testing.assert_allclose(d.raw(frames), want_raw, rtol=1e-5, atol=1e-5)
+    assert calls[:3] == [8, 4, 2] and d.model._budget.size == 2  # halved twice, and kept
+    for a, b in zip(d.detect(frames), want, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
+    # the device-side path (CUDA post-processing) halves the same way
+    x = det.preprocess_batch(frames, d.size)
+    d.model._budget.size, calls[:] = 8, []
+    on_device = d.model.run_first_on_device(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(on_device, want_raw, rtol=1e-5, atol=1e-5)
+    assert calls[:3] == [8, 4, 2]
+    assert DetectionConfig(batch_size="auto").batch_size == 0
+    assert det.resolve_batch_size(0, "cpu") == det.BATCH_COST.cpu_default
+
+
+def onnx_graph_model(path, batch_size: int):
+    from yokai_pipeline.models.onnx_graph import OnnxModel
+
+    return OnnxModel(path, "cpu", "torch", batch_size)
+
+
+def test_the_wd14_tagger_halves_on_out_of_memory_and_auto_is_the_cpu_default(tmp_path):
+    from tests.unit.test_tagging import build_tiny_tagger
+    from yokai_pipeline.config import TagConfig
+    from yokai_pipeline.models.wd14 import BATCH_COST, Wd14Tagger
+
+    build_tiny_tagger(tmp_path / "tagger")
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(6):
+        paths.append(tmp_path / f"im{i}.png")
+        from PIL import Image
+
+        Image.fromarray(rng.integers(0, 255, (40 + 8 * i, 36, 3), dtype=np.uint8)).save(paths[-1])
+    want = Wd14Tagger(tmp_path / "tagger", "cpu", batch_size=6, num_workers=0).predict(paths)
+    tagger = Wd14Tagger(tmp_path / "tagger", "cpu", batch_size=6, num_workers=0)
+    calls: list[int] = []
+    model = tagger.bundle.model
+    tagger.bundle.model = _out_of_memory_above(model, 1, calls)
+    try:
+        got = tagger.predict(paths)
+    finally:
+        tagger.bundle.model = model  # the bundle is memoised per process
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert calls[:3] == [6, 3, 1] and tagger._budget.size == 1
+    assert TagConfig(batch_size="auto").batch_size == 0
+    auto = Wd14Tagger(tmp_path / "tagger", "cpu", batch_size="auto", num_workers=0)
+    assert auto.batch_size == BATCH_COST.cpu_default

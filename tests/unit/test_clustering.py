@@ -338,3 +338,43 @@ def test_evaluate_clusters_counts_noise_as_its_own_label():
     assert 0 < s["ari"] < 1
     perfect = evaluate_clusters(members[:5], truth)
     assert perfect["ari"] == 1.0 and perfect["purity"] == 1.0
+
+
+def test_an_episode_replaced_under_the_same_name_is_placed_afresh(series):
+    """A fixed video keeps its name and its layer ids; its layers' clusters must follow the new content."""
+    from yokai_pipeline.clustering import changed_episodes
+
+    ws, truth = series
+    cfg = ClusteringConfig()
+    cluster_layers(ws, EPISODES, cfg)
+    before = read_clusters(ws)
+    assert changed_episodes(ws, before, EPISODES) == []
+    kept = {m["layer_id"]: m["cluster"] for m in before["members"] if m["episode_id"] != "ep03"}
+    owner = majority(before["members"], truth)
+    # ep03 re-cut from another video: same layer ids, each now another main character
+    rng = np.random.default_rng(5)
+    mains = [0, 1, 2, 3, 4]
+    rows = [json.loads(x) for x in ws.layers_manifest("ep03").read_text().splitlines()]
+    new_truth = {}
+    for r in rows:
+        new_truth[r["layer_id"]] = cid = (
+            mains[(mains.index(truth[r["layer_id"]]) + 1) % 5] if (truth[r["layer_id"]] in mains) else 0
+        )
+        rgba = render_character(cid, scale=float(rng.uniform(0.6, 1.4)), facing=1, pose=float(rng.uniform()))
+        save_image(ws.abs(r["path"]), rgba)
+        r["area"] = int((rgba[..., 3] > 0).sum())
+    write_jsonl(ws.layers_manifest("ep03"), rows)
+    embed_layers(ws, "ep03", EmbeddingConfig(backend="offline"))
+    assert changed_episodes(ws, read_clusters(ws), EPISODES) == ["ep03"]
+
+    stats = assign_incremental(ws, ["ep03"], cfg)
+    after = read_clusters(ws)
+    assert stats["changed_episodes"] == ["ep03"] and stats["new_layers"] == len(rows)
+    assert {m["layer_id"]: m["cluster"] for m in after["members"] if m["episode_id"] != "ep03"} == kept
+    placed = [m for m in after["members"] if m["episode_id"] == "ep03"]
+    assert len(placed) == len(rows)  # each layer once: the old members are gone
+    right = sum(owner.get(m["cluster"]) == new_truth[m["layer_id"]] for m in placed)
+    assert right >= 0.9 * len(placed), f"{right} of {len(placed)} replaced layers joined their character"
+    assert changed_episodes(ws, after, EPISODES) == []
+    again = assign_incremental(ws, ["ep03"], cfg)  # the new stamp holds: nothing moves
+    assert again["new_layers"] == 0 and read_clusters(ws)["members"] == after["members"]

@@ -426,6 +426,20 @@ def test_embed_layers_recomputes_when_the_manifest_changes(tmp_path):
     assert not stats["cached"] and load_embeddings(ws, "ep01")[0].shape[0] == 5
 
 
+def test_embed_layers_recomputes_when_a_layer_image_changes_under_the_same_id(tmp_path):
+    """A video replaced under the same name gives layers with the same ids and new pixels."""
+    ws = Workspace(tmp_path)
+    rows = make_episode(ws, "ep01", 4)
+    embed_layers(ws, "ep01", EmbeddingConfig())
+    before = load_embeddings(ws, "ep01")[0]
+    Image.open(ws.abs(rows[0]["path"])).transpose(Image.Transpose.ROTATE_90).save(ws.abs(rows[0]["path"]))
+    stats = embed_layers(ws, "ep01", EmbeddingConfig())
+    after = load_embeddings(ws, "ep01")[0]
+    assert not stats["cached"]
+    assert not np.allclose(after[0], before[0]) and np.allclose(after[1:], before[1:])
+    assert embed_layers(ws, "ep01", EmbeddingConfig())["cached"]
+
+
 def test_embed_layers_keeps_going_past_a_broken_layer(tmp_path):
     ws = Workspace(tmp_path)
     make_episode(ws, "ep01", 5, broken=2)

@@ -179,6 +179,37 @@ def test_rerun_skips_finished_frames_and_redoes_missing_ones(series, tmp_path, m
     assert calls == [redo["frame_index"]]
 
 
+def test_a_frame_replaced_under_its_name_or_new_settings_are_cut_again(series, tmp_path, monkeypatch):
+    """A fixed video keeps its frames' names; a finished frame is reused only for the same bytes and settings."""
+    ws = Workspace(tmp_path)
+    rows = _write_frames(series, ws, step=16)
+    cfg = LayeringConfig(num_workers=2)  # threads: the spy sees every frame cut
+    layering.segment_layers(rows, ws, cfg)
+    calls = []
+    real = layering._write_frame
+    monkeypatch.setattr(
+        layering, "_write_frame", lambda *a, **k: calls.append(a[1]["frame_index"]) or real(*a, **k)
+    )
+    # frame 3 of the "new video" is frame 5's picture, under frame 3's name
+    a, b = rows[3], rows[5]
+    ws.abs(a["path"]).write_bytes(ws.abs(b["path"]).read_bytes())
+    out = layering.segment_layers(rows, ws, cfg)
+    assert calls == [a["frame_index"]]
+    picture = cv2.cvtColor(cv2.imread(str(ws.abs(a["path"]))), cv2.COLOR_BGR2RGB)
+    cut = [r for r in out if r["frame_index"] == a["frame_index"] and r["kind"] == "character"]
+    assert cut
+    for r in cut:  # each layer is cut from the new picture
+        x0, y0, x1, y1 = r["box"]
+        rgba = cv2.cvtColor(cv2.imread(str(ws.abs(r["path"])), cv2.IMREAD_UNCHANGED), cv2.COLOR_BGRA2RGBA)
+        inside = rgba[..., 3] > 0
+        assert np.array_equal(rgba[..., :3][inside], picture[y0:y1, x0:x1][inside])
+    calls.clear()
+    layering.segment_layers(rows, ws, cfg.model_copy(update={"batch_size": 4, "num_workers": 1}))
+    assert calls == []  # speed settings change nothing
+    layering.segment_layers(rows, ws, cfg.model_copy(update={"crop_margin": cfg.crop_margin + 4}))
+    assert sorted(calls) == sorted(r["frame_index"] for r in rows)
+
+
 def test_a_corrupt_frame_is_recorded_and_the_rest_complete(series, tmp_path):
     ws = Workspace(tmp_path)
     rows = _write_frames(series, ws, step=24)

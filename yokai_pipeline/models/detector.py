@@ -32,7 +32,14 @@ from typing import Any, Literal
 import numpy as np
 
 from yokai_pipeline.errors import BadInputError
-from yokai_pipeline.models.onnx_graph import OnnxModel, Runtime, load_onnx_model, resolve_model_file
+from yokai_pipeline.models.onnx_graph import (
+    OnnxModel,
+    Runtime,
+    load_onnx_model,
+    resolve_model_file,
+    resolve_torch_device,
+)
+from yokai_pipeline.runtime import batching
 
 Kind = Literal["person", "halfbody", "head"]
 
@@ -307,6 +314,17 @@ class Detector:
         return out
 
 
+#: What one 640 px frame costs a YOLO detector's bf16 forward pass on the GPU, for ``batch_size =
+#: "auto"``: an estimate (the backbone's and neck's feature maps of one image), not yet measured;
+#: one too low is caught by the halving on out-of-memory (:class:`OnnxModel`).
+BATCH_COST = batching.BatchCost("detection", per_item_mib=48, upper=256, cpu_default=16)
+
+
+def resolve_batch_size(batch_size: int | str, device: str = "auto") -> int:
+    """Frames per detector pass: an integer as given, 0 / ``"auto"`` chosen from ``device``'s free memory."""
+    return batching.resolve_batch_size(BATCH_COST, resolve_torch_device(device), batch_size)
+
+
 _detectors: dict[tuple, Detector] = {}
 _detectors_lock = threading.Lock()
 
@@ -315,7 +333,7 @@ def load_detector(
     source: str | Path,
     kind: Kind = "person",
     device: str = "auto",
-    batch_size: int = 16,
+    batch_size: int | str = 16,
     *,
     runtime: Runtime = "auto",
     conf_threshold: float | None = None,
@@ -329,7 +347,8 @@ def load_detector(
             the local Hugging Face cache only.
         kind: ``person``, ``halfbody`` or ``head`` (sets the default file and thresholds).
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
-        batch_size: images per forward pass (1 when the graph's batch is fixed at 1).
+        batch_size: images per forward pass (1 when the graph's batch is fixed at 1); 0 or
+            ``"auto"``: chosen from the device's free memory (:data:`BATCH_COST`).
         runtime: ``auto`` (torch on CUDA, onnxruntime on CPU), ``onnxruntime`` or ``torch``.
         conf_threshold, iou_threshold: override imgutils' defaults for ``kind``.
 
@@ -339,6 +358,7 @@ def load_detector(
     if kind not in SPECS:
         raise ValueError(f"unknown detector kind {kind!r}; expected one of {sorted(SPECS)}")
     path = resolve_model_file(source, SPECS[kind].filename)
+    batch_size = resolve_batch_size(batch_size, device)
     key = (str(path), kind, device, batch_size, runtime, conf_threshold, iou_threshold)
     with _detectors_lock:
         if key not in _detectors:

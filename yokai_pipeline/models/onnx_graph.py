@@ -21,6 +21,7 @@ from typing import Any, Literal
 import numpy as np
 
 from yokai_pipeline.errors import BadInputError
+from yokai_pipeline.runtime import batching
 
 Runtime = Literal["auto", "onnxruntime", "torch"]
 
@@ -186,6 +187,8 @@ class OnnxModel:
         # A graph exported with a fixed batch of 1 has reshapes baked for it: feed it one row at a time.
         self.batch_size = 1 if self.input_shape and self.input_shape[0] == 1 else batch_size
         self.bf16 = bf16
+        # torch on CUDA: a forward pass that runs out of memory is retried in halves (batching.py)
+        self._budget = batching.Budget(self.path.stem, self.device, self.batch_size)
         self._lock = threading.Lock()
         self._session: Any = None
         self._module: Any = None
@@ -240,7 +243,10 @@ class OnnxModel:
                 if host:
                     part = np.ascontiguousarray(np.asarray(part if isinstance(part, np.ndarray) else part.cpu()),
                                                 dtype=np.float32)  # fmt: skip
-                chunks.append(self._forward(part))
+                if self._session is None:
+                    chunks.append(batching.run_in_parts(self._forward, part, self._budget, _join_outputs))
+                else:
+                    chunks.append(self._forward(part))
         if not chunks:
             raise ValueError("OnnxModel.run needs at least one row")
         return [np.concatenate([c[k] for c in chunks]) for k in range(len(chunks[0]))]
@@ -273,8 +279,15 @@ class OnnxModel:
         """
         if self._session is not None:
             raise RuntimeError("run_first_on_device needs the torch runtime")
+        import torch
+
         with self._lock:
-            return self._forward_torch(x)[0]
+            return batching.run_in_parts(lambda p: self._forward_torch(p)[0], x, self._budget, torch.cat)
+
+
+def _join_outputs(parts: list[list[np.ndarray]]) -> list[np.ndarray]:
+    """The outputs of a batch computed in parts, each output concatenated over the parts in order."""
+    return [np.concatenate([p[k] for p in parts]) for k in range(len(parts[0]))]
 
 
 _cache: dict[tuple, OnnxModel] = {}

@@ -33,11 +33,18 @@ import numpy as np
 
 from yokai_pipeline.errors import BadInputError, ConfigError
 from yokai_pipeline.fsio import read_image
+from yokai_pipeline.runtime import batching
 
 TAGS_CSV = "selected_tags.csv"
 WEIGHTS = "model.safetensors"
 ONNX_FILE = "model.onnx"
 CATEGORIES = {0: "general", 4: "character", 9: "rating"}
+
+#: What one 448 px image costs the tagger's bf16 forward pass on the GPU, for ``batch_size = "auto"``:
+#: an estimate for the largest v3 tagger (EVA02-L, 1,024 tokens: attention scores of 16 heads and
+#: the MLP's 4x activations of one block at a time), not yet measured; one too low is caught by
+#: the halving on out-of-memory.
+BATCH_COST = batching.BatchCost("tagging", per_item_mib=64, upper=512, cpu_default=64)
 
 _CACHE: dict[tuple[str, str, str], Wd14Bundle] = {}
 _LOCK = threading.Lock()
@@ -288,7 +295,8 @@ class Wd14Tagger:
     Args:
         model: hub id or local folder.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (torch runtime).
-        batch_size: images per forward pass.
+        batch_size: images per forward pass; 0 or ``"auto"``: chosen from the device's free memory
+            (:data:`BATCH_COST`). On CUDA a pass that runs out of memory is retried in halves.
         num_workers: decode processes (0: decode in the calling thread).
         runtime: ``torch`` or ``onnx``.
         bundle: an already loaded :class:`Wd14Bundle` (tests, benchmarks).
@@ -299,7 +307,7 @@ class Wd14Tagger:
         model: str | Path,
         device: str = "auto",
         *,
-        batch_size: int = 64,
+        batch_size: int | str = 64,
         num_workers: int = 4,
         runtime: str = "torch",
         bundle: Wd14Bundle | None = None,
@@ -309,7 +317,9 @@ class Wd14Tagger:
         if num_workers:
             decode_pool(num_workers)  # spawning overlaps the model load below
         self.bundle = bundle or load_wd14(model, device, runtime)
-        self.model, self.batch_size, self.num_workers = str(model), batch_size, num_workers
+        self.batch_size = batching.resolve_batch_size(BATCH_COST, self.bundle.device, batch_size)
+        self.model, self.num_workers = str(model), num_workers
+        self._budget = batching.Budget("tagging", self.bundle.device, self.batch_size)
         self._uploader = DeviceUploader(self.bundle.device)
 
     @property
@@ -369,11 +379,18 @@ class Wd14Tagger:
                 u8 = self._uploader.upload(pixels)
                 # uint8 over the bus; BGR (the channel swap of the model card) and float on the device.
                 x = u8.permute(0, 3, 1, 2)[:, [2, 1, 0]].float().sub_(mean).div_(std)
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda):
-                    logits = b.model(x)
-                chunks.append((start, torch.sigmoid(logits.float())))  # stays on the device: no stall
+                probs = batching.run_in_parts(self._forward, x, self._budget, torch.cat)
+                chunks.append((start, probs))  # stays on the device: no stall
             for start, probs in chunks:
                 out[start : start + len(probs)] = probs.cpu().numpy()
+
+    def _forward(self, x: Any) -> Any:
+        """Sigmoid probabilities of a normalised NCHW batch (bf16 autocast on CUDA)."""
+        import torch
+
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.bundle.device.startswith("cuda")):
+            logits = self.bundle.model(x)
+        return torch.sigmoid(logits.float())
 
 
 def _take_errors(bad: list[tuple[int, str]], errors: list[tuple[int, str]] | None) -> None:
