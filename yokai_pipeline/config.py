@@ -278,6 +278,17 @@ class DetectionConfig(_Stage):
         le=1,
         description="offline: an instance this share of whose pixels is still (regions drawn exactly so in other frames, stable outlines) is a prop; 1 = off.",
     )
+    revealed_frames: int = Field(
+        2,
+        ge=0,
+        description="offline: an instance is a character where this many other frames of the shot show the background in place of enough of it (min_moving_px, revealed_frac); 0 = off.",
+    )
+    revealed_frac: float = Field(
+        0.01,
+        ge=0,
+        le=1,
+        description="offline: the share of an instance (and at least min_moving_px pixels) that each of revealed_frames other frames must show something else in place of.",
+    )
     detach_frac: float = Field(
         0.25,
         ge=0,
@@ -384,7 +395,9 @@ class ClusteringConfig(_Stage):
         description="Noise layers closer than this mean cosine distance form a cluster of their own when there are noise_group_size of them (a rare character seen a few times); 0 = off, None = 0.15 for offline embeddings, off for CLIP.",
     )
     noise_group_size: int = Field(
-        3, ge=2, description="Fewest noise layers that form a cluster of their own (noise_group_distance)."
+        2,
+        ge=2,
+        description="Fewest noise layers that form a cluster of their own (noise_group_distance): 2, so a character seen in two frames is a cluster rather than noise.",
     )
     n_epochs: int | None = Field(
         None,

@@ -10,7 +10,8 @@ Two backends (``DetectionConfig.backend``):
   A second, masked median leaves the moving regions out of the plate, so it shows the
   background behind slow characters wherever any frame of the shot saw it (that also fills
   the character holes of the background layer). Touching characters are split by a watershed
-  on the distance transform. docs/detection.md says where each cue fails.
+  on the distance transform; an instance stays when other frames of the shot confirm that it
+  moved (they show the background where it was). docs/detection.md says where each cue fails.
 - ``yolo``: the anime person / half-body / head detectors (``models.detector``), boxes per
   frame; the layering segmenter's mask is cut inside each box.
 
@@ -49,6 +50,8 @@ class Detection:
         plate_seen: bool HxW, where the plate saw the background (None with ``plate`` None).
         source_boxes: yolo: float32 (N, 6), the detector's box that made instance k (row k-1).
         heads: yolo with a head detector: float32 (N, 4), instance k's head box (NaN: none found).
+        motion_share: offline with a stack: float32 (N,), the share of instance k's pixels whose
+            motion other frames of the shot confirm (the background seen where it was; cue 7).
     """
 
     labels: np.ndarray
@@ -57,6 +60,7 @@ class Detection:
     plate_seen: np.ndarray | None = None
     source_boxes: np.ndarray | None = None
     heads: np.ndarray | None = None
+    motion_share: np.ndarray | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,6 +375,7 @@ def detect_offline(frame: np.ndarray, stack: np.ndarray | None, cfg: DetectionCo
     plate0, _ = masked_median(frames, valid)
     # Round 1: in every frame of the shot, the enclosed blobs that move against the plate.
     moving = np.empty(valid.shape, bool)
+    blob = np.empty(valid.shape, bool)
     grow = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (7, 7))
     for j in range(len(frames)):
         dj = differs(frames[j], plate0, cfg.diff_tol) & valid[j]
@@ -381,9 +386,9 @@ def detect_offline(frame: np.ndarray, stack: np.ndarray | None, cfg: DetectionCo
             mj = _figure_cells(cells_j, lj, dj, moving_blobs(cj, dj, cfg, strict=False), cfg.mask_cell_frac)
         else:
             mj = moving_blobs(figs[j], dj, cfg, strict=False)
+        blob[j] = mj
         moving[j] = cv2.dilate(mj.view(np.uint8), grow) > 0
-        if j == 0:
-            changed = mj  # what changed in this frame itself: kept below even where the plate agrees
+    changed = blob[0]  # what changed in this frame itself: kept below even where the plate agrees
     # Round 2: the plate without the moving figures: the background behind them where seen.
     # Seen in too few frames is not seen: a figure that moves little is missed in some frames.
     plate, seen = masked_median(frames, valid & ~moving)
@@ -391,8 +396,10 @@ def detect_offline(frame: np.ndarray, stack: np.ndarray | None, cfg: DetectionCo
     saw = (seen >= 2) & (seen >= cfg.seen_frac * covered)
     evidence = (differs(frame, plate, cfg.diff_tol) & saw) | (~saw & (covered >= 2)) | changed
     blobs = moving_blobs(cand, evidence, cfg, strict=True)
+    revealed = _revealed(frames, valid, blob, cfg) if cfg.revealed_frames else None
     if cfg.static_match_frac > 0:
-        static, still, stable = static_cells(cells, line, frames, valid, cfg)
+        hidden = None if revealed is None else (moving, revealed)
+        static, still, stable = static_cells(cells, line, frames, valid, cfg, hidden)
         # a static cell the plate saw on its own in some frames (the figure elsewhere) is a
         # prop; one it never saw is part of a figure that holds still (its body, the arm waving)
         # unless the rest of the blob moved off it as a whole (_walks_off_props)
@@ -401,13 +408,127 @@ def detect_offline(frame: np.ndarray, stack: np.ndarray | None, cfg: DetectionCo
             cells.ravel(), minlength=n
         )
         off = _detachable(blobs, cells, static, stable, min_area, cfg)
-        off |= _walks_off_props(blobs & ~off, cells, pooled, still, frames, min_area, cfg)
-        evidence = evidence & ~off
+        walk = _walks_off_props(blobs & ~off, cells, pooled, still, frames, min_area, cfg)
+        if walk.any():
+            walk = _whole_after(walk, blobs, cells, line, evidence & ~off, min_area, cfg)
+        evidence = evidence & ~(off | walk)
     fg = fill_holes(_figure_cells(cells, line, evidence, blobs, cfg.cell_fg_frac))
     labels = split_instances(fg, min_area, cfg.split_depth)
     if cfg.static_match_frac > 0 and cfg.still_instance_frac < 1:
         labels = _drop_still_instances(labels, still[cells] | (line & stable), cfg.still_instance_frac)
-    return Detection(labels, boxes_of(labels), plate, saw)
+    share = None
+    if revealed is not None:
+        labels, share = _confirmed_instances(
+            labels, revealed | _own_changes(labels, frames, valid, blob, cfg), cfg
+        )
+    return Detection(labels, boxes_of(labels), plate, saw, motion_share=share)
+
+
+def _revealed(frames: np.ndarray, valid: np.ndarray, blob: np.ndarray, cfg: DetectionConfig) -> np.ndarray:
+    """Per other frame j: the pixels of frame 0 whose content frame j shows gone (cue 7).
+
+    Frame j shows something else there, and no moving figure (``blob``, its enclosed blobs
+    that moved): the background where frame 0's content was. (Frame j's figure paint and
+    the background showing through a pocket it encloses look alike at night, so a pixel
+    inside a figure of frame j never counts here; :func:`_own_changes` covers a figure that
+    changed in place.)
+
+    Returns:
+        bool (N, H, W); row 0 unused (False).
+    """
+    out = np.zeros(valid.shape, bool)
+    one = np.ones((3, 3), np.uint8)
+    for j in range(1, len(frames)):
+        front = cv2.dilate(blob[j].view(np.uint8), one) > 0  # not the wider plate mask
+        out[j] = differs(frames[j], frames[0], cfg.diff_tol) & valid[j] & ~front
+    return out
+
+
+def revealing_frames(labels: np.ndarray, revealed: np.ndarray, min_px: float, frac: float) -> np.ndarray:
+    """Per label of ``labels``: how many frames reveal the background in its place (cue 7).
+
+    Frame j reveals label k where ``revealed[j]`` covers ``min_px`` pixels and ``frac`` of the
+    label's area. Counted per frame, not per pixel: an arm waving through new places reveals
+    different pixels in each frame, and one badly aligned frame confirms nothing alone.
+
+    Args:
+        labels: int HxW label map (instances or cells).
+        revealed: bool (N, H, W), frame 0's row unused.
+        min_px: fewest revealed pixels for a frame to count.
+        frac: ... and this share of the label's area.
+
+    Returns:
+        int (labels.max() + 1,): frames per label (index 0, the background, included).
+    """
+    n = int(labels.max()) + 1
+    need = np.maximum(min_px, frac * np.bincount(labels.ravel(), minlength=n))
+    out = np.zeros(n, np.int32)
+    for rj in revealed[1:]:
+        out += np.bincount(labels[rj], minlength=n) >= need
+    return out
+
+
+def _own_changes(
+    labels: np.ndarray, frames: np.ndarray, valid: np.ndarray, blob: np.ndarray, cfg: DetectionConfig
+) -> np.ndarray:
+    """Per other frame j: the pixels of frame 0's instances that changed inside their own figure.
+
+    Frame j's moving blob that covers most of an instance and lies mostly on it is that figure,
+    at about the same place (a character holding still): where it differs from frame 0 inside
+    the instance, the figure itself changed (an arm swung off the body it hung over). A figure
+    passing in front of a prop is mostly elsewhere, or covers little of it: no own change.
+
+    Returns:
+        bool (N, H, W); row 0 unused (False).
+    """
+    out = np.zeros(valid.shape, bool)
+    n = int(labels.max()) + 1
+    if n < 2:
+        return out
+    area = np.bincount(labels.ravel(), minlength=n)
+    idx = np.flatnonzero(labels)  # only the instances' pixels matter
+    lab = labels.ravel()[idx].astype(np.int64)
+    for j in range(1, len(frames)):
+        m, comp, stats, _ = cv2.connectedComponentsWithStats(blob[j].view(np.uint8), connectivity=8)
+        if m < 2:
+            continue
+        pair = lab * m + comp.ravel()[idx]
+        overlap = np.bincount(pair, minlength=n * m).reshape(n, m)
+        own = (overlap * 2 >= stats[None, :, cv2.CC_STAT_AREA]) & (overlap * 2 >= area[:, None])
+        own[:, 0] = False
+        hit = own.ravel()[pair]
+        if hit.any():
+            change = differs(frames[j], frames[0], cfg.diff_tol) & valid[j]
+            out[j].ravel()[idx[hit]] = change.ravel()[idx[hit]]
+    return out
+
+
+def _confirmed_instances(
+    labels: np.ndarray, revealed: np.ndarray, cfg: DetectionConfig
+) -> tuple[np.ndarray, np.ndarray]:
+    """Keep the instances whose motion ``revealed_frames`` other frames confirm (renumbered), and their shares.
+
+    A character that moves or animates leaves the background behind it in the frames where it
+    (or its arm, its mouth) is elsewhere; a prop shows itself wherever nothing covers it and,
+    where something covers it, that is a moving figure of that frame: no frame reveals it.
+
+    Returns:
+        (labels, share of each kept instance's pixels that some frame reveals, float32 (N,)).
+    """
+    n = int(labels.max())
+    frames = revealing_frames(labels, revealed, cfg.min_moving_px, cfg.revealed_frac)
+    keep = frames >= cfg.revealed_frames
+    keep[0] = False
+    total = np.bincount(labels.ravel(), minlength=n + 1)
+    hit = np.bincount(labels[revealed[1:].any(axis=0)], minlength=n + 1)
+    return _keep_labels(labels, keep), (hit[keep] / np.maximum(total[keep], 1)).astype(np.float32)
+
+
+def _keep_labels(labels: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """``labels`` with only the labels where ``keep`` (index 0 False), renumbered 1.. in order."""
+    lut = np.zeros(len(keep), np.int32)
+    lut[keep] = np.arange(1, int(keep.sum()) + 1)
+    return lut[labels]
 
 
 def _drop_still_instances(labels: np.ndarray, still: np.ndarray, frac: float) -> np.ndarray:
@@ -425,13 +546,16 @@ def _drop_still_instances(labels: np.ndarray, still: np.ndarray, frac: float) ->
     hit = np.bincount(labels[still], minlength=n + 1)
     keep = ~(hit >= frac * np.maximum(total, 1))
     keep[0] = False
-    lut = np.zeros(n + 1, np.int32)
-    lut[keep] = np.arange(1, int(keep.sum()) + 1)
-    return lut[labels]
+    return _keep_labels(labels, keep)
 
 
 def static_cells(
-    cells: np.ndarray, line: np.ndarray, frames: np.ndarray, valid: np.ndarray, cfg: DetectionConfig
+    cells: np.ndarray,
+    line: np.ndarray,
+    frames: np.ndarray,
+    valid: np.ndarray,
+    cfg: DetectionConfig,
+    hidden: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per cell of frame 0: is it drawn the same, at the same place, in other frames of the shot?
 
@@ -459,16 +583,38 @@ def static_cells(
     total = np.bincount(cells.ravel(), minlength=n)
     rings = _RingCounter(cells, line, n)
     paint, outline = [], []
+    quiet = None if hidden is None else _quiet_cells(cells, rings, hidden[1], cfg)
+    if quiet is not None:
+        near_quiet = cv2.dilate(quiet.view(np.uint8), np.ones((5, 5), np.uint8)) > 0  # their outlines
+    excused = np.zeros(cells.shape, np.int16)
+    band = np.ones((5, 5), np.uint8)
     for j in range(1, len(frames)):
         mj = (_max_channel(cv2.absdiff(frames[j], frames[0])) <= cfg.diff_tol) & valid[j]
         matches += mj
         shown += valid[j]
+        same_j = np.bincount(cells[mj], minlength=n)
+        if quiet is not None and hidden is not None:
+            # a figure in front covers an area; a figure that shifted a pixel or two against
+            # its own old place leaves thin bands along its outlines: those are no cover
+            hid = cv2.morphologyEx((hidden[0][j] & valid[j] & ~mj).view(np.uint8), cv2.MORPH_OPEN, band) > 0
+            hid &= near_quiet
+            excused += hid
+            mj = mj | hid
         if cfg.static_same_frames:
-            paint.append(np.bincount(cells[mj], minlength=n) >= cfg.static_match_frac * np.maximum(total, 1))
+            ok = np.bincount(cells[mj], minlength=n) >= cfg.static_match_frac * np.maximum(total, 1)
+            paint.append(ok & (same_j * 2 >= total))
             outline.append(mj)
     stable = (matches >= 2) & (matches >= cfg.seen_frac * shown)
+    known = total
+    if quiet is not None:
+        # unchanged wherever shown and not hidden, in one frame at least (a prop covered in most);
+        # not the outlines: a figure that moves a little hides its own outline's old place
+        stable |= quiet & (matches >= 1) & (matches + excused >= shown)
+        # hidden in every other frame: no evidence either way (at most half of the cell)
+        unknown = np.bincount(cells[quiet & (matches == 0) & (excused >= shown)], minlength=n)
+        known = np.maximum(total - unknown, (total + 1) // 2)
     hit = np.bincount(cells[stable], minlength=n)
-    static = (hit >= cfg.static_match_frac * np.maximum(total, 1)) & (
+    static = (hit >= cfg.static_match_frac * np.maximum(known, 1)) & (
         rings.count(stable) * 2 >= rings.count(None)
     )
     static[0] = False
@@ -482,6 +628,25 @@ def static_cells(
         same += p & (rings.count(mj & keep) >= cfg.static_ring_frac * own)
     still = static & (same >= max(1, cfg.static_same_frames)) & (own * 4 >= rings.count(None))
     return static, still, stable
+
+
+def _quiet_cells(
+    cells: np.ndarray, rings: _RingCounter, revealed: np.ndarray, cfg: DetectionConfig
+) -> np.ndarray:
+    """Pixels of the cells whose place no ``revealed_frames`` other frames reveal (cue 7).
+
+    The outline bordering a cell counts with it: a figure that moves a little reveals the
+    background along its outline only. Where a quiet cell differs in another frame, a moving
+    figure in front hides it (:func:`static_cells`).
+    """
+    n = rings.n
+    need = np.maximum(4, cfg.revealed_frac * (np.bincount(cells.ravel(), minlength=n) + rings.count(None)))
+    frames = np.zeros(n, np.int32)
+    for rj in revealed[1:]:
+        frames += (np.bincount(cells[rj], minlength=n) + rings.count(rj)) >= need
+    quiet = frames < cfg.revealed_frames
+    quiet[0] = False
+    return quiet[cells]
 
 
 def _detachable(
@@ -546,6 +711,37 @@ def _walks_off_props(
             continue
         if _moved_whole(frames, part, (x, y), cfg.diff_tol):
             out[y : y + h, x : x + w] |= blob & st[y : y + h, x : x + w]
+    return out
+
+
+def _whole_after(
+    walk: np.ndarray,
+    blobs: np.ndarray,
+    cells: np.ndarray,
+    line: np.ndarray,
+    evidence: np.ndarray,
+    min_area: float,
+    cfg: DetectionConfig,
+) -> np.ndarray:
+    """``walk`` without the blobs it would cut into more instances than they make whole.
+
+    A prop is cut off the side of a figure, never out of its middle: still cells whose removal
+    leaves a blob in more pieces (a figure's torso between its head and legs, still while the
+    arms move over it) belong to the figure.
+    """
+
+    def instances(ev: np.ndarray) -> np.ndarray:
+        return split_instances(
+            fill_holes(_figure_cells(cells, line, ev, blobs, cfg.cell_fg_frac)), min_area, cfg.split_depth
+        )
+
+    n, lab = cv2.connectedComponents(blobs.view(np.uint8), connectivity=8)
+    before, after = instances(evidence), instances(evidence & ~walk)
+    out = walk.copy()
+    for k in np.unique(lab[walk]):
+        blob = lab == k
+        if len(np.unique(after[blob & (after > 0)])) > len(np.unique(before[blob & (before > 0)])):
+            out &= ~blob
     return out
 
 

@@ -737,6 +737,8 @@ def _crop_fields(crops: list[dict] | None, k: int) -> dict:
     out["crop_source"] = c["source"]
     if "detector_box" in c:  # yolo: the detector's box (x0, y0, x1, y1, score, class) of this instance
         out["detector_box"] = c["detector_box"]
+    if "motion_share" in c:  # offline: share of its pixels other frames saw it leave (docs/detection.md)
+        out["motion_share"] = c["motion_share"]
     return out
 
 
@@ -756,6 +758,7 @@ def layer_crops(
 
     heads = getattr(det, "heads", None)
     sources = getattr(det, "source_boxes", None)
+    motion = getattr(det, "motion_share", None)
     out = []
     for k, (rgba, (x0, y0, x1, y1), _) in enumerate(layers):
         inside = rgba[..., 3] > 0
@@ -771,6 +774,8 @@ def layer_crops(
             c[kind] = [max(b[0], x0), max(b[1], y0), min(b[2], x1), min(b[3], y1)]
         if sources is not None and k < len(sources):
             c["detector_box"] = [round(float(v), 2) for v in sources[k]]
+        if motion is not None and k < len(motion):
+            c["motion_share"] = round(float(motion[k]), 4)
         out.append(c)
     return out
 
@@ -957,10 +962,12 @@ def _detect(
     if mask is None:
         return found, None
     mask = _mask_u8(mask)
-    labels = detection.labels_in_boxes(
+    labels, src = detection.labels_and_sources(
         mask, found.boxes, round(cfg.mask_threshold * 255), det.min_area_frac * h * w
     )
-    return detection.Detection(labels, detection.boxes_of(labels), found.plate, found.plate_seen), mask
+    share = None if found.motion_share is None else found.motion_share[src]
+    boxes = detection.boxes_of(labels)
+    return detection.Detection(labels, boxes, found.plate, found.plate_seen, motion_share=share), mask
 
 
 def _layer_chunk(

@@ -23,6 +23,7 @@ from yokai_pipeline.clustering import (
     read_clusters,
     recluster,
     relabel_by_size,
+    resolve_config,
 )
 from yokai_pipeline.config import ClusteringConfig, EmbeddingConfig
 from yokai_pipeline.embedding import OFFLINE_DIM, embed_layers
@@ -304,6 +305,30 @@ def test_cluster_embeddings_small_inputs_do_not_crash():
     b, pb = cluster_embeddings(blobs, cfg)
     assert np.array_equal(a, b) and np.array_equal(pa, pb)
     assert len(set(a) - {-1}) == 3
+
+
+def test_a_character_seen_twice_is_a_cluster_of_its_own_and_lone_layers_stay_noise():
+    """Offline defaults: two near-identical noise layers (a rare character in two kept frames)
+    become a cluster; noise counts as one mixed cluster in purity, so leaving them there cost
+    the props variant 0.017 purity (bench_instances). Lone layers stay noise, and with pairs off
+    (noise_group_size=3, the old default) the pair is noise too."""
+    rng = np.random.default_rng(3)
+    centres = np.eye(32, dtype=np.float32)
+    mains = [centres[k] + 0.03 * rng.standard_normal((n, 32)) for k, n in enumerate([24, 18, 12])]
+    pair = centres[3] + 0.03 * rng.standard_normal((2, 32))
+    lone = centres[4:6] + 0.03 * rng.standard_normal((2, 32))
+    X = np.concatenate([*mains, pair, lone]).astype(np.float32)
+    truth = np.repeat([0, 1, 2, 3, 4, 5], [24, 18, 12, 2, 1, 1])
+    cfg = resolve_config(ClusteringConfig(), {"backend": "offline"})
+    labels, _ = cluster_embeddings(X, cfg)
+    p = np.flatnonzero(truth == 3)
+    assert labels[p[0]] >= 0 and labels[p[0]] == labels[p[1]], "the pair is one cluster"
+    assert (labels == labels[p[0]]).sum() == 2, "of its own"
+    assert (labels[truth >= 4] == -1).all(), "lone layers stay noise"
+    for k in range(3):
+        assert len(set(labels[truth == k].tolist())) == 1 and labels[truth == k][0] >= 0
+    off, _ = cluster_embeddings(X, cfg.model_copy(update={"noise_group_size": 3}))
+    assert (off[p] == -1).all()
 
 
 def test_relabel_by_size_and_match_ids():

@@ -234,3 +234,187 @@ def test_unreadable_stack_names_the_file(tmp_path):
     assert str(bad) in str(err.value)
     with pytest.raises(BadInputError):
         detection.read_stack(tmp_path / "missing.npz")
+
+
+# ---------------------------------------------------------------------------------------------
+# Cue 7: instances whose motion other frames of the shot confirm (docs/detection.md)
+# ---------------------------------------------------------------------------------------------
+
+
+def _picket(img: np.ndarray, x: int) -> None:
+    """An outlined fence picket (a small prop) drawn on the background."""
+    pts = np.array([(x, 150), (x, 110), (x + 6, 102), (x + 12, 110), (x + 12, 150)], np.int32)
+    cv2.fillPoly(img, [pts], (236, 226, 200))
+    cv2.polylines(img, [pts], True, (0, 0, 0), 2)
+
+
+@pytest.mark.parametrize("revealed_frames", [2, 0])
+def test_prop_a_figure_hides_in_the_other_frames_is_no_instance(revealed_frames):
+    """In this frame the figure is away from the picket; in every other frame of the shot it
+    stands in front of it. The plate never saw the picket on its own, so cue 4 counts it as
+    moving; but no frame shows the background in its place (wherever it differs, a moving
+    figure covers it), while the figure's place shows the background once it left."""
+    bg = _backdrop()[:, :W].copy()
+    _picket(bg, 200)
+    shot, truths = [], []
+    for x in (90, 196, 204, 212, 200, 192, 208):
+        img = bg.copy()
+        _figure(img, x, 120)
+        shot.append(img)
+        truths.append(np.any(img != bg, axis=2))
+    det = detection.detect_offline(
+        shot[0], np.stack(shot[1:]), DetectionConfig(revealed_frames=revealed_frames)
+    )
+    figure = int(np.bincount(det.labels[truths[0]]).argmax())
+    assert figure > 0 and _iou(det.labels == figure, truths[0]) > 0.9
+    picket = np.zeros((H, W, 3), np.uint8)
+    _picket(picket, 200)
+    picket = picket[..., 0] > 0  # its paint, not its outline
+    if revealed_frames:
+        assert det.labels.max() == 1 and not det.labels[picket].any(), "the picket is background"
+        assert det.motion_share is not None and det.motion_share[0] > 0.9, "the figure's place was seen empty"
+    else:
+        assert det.labels.max() == 2 and (det.labels[picket] > 0).all(), (
+            "without cue 7 the picket is a figure"
+        )
+
+
+def _house_shot_frame(x: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A still shot: an outlined house and a figure walking in front of its wall (covering a
+    fifth of it in every frame). Returns the frame, the house mask and the walker's mask."""
+    img = np.full((H, W, 3), (170, 200, 230), np.uint8)
+    img[130:] = (120, 160, 90)
+    house, walker = np.zeros((H, W), np.uint8), np.zeros((H, W), np.uint8)
+    cv2.rectangle(img, (70, 60), (130, 100), (200, 150, 120), -1)
+    cv2.rectangle(img, (70, 60), (130, 100), (0, 0, 0), 2)
+    cv2.rectangle(house, (70, 60), (130, 100), 1, -1)
+    cv2.ellipse(img, (x, 90), (9, 18), 0, 0, 360, (90, 220, 120), -1)
+    cv2.ellipse(img, (x, 90), (9, 18), 0, 0, 360, (0, 0, 0), 2)
+    cv2.ellipse(walker, (x, 90), (9, 18), 0, 0, 360, 1, -1)
+    return img, house > 0, walker > 0
+
+
+@pytest.mark.parametrize("revealed_frames", [2, 0])
+def test_prop_a_figure_covers_in_every_frame_detaches(revealed_frames):
+    """The walker covers part of the wall in every frame, so in no single frame is the wall
+    drawn exactly so (cue 5b alone keeps it attached). Nothing ever shows the background in
+    the wall's place: where it differs, the moving walker hides it, so it is still and the
+    walker, who moved off it as a whole, leaves it behind."""
+    shot = [_house_shot_frame(x) for x in range(80, 128, 6)]
+    frame, house, walker = shot[0]
+    cfg = DetectionConfig(revealed_frames=revealed_frames)
+    labels = detection.detect_offline(frame, np.stack([f for f, _, _ in shot[1:]]), cfg).labels
+    k = int(np.bincount(labels[walker]).argmax())
+    assert k > 0 and (labels[walker] == k).mean() > 0.9
+    house_only = house & ~cv2.dilate(walker.view(np.uint8), np.ones((9, 9), np.uint8)).astype(bool)
+    if revealed_frames:
+        assert not labels[house_only].any(), "the house is background"
+    else:
+        assert (labels[house_only] == k).mean() > 0.9, "without the cue the house comes with the walker"
+
+
+def _draw_arms(img: np.ndarray, deg: float) -> np.ndarray:
+    """Two outlined arms from the shoulders at (148 / 172, 68), ``deg`` from hanging straight down."""
+    a = np.radians(deg)
+    for side in (-1, 1):
+        shoulder = (160 + side * 12, 68)
+        hand = (int(shoulder[0] + side * 34 * np.sin(a)), int(shoulder[1] + 34 * np.cos(a)))
+        cv2.line(img, shoulder, hand, (0, 0, 0), 9)
+        cv2.line(img, shoulder, hand, (90, 90, 250), 5)
+    return img
+
+
+def _arms_frame(deg: float) -> np.ndarray:
+    """A figure standing still, its arms hanging over its body at 0 degrees, raised sideways above."""
+    img = np.full((H, W, 3), (170, 200, 230), np.uint8)
+    img[130:] = (120, 160, 90)
+    cv2.ellipse(img, (160, 95), (22, 40), 0, 0, 360, (250, 120, 90), -1)
+    cv2.ellipse(img, (160, 95), (22, 40), 0, 0, 360, (0, 0, 0), 2)
+    cv2.circle(img, (160, 45), 13, (240, 200, 170), -1)
+    cv2.circle(img, (160, 45), 13, (0, 0, 0), 2)
+    return _draw_arms(img, deg)
+
+
+@pytest.mark.parametrize("own_changes", [True, False])
+def test_figure_holding_still_whose_arms_swing_off_its_body_is_kept(own_changes, monkeypatch):
+    """In this frame the arms hang over the body; in the others they are raised. Where they
+    hung, the other frames show the body, not the background: only the figure's own change
+    in place (its blob in the other frames is where it is here) confirms it."""
+    if not own_changes:
+        monkeypatch.setattr(detection, "_own_changes", lambda labels, frames, valid, *_: np.zeros_like(valid))
+    shot = [_arms_frame(d) for d in (5, 40, 70, 100, 55, 85, 30, 110)]
+    bg = _arms_frame(0)
+    bg[:] = (170, 200, 230)
+    bg[130:] = (120, 160, 90)
+    truth = np.any(shot[0] != bg, axis=2)
+    det = detection.detect_offline(shot[0], np.stack(shot[1:]), DetectionConfig())
+    if own_changes:
+        assert det.labels.max() == 1 and _iou(det.labels == 1, truth) > 0.9
+    else:
+        assert det.labels.max() == 0, "no frame shows the background where the figure is"
+
+
+def test_revealing_frames_counts_frames_not_pixels():
+    labels = np.zeros((10, 40), np.int32)
+    labels[:, :10], labels[:, 10:20], labels[:, 20:30] = 1, 2, 3
+    revealed = np.zeros((4, 10, 40), bool)
+    revealed[1, :, :10] = True  # label 1: all of it, in one frame only (a misaligned frame)
+    revealed[1, :2, 10:20] = revealed[2, 5:7, 10:20] = revealed[3, 8:, 10:20] = True  # label 2: 20 px x 3
+    revealed[2, 0, 20:25] = revealed[3, 0, 20:25] = True  # label 3: 5 px x 2
+    got = detection.revealing_frames(labels, revealed, min_px=10, frac=0.1)
+    assert got[1:].tolist() == [1, 3, 0]
+    assert detection.revealing_frames(labels, revealed, min_px=1, frac=0.0)[3] == 2
+
+
+def test_motion_share_reaches_the_layer_manifest_row():
+    from yokai_pipeline import layering
+    from yokai_pipeline.config import LayeringConfig
+
+    labels = np.zeros((40, 60), np.int32)
+    labels[5:20, 5:20], labels[10:30, 30:50] = 1, 2
+    det = detection.Detection(labels, detection.boxes_of(labels), motion_share=np.float32([0.5, 0.25]))
+    rgb = np.full((40, 60, 3), 200, np.uint8)
+    cfg = LayeringConfig(crop_margin=0)
+    layers, _, _ = layering.layers_from_labels(rgb, labels, cfg)
+    crops = layering.layer_crops(layers, (60, 40), cfg, det)
+    assert [layering._crop_fields(crops, k)["motion_share"] for k in (0, 1)] == [0.5, 0.25]
+    # with a model segmenter the mask is cut inside the offline boxes: each keeps its own share
+    mask = np.zeros((40, 60), np.uint8)
+    mask[5:30, 30:50] = 255  # only the second instance's box holds mask pixels
+    cut, src = detection.labels_and_sources(mask, det.boxes, 127, 10)
+    assert cut.max() == 1 and det.motion_share[src].tolist() == [0.25]
+
+
+def _stepping_frame(deg: float, dx: int) -> np.ndarray:
+    """A figure whose torso stays put while its head and legs shift and its arms swing over it."""
+    img = np.full((H, W, 3), (170, 200, 230), np.uint8)
+    img[130:] = (120, 160, 90)
+    x = 160 + dx
+    for side in (-1, 1):
+        foot = (x + side * (8 + abs(dx)), 150)
+        cv2.line(img, (x + side * 8, 120), foot, (0, 0, 0), 9)
+        cv2.line(img, (x + side * 8, 120), foot, (60, 60, 160), 5)
+    cv2.rectangle(img, (140, 62), (180, 122), (250, 120, 90), -1)
+    cv2.rectangle(img, (140, 62), (180, 122), (0, 0, 0), 2)
+    cv2.circle(img, (x, 45), 13, (240, 200, 170), -1)
+    cv2.circle(img, (x, 45), 13, (0, 0, 0), 2)
+    return _draw_arms(img, deg)
+
+
+@pytest.mark.parametrize("whole", [True, False])
+def test_still_torso_under_moving_arms_stays_with_its_figure(whole, monkeypatch):
+    """The torso is drawn the same wherever the arms leave it (hidden by them, not changed: a
+    still region) and the rest of the figure moves: cutting the torso off as a prop would
+    leave head, arms and legs as separate layers. Still regions go only off a figure's side."""
+    if not whole:
+        monkeypatch.setattr(detection, "_whole_after", lambda walk, *_: walk)
+    moves = zip((5, 40, 70, 100, 55, 85, 30, 110), (0, 6, -6, 8, -8, 5, -5, 7), strict=True)
+    shot = [_stepping_frame(d, dx) for d, dx in moves]
+    bg = np.full((H, W, 3), (170, 200, 230), np.uint8)
+    bg[130:] = (120, 160, 90)
+    truth = np.any(shot[0] != bg, axis=2)
+    labels = detection.detect_offline(shot[0], np.stack(shot[1:]), DetectionConfig()).labels
+    if whole:
+        assert labels.max() == 1 and _iou(labels == 1, truth) > 0.9
+    else:
+        assert labels.max() >= 2, "without the check the figure falls apart"
