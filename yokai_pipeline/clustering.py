@@ -38,7 +38,7 @@ import numpy as np
 
 from yokai_pipeline.config import ClusteringConfig
 from yokai_pipeline.errors import BadInputError, ConfigError
-from yokai_pipeline.fsio import atomic_write_json, file_sha256, read_json
+from yokai_pipeline.fsio import atomic_write_json, file_sha256, read_json, stable_hash
 from yokai_pipeline.workspace import Workspace
 
 CLUSTERS_VERSION = 1
@@ -716,13 +716,11 @@ def episode_stamps(workspace: Workspace, episode_ids: Iterable[str]) -> dict[str
     replaced under the same name, or that was layered or embedded again, although its layer
     ids are the same. Episodes missing either file get no stamp.
     """
-    import hashlib
-
     out = {}
     for ep in episode_ids:
         files = [workspace.layers_manifest(ep), workspace.embeddings_path(ep)]
         if all(f.is_file() for f in files):
-            out[ep] = hashlib.sha256("".join(file_sha256(f) for f in files).encode()).hexdigest()[:32]
+            out[ep] = stable_hash([file_sha256(f) for f in files])[:32]
     return out
 
 

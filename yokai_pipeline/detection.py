@@ -396,7 +396,9 @@ def detect_offline(frame: np.ndarray, stack: np.ndarray | None, cfg: DetectionCo
     saw = (seen >= 2) & (seen >= cfg.seen_frac * covered)
     evidence = (differs(frame, plate, cfg.diff_tol) & saw) | (~saw & (covered >= 2)) | changed
     blobs = moving_blobs(cand, evidence, cfg, strict=True)
-    revealed = _revealed(frames, valid, blob, cfg) if cfg.revealed_frames else None
+    # what each other frame shows changed against this one: cue 7's revealed and own changes
+    away = _changed_from_first(frames, valid, cfg) if cfg.revealed_frames else None
+    revealed = None if away is None else _revealed(away, blob)
     if cfg.static_match_frac > 0:
         hidden = None if revealed is None else (moving, revealed)
         static, still, stable = static_cells(cells, line, frames, valid, cfg, hidden)
@@ -418,13 +420,23 @@ def detect_offline(frame: np.ndarray, stack: np.ndarray | None, cfg: DetectionCo
         labels = _drop_still_instances(labels, still[cells] | (line & stable), cfg.still_instance_frac)
     share = None
     if revealed is not None:
-        labels, share = _confirmed_instances(
-            labels, revealed | _own_changes(labels, frames, valid, blob, cfg), cfg
-        )
+        labels, share = _confirmed_instances(labels, revealed | _own_changes(labels, away, blob), cfg)
     return Detection(labels, boxes_of(labels), plate, saw, motion_share=share)
 
 
-def _revealed(frames: np.ndarray, valid: np.ndarray, blob: np.ndarray, cfg: DetectionConfig) -> np.ndarray:
+def _changed_from_first(frames: np.ndarray, valid: np.ndarray, cfg: DetectionConfig) -> np.ndarray:
+    """Per other frame j: where it shows something else than frame 0 (:func:`differs`, within ``valid``).
+
+    Returns:
+        bool (N, H, W); row 0 unused (False).
+    """
+    out = np.zeros(valid.shape, bool)
+    for j in range(1, len(frames)):
+        out[j] = differs(frames[j], frames[0], cfg.diff_tol) & valid[j]
+    return out
+
+
+def _revealed(away: np.ndarray, blob: np.ndarray) -> np.ndarray:
     """Per other frame j: the pixels of frame 0 whose content frame j shows gone (cue 7).
 
     Frame j shows something else there, and no moving figure (``blob``, its enclosed blobs
@@ -433,14 +445,18 @@ def _revealed(frames: np.ndarray, valid: np.ndarray, blob: np.ndarray, cfg: Dete
     inside a figure of frame j never counts here; :func:`_own_changes` covers a figure that
     changed in place.)
 
+    Args:
+        away: :func:`_changed_from_first` of the shot.
+        blob: bool (N, H, W), each frame's moving blobs.
+
     Returns:
         bool (N, H, W); row 0 unused (False).
     """
-    out = np.zeros(valid.shape, bool)
+    out = np.zeros(away.shape, bool)
     one = np.ones((3, 3), np.uint8)
-    for j in range(1, len(frames)):
+    for j in range(1, len(away)):
         front = cv2.dilate(blob[j].view(np.uint8), one) > 0  # not the wider plate mask
-        out[j] = differs(frames[j], frames[0], cfg.diff_tol) & valid[j] & ~front
+        out[j] = away[j] & ~front
     return out
 
 
@@ -468,9 +484,7 @@ def revealing_frames(labels: np.ndarray, revealed: np.ndarray, min_px: float, fr
     return out
 
 
-def _own_changes(
-    labels: np.ndarray, frames: np.ndarray, valid: np.ndarray, blob: np.ndarray, cfg: DetectionConfig
-) -> np.ndarray:
+def _own_changes(labels: np.ndarray, away: np.ndarray, blob: np.ndarray) -> np.ndarray:
     """Per other frame j: the pixels of frame 0's instances that changed inside their own figure.
 
     Frame j's moving blob that covers most of an instance and lies mostly on it is that figure,
@@ -478,17 +492,22 @@ def _own_changes(
     the instance, the figure itself changed (an arm swung off the body it hung over). A figure
     passing in front of a prop is mostly elsewhere, or covers little of it: no own change.
 
+    Args:
+        labels: frame 0's instances.
+        away: :func:`_changed_from_first` of the shot.
+        blob: bool (N, H, W), each frame's moving blobs.
+
     Returns:
         bool (N, H, W); row 0 unused (False).
     """
-    out = np.zeros(valid.shape, bool)
+    out = np.zeros(away.shape, bool)
     n = int(labels.max()) + 1
     if n < 2:
         return out
     area = np.bincount(labels.ravel(), minlength=n)
     idx = np.flatnonzero(labels)  # only the instances' pixels matter
     lab = labels.ravel()[idx].astype(np.int64)
-    for j in range(1, len(frames)):
+    for j in range(1, len(away)):
         m, comp, stats, _ = cv2.connectedComponentsWithStats(blob[j].view(np.uint8), connectivity=8)
         if m < 2:
             continue
@@ -498,8 +517,7 @@ def _own_changes(
         own[:, 0] = False
         hit = own.ravel()[pair]
         if hit.any():
-            change = differs(frames[j], frames[0], cfg.diff_tol) & valid[j]
-            out[j].ravel()[idx[hit]] = change.ravel()[idx[hit]]
+            out[j].ravel()[idx[hit]] = away[j].ravel()[idx[hit]]
     return out
 
 

@@ -341,7 +341,7 @@ def test_figure_holding_still_whose_arms_swing_off_its_body_is_kept(own_changes,
     hung, the other frames show the body, not the background: only the figure's own change
     in place (its blob in the other frames is where it is here) confirms it."""
     if not own_changes:
-        monkeypatch.setattr(detection, "_own_changes", lambda labels, frames, valid, *_: np.zeros_like(valid))
+        monkeypatch.setattr(detection, "_own_changes", lambda labels, away, blob: np.zeros_like(away))
     shot = [_arms_frame(d) for d in (5, 40, 70, 100, 55, 85, 30, 110)]
     bg = _arms_frame(0)
     bg[:] = (170, 200, 230)
