@@ -11,7 +11,9 @@ For each model with random weights (same activations as the real ones):
   open_clip's, not on this host, timm's ``vit_*_clip_224`` has its shapes). Compare with the
   estimates of ``yokai_pipeline/layering.py:batch_cost`` (U^2-Net 150, IS-Net 448 at 1024 px)
   and ``yokai_pipeline/embedding.py:CLIP_BATCH_COST`` (24); the WD14 v3 large tagger's timm
-  architecture (``eva02_large_patch14_448``) against ``yokai_pipeline/models/wd14.py:BATCH_COST`` (64).
+  architecture (``eva02_large_patch14_448``) against ``yokai_pipeline/models/wd14.py:BATCH_COST`` (56);
+  the person detector (a YOLOv8m graph exported to ONNX and loaded as the detection stage loads it,
+  onnx2torch, 640 px) against ``yokai_pipeline/models/detector.py:BATCH_COST`` (40).
 - ``auto``: what ``batch_size = "auto"`` picks on this device with the estimate, and whether a
   forward pass at that size ran (its peak memory).
 - ``halving``: ``run_in_parts`` started at a batch far too big for the device: the size it
@@ -22,23 +24,33 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 ESTIMATES_MIB = {
     "u2net": 150.0,
     "isnet": 448.0,
     "vit_b32_clip": 24.0,
     "vit_l14_clip": 24.0,
-    "wd14_eva02_l": 64.0,
+    "wd14_eva02_l": 56.0,
+    "yolov8m_detector": 40.0,
 }
 HOST_BYTES = 16 * 2**30  # the inputs of the halving run live in host memory
-UPPER = {"u2net": 128, "isnet": 128, "vit_b32_clip": 512, "vit_l14_clip": 512, "wd14_eva02_l": 512}
+UPPER = {
+    "u2net": 128,
+    "isnet": 127,
+    "vit_b32_clip": 512,
+    "vit_l14_clip": 512,
+    "wd14_eva02_l": 512,
+    "yolov8m_detector": 256,
+}
 
 
-def _models(device: str, side: tuple[int, int]):
+def _models(device: str, side: tuple[int, int], work: Path):
     """(name, forward over a uint8 NHWC host batch, one input row) per model."""
     import timm
     import torch
@@ -75,7 +87,26 @@ def _models(device: str, side: tuple[int, int]):
             return torch.sigmoid(m(x.to(device).float().div_(255)).float())
 
     out.append(("wd14_eva02_l", tag, tag_pixels))
+    out.append(("yolov8m_detector", *_detector(device, work)))
     return out
+
+
+def _detector(device: str, work: Path):
+    """The person detector as the stage runs it: ONNX graph -> onnx2torch module, bf16 on CUDA."""
+    import torch
+    from bench_gpu_models import build_yolov8, export_onnx
+
+    from yokai_pipeline.models.detector import load_detector
+
+    path = export_onnx(build_yolov8("m"), (1, 3, 640, 640), work / "yolo.onnx", "images", "output0",
+                       {"imgsz": "[640, 640]", "names": "{0: 'person'}"})  # fmt: skip
+    det = load_detector(path, "person", device=device, batch_size=8, runtime="torch")
+
+    def forward(x, m=det.model._module):
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+            return m(x.to(device).float().div_(255)).float()
+
+    return forward, torch.randint(0, 256, (1, 3, 640, 640), dtype=torch.uint8)
 
 
 def _peak_mib(forward, row, n: int, device: str) -> float:
@@ -109,7 +140,8 @@ def main() -> None:
         "| model | MiB/item measured | estimate | auto batch | peak at auto (GiB) | halving from | settled at | s |"
     )
     print("|---|---|---|---|---|---|---|---|")
-    for name, forward, row in _models(args.device, side):
+    work = Path(tempfile.mkdtemp(prefix="batch_memory_"))
+    for name, forward, row in _models(args.device, side, work):
         forward(row.expand(2, *row.shape[1:]).contiguous())  # warm-up: cuDNN plans, lazy init
         per_item = (_peak_mib(forward, row, 32, args.device) - _peak_mib(forward, row, 8, args.device)) / 24
         cost = batching.BatchCost(name, ESTIMATES_MIB[name], UPPER[name], cpu_default=16)

@@ -381,9 +381,18 @@ def batch_cost(cfg: LayeringConfig) -> batching.BatchCost:
     320 px 141 MiB a frame (it keeps its encoder maps for the decoder), IS-Net at 1024 px 378 MiB;
     the estimates add about 6% and 20%. An estimate too low is caught by the halving on
     out-of-memory.
+
+    The upper bound also keeps the batch under CUDA's 32-bit indexing limit of the bilinear
+    upsampling (fewer than 2**31 - 1 output elements; the same H200 bench): IS-Net's first
+    decoder stage upsamples 64 channels at half the input side, so at 1024 px 128 frames can
+    never run there (``[128, 64, 512, 512]``) and 127 can; U^2-Net's widest is 64 channels at 320 px.
     """
-    per_item = 448 * (cfg.isnet_input_size / 1024) ** 2 if cfg.backend == "isnet" else 150
-    return batching.BatchCost("layering", per_item, upper=128, cpu_default=16)
+    if cfg.backend == "isnet":
+        per_item, widest = 448 * (cfg.isnet_input_size / 1024) ** 2, 64 * (cfg.isnet_input_size // 2) ** 2
+    else:
+        per_item, widest = 150, 64 * 320 * 320
+    upper = max(1, min(128, (2**31 - 2) // widest))
+    return batching.BatchCost("layering", per_item, upper=upper, cpu_default=16)
 
 
 def sized(cfg: LayeringConfig) -> LayeringConfig:

@@ -155,6 +155,24 @@ def test_layering_auto_uses_the_segmenter_device_and_model_cost(monkeypatch):
     assert layering.sized(LayeringConfig(backend="u2net", batch_size=12)).batch_size == 12
 
 
+def test_isnet_auto_on_a_large_card_stays_under_the_upsampling_kernel_limit(monkeypatch):
+    from yokai_pipeline.models import u2net
+
+    # Measured on an H200 (BENCHMARKS.md "Memory"): IS-Net at 1024 px with 139 GiB free picked
+    # 128, the memory cap, and failed every time with "upsample_bilinear2d_nhwc only supports
+    # output tensors with less than INT_MAX elements, but got [128, 64, 512, 512]".
+    monkeypatch.setattr(u2net, "resolve_device", lambda device: "cuda:0")
+    monkeypatch.setattr(batching, "_mem_get_info", _mem(139, 141))
+    size = layering.sized(LayeringConfig(backend="isnet", batch_size="auto")).batch_size
+    assert 16 <= size and size * 64 * 512 * 512 < 2**31 - 1
+    batching.forget_choices()
+    # a smaller input side has smaller maps: the memory estimate, not the kernel, bounds it then
+    small = layering.sized(LayeringConfig(backend="isnet", isnet_input_size=512, batch_size="auto"))
+    assert small.batch_size == 128
+    batching.forget_choices()
+    assert layering.sized(LayeringConfig(backend="u2net", batch_size="auto")).batch_size == 128
+
+
 def test_segmenter_out_of_memory_gives_the_masks_of_a_plain_run(tiny_u2netp, monkeypatch, caplog):  # noqa: F811
     from yokai_pipeline.models import u2net
 

@@ -315,9 +315,10 @@ class Detector:
 
 
 #: What one 640 px frame costs a YOLO detector's bf16 forward pass on the GPU, for ``batch_size =
-#: "auto"``: an estimate (the backbone's and neck's feature maps of one image), not yet measured;
-#: one too low is caught by the halving on out-of-memory (:class:`OnnxModel`).
-BATCH_COST = batching.BatchCost("detection", per_item_mib=48, upper=256, cpu_default=16)
+#: "auto"``: a YOLOv8m graph through onnx2torch measured 33 MiB a frame on an H200
+#: (``bench/bench_batch_memory.py``, BENCHMARKS.md "Memory"), plus about 20%; one too low is
+#: caught by the halving on out-of-memory (:class:`OnnxModel`).
+BATCH_COST = batching.BatchCost("detection", per_item_mib=40, upper=256, cpu_default=16)
 
 
 def resolve_batch_size(batch_size: int | str, device: str = "auto") -> int:

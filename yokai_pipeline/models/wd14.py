@@ -41,10 +41,10 @@ ONNX_FILE = "model.onnx"
 CATEGORIES = {0: "general", 4: "character", 9: "rating"}
 
 #: What one 448 px image costs the tagger's bf16 forward pass on the GPU, for ``batch_size = "auto"``:
-#: an estimate for the largest v3 tagger (EVA02-L, 1,024 tokens: attention scores of 16 heads and
-#: the MLP's 4x activations of one block at a time), not yet measured; one too low is caught by
-#: the halving on out-of-memory.
-BATCH_COST = batching.BatchCost("tagging", per_item_mib=64, upper=512, cpu_default=64)
+#: the largest v3 tagger (EVA02-L, 1,024 tokens) measured 46 MiB an image on an H200
+#: (``bench/bench_batch_memory.py``, BENCHMARKS.md "Memory"), plus about 20%; one too low is
+#: caught by the halving on out-of-memory.
+BATCH_COST = batching.BatchCost("tagging", per_item_mib=56, upper=512, cpu_default=64)
 
 _CACHE: dict[tuple[str, str, str], Wd14Bundle] = {}
 _LOCK = threading.Lock()
