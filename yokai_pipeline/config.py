@@ -289,6 +289,12 @@ class DetectionConfig(_Stage):
         le=1,
         description="offline: the share of an instance (and at least min_moving_px pixels) that each of revealed_frames other frames must show something else in place of.",
     )
+    stray_line_reach: float = Field(
+        0.022,
+        ge=0,
+        le=0.1,
+        description="offline: thin line art of a figure farther than this share of the frame height from any of its painted pixels is dropped (a prop's outline left on a figure); 0 = off.",
+    )
     detach_frac: float = Field(
         0.25,
         ge=0,
@@ -333,6 +339,13 @@ class EmbeddingConfig(_Stage):
         description='Images per forward pass; 0 or "auto": the largest power of two the leased GPU\'s free memory holds (at most 512; 64 on the CPU). CLIP halves it and retries on out-of-memory.',
     )
     num_workers: int = Field(2, ge=0, le=64, description="Decoding threads feeding the model.")
+    scene_balance: float = Field(
+        1.5,
+        ge=0,
+        description="offline backend: balance the colours of a shot graded away from neutral (night, dusk) "
+        "before describing its layers: the shot's white point (median of its frames' 99th percentiles) "
+        "is brought to white where some channel's gain is at least this; 0 turns it off.",
+    )
     ccip_model: str = Field(
         "deepghs/ccip_onnx",
         description="ccip backend: a folder with model_feat.onnx, model_metrics.onnx and metrics.json, "

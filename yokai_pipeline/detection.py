@@ -205,6 +205,24 @@ def moving_blobs(cand: np.ndarray, moving: np.ndarray, cfg: DetectionConfig, str
     return keep[lab]
 
 
+def drop_stray_lines(fg: np.ndarray, line: np.ndarray, reach: int) -> np.ndarray:
+    """``fg`` without the thin line art that no painted part of it is near (cue 8, docs/detection.md).
+
+    A figure's outlines border its own fill; a prop's outline left on a figure after the prop's
+    cells were taken off (cue 5b keeps every outline) borders only what was taken off. Thin line
+    pixels of ``fg`` (what an opening of the line art as wide as two outlines removes: thick dark
+    paint stays) farther than ``reach`` px from ``fg``'s non-line pixels are dropped.
+    """
+    thin = line & ~(cv2.morphologyEx(line.view(np.uint8), cv2.MORPH_OPEN, np.ones((5, 5), np.uint8)) > 0)
+    stray = fg & thin
+    if not stray.any():
+        return fg
+    paint = (fg & ~line).view(np.uint8)
+    k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * reach + 1, 2 * reach + 1))
+    near = cv2.dilate(paint, k) > 0
+    return fg & ~(stray & ~near)
+
+
 def fill_holes(mask: np.ndarray) -> np.ndarray:
     """``mask`` with the holes of each blob filled (what is not reachable from the border)."""
     inv = np.pad(~mask, 1, constant_values=True).view(np.uint8).copy()
@@ -414,8 +432,10 @@ def detect_offline(frame: np.ndarray, stack: np.ndarray | None, cfg: DetectionCo
         if walk.any():
             walk = _whole_after(walk, blobs, cells, line, evidence & ~off, min_area, cfg)
         evidence = evidence & ~(off | walk)
-    fg = fill_holes(_figure_cells(cells, line, evidence, blobs, cfg.cell_fg_frac))
-    labels = split_instances(fg, min_area, cfg.split_depth)
+    fg = _figure_cells(cells, line, evidence, blobs, cfg.cell_fg_frac)
+    if cfg.stray_line_reach > 0:
+        fg = drop_stray_lines(fg, line, max(2, round(cfg.stray_line_reach * h)))
+    labels = split_instances(fill_holes(fg), min_area, cfg.split_depth)
     if cfg.static_match_frac > 0 and cfg.still_instance_frac < 1:
         labels = _drop_still_instances(labels, still[cells] | (line & stable), cfg.still_instance_frac)
     share = None

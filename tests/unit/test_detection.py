@@ -418,3 +418,29 @@ def test_still_torso_under_moving_arms_stays_with_its_figure(whole, monkeypatch)
         assert labels.max() == 1 and _iou(labels == 1, truth) > 0.9
     else:
         assert labels.max() >= 2, "without the check the figure falls apart"
+
+
+def test_a_prop_outline_left_on_a_figure_is_dropped_and_the_figure_keeps_its_own_lines():
+    """Cue 8: a house's outline whose fill was taken off (cue 5b keeps outlines) hangs off the
+    figure it touches; it borders no painted pixel of the figure and goes. The figure's own
+    outline (3 px, around its fill), a thin line inside it (a mouth) and a thick dark part (hair)
+    stay, and so does the stub of the house outline that touches the figure's paint."""
+    img = np.full((120, 200, 3), (170, 200, 230), np.uint8)
+    cv2.rectangle(img, (60, 20), (180, 100), (0, 0, 0), 2)  # the prop's outline, fill detached
+    cv2.ellipse(img, (50, 60), (22, 34), 0, 0, 360, (240, 120, 90), -1)
+    cv2.ellipse(img, (50, 60), (22, 34), 0, 0, 360, (0, 0, 0), 3)
+    cv2.rectangle(img, (38, 30), (62, 42), (10, 10, 10), -1)  # hair: thick dark paint
+    cv2.line(img, (42, 75), (58, 75), (0, 0, 0), 1)  # mouth
+    figure = np.zeros((120, 200), np.uint8)
+    cv2.ellipse(figure, (50, 60), (24, 36), 0, 0, 360, 1, -1)
+    prop_line = np.zeros((120, 200), np.uint8)
+    cv2.rectangle(prop_line, (60, 20), (180, 100), 1, 2)
+    fg = (figure | prop_line) > 0
+    cfg = DetectionConfig()
+    line = detection.line_art(img, cfg.dark_value, cfg.line_contrast)
+    out = detection.drop_stray_lines(fg, line, reach=8)
+    assert out[figure > 0].all(), "the figure keeps every pixel: outline, mouth, hair"
+    far = (prop_line > 0) & (cv2.dilate(figure, np.ones((21, 21), np.uint8)) == 0)
+    assert far.sum() > 300 and not out[far].any(), "the prop's outline away from the figure goes"
+    assert out[(prop_line > 0) & (cv2.dilate(figure, np.ones((5, 5), np.uint8)) > 0)].any(), "the stub stays"
+    assert (detection.drop_stray_lines(figure > 0, line, reach=8) == (figure > 0)).all()

@@ -463,3 +463,61 @@ def test_embed_layers_with_clip_records_the_model(tiny_clip_dir, tmp_path):
     X, meta = load_embeddings(ws, "ep01")
     assert stats["dim"] == 32 and X.shape == (3, 32)
     assert meta["backend"] == "clip" and meta["model"] == cfg.model
+
+
+def _graded(rgba: np.ndarray, tint: np.ndarray) -> np.ndarray:
+    out = rgba.copy()
+    out[..., :3] = (rgba[..., :3].astype(np.float32) * tint).astype(np.uint8)
+    return out
+
+
+def _day_frame(seed: int) -> np.ndarray:
+    """A frame of flat paint with a white sign whose size varies (content moves the white point)."""
+    rng = np.random.default_rng(seed)
+    frame = np.full((180, 320, 3), 90, np.uint8)
+    for _ in range(30):
+        x, y = rng.integers(0, 300), rng.integers(0, 165)
+        frame[y : y + rng.integers(10, 40), x : x + rng.integers(10, 60)] = rng.integers(40, 230, 3)
+    frame[5:35, 5 : 55 + int(rng.integers(0, 20))] = 250
+    return frame
+
+
+def test_scene_balance_gives_night_shots_one_gain_and_leaves_day_shots_as_drawn():
+    from yokai_pipeline.synthetic import NIGHT_TINT
+
+    whites = {
+        ("ep01", s): [embedding.white_point(_day_frame(10 * s + k)) for k in range(3)] for s in range(3)
+    }
+    for s in range(3, 6):  # the same kind of content under the night grade
+        whites[("ep01", s)] = [
+            embedding.white_point(_graded(_day_frame(10 * s + k), NIGHT_TINT)) for k in range(3)
+        ]
+    gains = embedding.scene_gains(whites, 1.5)
+    assert all(gains[("ep01", s)] is None for s in range(3)), "near-neutral day shots keep their colours"
+    night = [gains[("ep01", s)] for s in range(3, 6)]
+    assert all(g is not None and np.array_equal(g, night[0]) for g in night), "one lighting, one gain"
+    np.testing.assert_allclose(night[0], 255 / (250 * NIGHT_TINT), rtol=0.05)
+    assert all(g is None for g in embedding.scene_gains(whites, 1e9).values())
+
+
+def test_scene_balance_restores_the_gaps_between_characters_under_a_night_grade():
+    """As drawn, the night grade pulls different characters' colours together; balanced by the
+    shot's gain, they are as far apart as by day and each is closest to its own day self."""
+    from yokai_pipeline.synthetic import NIGHT_TINT
+
+    gain = (255 / (250 * NIGHT_TINT)).astype(np.float32)
+    day = {c.id: render_character(c.id, scale=1.0) for c in CHARACTERS}
+    night = {k: _graded(v, NIGHT_TINT) for k, v in day.items()}
+    d_day = {k: embedding.describe_layer(v) for k, v in day.items()}
+    d_raw = {k: embedding.describe_layer(v) for k, v in night.items()}
+    d_bal = {k: embedding.describe_layer(v, gain) for k, v in night.items()}
+    pairs = [(a, b) for a in day for b in day if a < b]
+
+    def gap(d: dict) -> float:
+        return min(1 - float(d[a] @ d[b]) for a, b in pairs)
+
+    assert gap(d_raw) < 0.8 * gap(d_day), "the grade itself brings characters together"
+    assert gap(d_bal) >= 0.9 * gap(d_day)
+    for k in day:
+        own = 1 - float(d_bal[k] @ d_day[k])
+        assert own < min(1 - float(d_bal[k] @ d_day[o]) for o in day if o != k), k

@@ -112,11 +112,6 @@ def test_background_hole_is_filled_from_the_plate_where_seen():
 
 
 _RUNS: dict[str, dict] = {}
-_HARD = (
-    "every difficulty at once: under the night palette the offline descriptor's colours of two rare "
-    "characters and of the two characters sharing a body colour come too close, so they share clusters "
-    "(docs/clustering.md); the detection figures (unmatched, own layer) meet their floors"
-)
 _VARIANTS = [
     "default",
     "overlap",
@@ -125,7 +120,7 @@ _VARIANTS = [
     "shared_colour",
     "shared_shape",
     "props",
-    pytest.param("hard", marks=pytest.mark.xfail(strict=True, reason=_HARD)),
+    "hard",
 ]
 
 
@@ -140,7 +135,7 @@ def _figures(variant: str, tmp_path_factory) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", [v if isinstance(v, str) else v.values[0] for v in _VARIANTS])
+@pytest.mark.parametrize("variant", _VARIANTS)
 def test_instance_floors_on_the_variants(variant, tmp_path_factory):
     """Issue 15's instance floors with the default offline config, every variant: <= 10% of character
     layers match no character, >= 80% of visible characters (>= 1,500 px) have a layer of their own
