@@ -431,8 +431,9 @@ def merge_close_clusters(
     that HDBSCAN reports as separate clusters; their centroids in the embedding space are
     nearly identical, unlike those of two different characters. With ``spread_ratio`` > 0 two
     close clusters are also kept apart when the mean distance between their members is more
-    than ``spread_ratio`` x the wider one's own mean distance (and than ``max_distance / 2``):
-    two characters that share a palette are two tight modes, a character's fragments are not.
+    than ``spread_ratio`` x the wider one's own spread (:func:`_spread`, robust to an outlier)
+    and than ``max_distance / 2``: two characters that share a palette are two tight modes, a
+    character's fragments are not.
     """
     cents = centroids_of(X, labels)
     if max_distance <= 0 or len(cents) < 2:
@@ -444,7 +445,7 @@ def merge_close_clusters(
         # mean pairwise cosine of unit rows = dot of their means: no pairwise matrix needed
         Xn = normalise_rows(X)
         M = np.stack([Xn[labels == i].mean(axis=0) for i in ids])
-        within = 1.0 - np.einsum("ij,ij->i", M, M)
+        within = np.array([_spread(Xn[labels == i], C[k]) for k, i in enumerate(ids)])
         cross = 1.0 - M @ M.T
         close &= cross <= np.maximum(spread_ratio * np.maximum.outer(within, within), max_distance / 2)
     parent = list(range(len(ids)))
@@ -461,6 +462,17 @@ def merge_close_clusters(
     for k, cid in enumerate(ids):
         out[labels == cid] = ids[root(k)]
     return out
+
+
+def _spread(rows: np.ndarray, centroid: np.ndarray) -> float:
+    """A cluster's own spread for the merge guard: its typical pairwise cosine distance.
+
+    Twice the median distance of its unit rows from its unit centroid (for a tight cluster the
+    mean pairwise distance is about twice the mean distance from the centre): the median, so
+    that one outlier (a layer with a prop attached) does not widen a small cluster enough to
+    let it merge with a neighbour of a shared palette.
+    """
+    return 2.0 * float(np.median(1.0 - rows @ centroid))
 
 
 def relabel_by_size(labels: np.ndarray) -> np.ndarray:

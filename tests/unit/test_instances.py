@@ -270,6 +270,29 @@ def test_merge_keeps_two_tight_modes_apart_but_joins_fragments():
     assert (clustering.merge_close_clusters(one, frag, 0.1, spread_ratio=2.0) == 0).all(), "fragments join"
 
 
+def test_one_outlier_does_not_let_a_small_tight_mode_merge():
+    """Measured on a held-out hard series: medama's 8 layers, 7 within 0.02 of each other and
+    one with a prop attached (0.17-0.33 from the rest), sat 0.08 from nyan's 25 (one body
+    colour). The outlier widened medama's mean spread so much that the guard let the two merge."""
+    from yokai_pipeline import clustering
+
+    rng = np.random.default_rng(2)
+    a = np.zeros(16, np.float32)
+    a[0] = 1.0
+    b = np.zeros(16, np.float32)
+    b[0], b[1] = 0.92, np.sqrt(1 - 0.92**2)
+    odd = np.zeros(16, np.float32)
+    odd[0], odd[2] = 0.6, 0.8  # the layer with a prop: far from both
+    X = np.concatenate(
+        [a + 0.02 * rng.standard_normal((25, 16)), b + 0.02 * rng.standard_normal((7, 16)), odd[None]]
+    ).astype(np.float32)
+    labels = np.repeat([0, 1], [25, 8])
+    Xn = clustering.normalise_rows(X)
+    mean_spread = 1 - float(np.square(Xn[labels == 1].mean(axis=0)).sum())
+    assert 2 * mean_spread > 0.08, "the mean spread would let them merge"
+    assert (clustering.merge_close_clusters(X, labels, 0.1, spread_ratio=2.0) == labels).all()
+
+
 def _touching_shot_frame(walker_x: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """A still shot: an outlined house and a figure walking along its lower edge, touching it."""
     h, w = 180, 320
