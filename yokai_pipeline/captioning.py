@@ -46,6 +46,7 @@ from yokai_pipeline.augmentation import (
 from yokai_pipeline.config import CaptionConfig, TagConfig
 from yokai_pipeline.errors import BadInputError
 from yokai_pipeline.fsio import atomic_write_json, atomic_write_text, finish_writes, read_image
+from yokai_pipeline.runtime import batching
 
 SUMMARY_NAME = "caption_summary.json"
 
@@ -312,6 +313,7 @@ class Blip2Captioner:
         self._device_preprocess = device_preprocess
         self._bundle = bundle
         self._lock = threading.Lock()
+        self._budget: Any = None  # batching.Budget once the device is known: halved on out-of-memory
 
     @property
     def bundle(self) -> Any:
@@ -357,17 +359,41 @@ class Blip2Captioner:
             inputs = batch.get("inputs")
             if inputs is None:
                 inputs = preprocess(bundle, batch["images"], batch["prompts"], on_device=True)
-            texts = generate_captions(
-                bundle,
-                inputs,
-                max_new_tokens=self.max_new_tokens,
-                min_new_tokens=self.min_new_tokens,
-                static_cache=self.static,
+            rows = _Rows(inputs)
+            if self._budget is None:
+                self._budget = batching.Budget("captioning", str(bundle.device), max(1, len(rows)))
+
+            def run(part: dict[str, Any]) -> list[str]:
+                return generate_captions(
+                    bundle,
+                    part,
+                    max_new_tokens=self.max_new_tokens,
+                    min_new_tokens=self.min_new_tokens,
+                    static_cache=self.static,
+                )
+
+            # A batch too big for the GPU is generated in halves (the smaller size is kept for
+            # the run; a compiled static cache compiles once more for the new shape).
+            texts = batching.run_in_parts(
+                run, rows, self._budget, lambda parts: [t for p in parts for t in p]
             )
         return texts[: batch["n"]]
 
     def caption(self, images: list[Any], prompts: list[str]) -> list[str]:
         return self.generate(self.prepare(images, prompts))
+
+
+class _Rows:
+    """Processor outputs (tensors with one row per image) sliced along the batch, for ``run_in_parts``."""
+
+    def __init__(self, inputs: dict[str, Any]):
+        self.inputs = inputs
+
+    def __len__(self) -> int:
+        return int(self.inputs["pixel_values"].shape[0])
+
+    def __getitem__(self, rows: slice) -> dict[str, Any]:
+        return {k: v[rows] for k, v in self.inputs.items()}
 
 
 def get_captioner(cfg: CaptionConfig) -> Captioner:

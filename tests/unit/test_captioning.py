@@ -279,3 +279,33 @@ def test_parallel_folders_share_one_model_safely(tiny_blip2, tmp_path):
     for f in (a, b):
         caption_folder(f, cfg, trigger=f.name, char_type="yokai")
     assert parallel == {p: p.read_text() for p in sorted((tmp_path / "par").rglob("*.txt"))}
+
+
+def test_blip2_out_of_memory_halves_the_batch_and_gives_the_same_captions(tiny_blip2, caplog):
+    import torch
+
+    from yokai_pipeline.models.blip2 import load_blip2
+
+    bundle = load_blip2(str(tiny_blip2), "cpu")
+    ims = [Image.fromarray(render_character(c.id)) for c in CHARACTERS[:4]]
+    prompts = [PROMPTS["yokai"]] * 4
+    want = Blip2Captioner("x", "cpu", max_new_tokens=5, bundle=bundle).caption(ims, prompts)
+    cap = Blip2Captioner("x", "cpu", max_new_tokens=5, bundle=bundle)
+    real, calls = bundle.model.generate, []
+
+    def small_device(**kw):
+        calls.append(kw["pixel_values"].shape[0])
+        if calls[-1] > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
+        return real(**kw)
+
+    bundle.model.generate = small_device
+    try:
+        got = cap.caption(ims, prompts)
+        again = cap.caption(ims[:2], prompts[:2])
+    finally:
+        bundle.model.generate = real  # the bundle is memoised per process
+    assert got == want and again == want[:2]
+    assert calls[:3] == [4, 2, 1] and cap._budget.size == 1
+    assert calls[-2:] == [1, 1], "the smaller size stays for the run"
+    assert "out of memory" in caplog.text
