@@ -11,9 +11,10 @@ For each model with random weights (same activations as the real ones):
   open_clip's, not on this host, timm's ``vit_*_clip_224`` has its shapes). Compare with the
   estimates of ``yokai_pipeline/layering.py:batch_cost`` (U^2-Net 150, IS-Net 448 at 1024 px)
   and ``yokai_pipeline/embedding.py:CLIP_BATCH_COST`` (24); the WD14 v3 large tagger's timm
-  architecture (``eva02_large_patch14_448``) against ``yokai_pipeline/models/wd14.py:BATCH_COST`` (56);
+  architecture (``eva02_large_patch14_448``) against ``yokai_pipeline/models/wd14.py:BATCH_COST``;
   the person detector (a YOLOv8m graph exported to ONNX and loaded as the detection stage loads it,
-  onnx2torch, 640 px) against ``yokai_pipeline/models/detector.py:BATCH_COST`` (40).
+  onnx2torch, 640 px) against ``yokai_pipeline/models/detector.py:BATCH_COST`` (both read from
+  the stages themselves; the segmenters' and CLIP's are copied below, their modules need pydantic).
 - ``auto``: what ``batch_size = "auto"`` picks on this device with the estimate, and whether a
   forward pass at that size ran (its peak memory).
 - ``halving``: ``run_in_parts`` started at a batch far too big for the device: the size it
@@ -36,8 +37,6 @@ ESTIMATES_MIB = {
     "isnet": 448.0,
     "vit_b32_clip": 24.0,
     "vit_l14_clip": 24.0,
-    "wd14_eva02_l": 56.0,
-    "yolov8m_detector": 40.0,
 }
 HOST_BYTES = 16 * 2**30  # the inputs of the halving run live in host memory
 UPPER = {
@@ -45,8 +44,6 @@ UPPER = {
     "isnet": 127,
     "vit_b32_clip": 512,
     "vit_l14_clip": 512,
-    "wd14_eva02_l": 512,
-    "yolov8m_detector": 256,
 }
 
 
@@ -109,6 +106,21 @@ def _detector(device: str, work: Path):
     return forward, torch.randint(0, 256, (1, 3, 640, 640), dtype=torch.uint8)
 
 
+def _cost(name: str):
+    """The stage's own BatchCost where its module imports without pydantic, else the copy above."""
+    from yokai_pipeline.runtime import batching
+
+    if name == "wd14_eva02_l":
+        from yokai_pipeline.models.wd14 import BATCH_COST
+
+        return BATCH_COST
+    if name == "yolov8m_detector":
+        from yokai_pipeline.models.detector import BATCH_COST
+
+        return BATCH_COST
+    return batching.BatchCost(name, ESTIMATES_MIB[name], UPPER[name], cpu_default=16)
+
+
 def _peak_mib(forward, row, n: int, device: str) -> float:
     import torch
 
@@ -144,7 +156,7 @@ def main() -> None:
     for name, forward, row in _models(args.device, side, work):
         forward(row.expand(2, *row.shape[1:]).contiguous())  # warm-up: cuDNN plans, lazy init
         per_item = (_peak_mib(forward, row, 32, args.device) - _peak_mib(forward, row, 8, args.device)) / 24
-        cost = batching.BatchCost(name, ESTIMATES_MIB[name], UPPER[name], cpu_default=16)
+        cost = _cost(name)
         auto = batching.auto_batch_size(cost, args.device)
         at_auto = _peak_mib(forward, row, auto, args.device) / 1024
         # far beyond the device: the halving must find a size that fits and give every output
@@ -159,7 +171,7 @@ def main() -> None:
         same = torch.nn.functional.cosine_similarity(out[:2].float().flatten(1), plain).min().item()
         assert out.shape[0] == n and same > 0.99, (out.shape, same)
         print(
-            f"| {name} | {per_item:.1f} | {ESTIMATES_MIB[name]:.0f} | {auto} | {at_auto:.2f} | {n} | "
+            f"| {name} | {per_item:.1f} | {cost.per_item_mib:.0f} | {auto} | {at_auto:.2f} | {n} | "
             f"{state.size} | {seconds:.1f} |"
         )
         torch.cuda.empty_cache()

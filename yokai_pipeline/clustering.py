@@ -442,7 +442,7 @@ def merge_close_clusters(
     C = np.stack([cents[i] for i in ids])
     close = (1.0 - C @ C.T) <= max_distance
     if spread_ratio > 0:
-        # mean pairwise cosine of unit rows = dot of their means: no pairwise matrix needed
+        # mean pairwise cosine between two clusters' unit rows = dot of their means: no pairwise matrix
         Xn = normalise_rows(X)
         M = np.stack([Xn[labels == i].mean(axis=0) for i in ids])
         within = np.array([_spread(Xn[labels == i], C[k]) for k, i in enumerate(ids)])

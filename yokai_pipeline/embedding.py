@@ -230,25 +230,17 @@ def scene_gains(whites: dict[Any, list[np.ndarray]], threshold: float) -> dict[A
     Returns:
         shot key -> float32 RGB gains, or None where the shot is left as drawn.
     """
+    from scipy.sparse.csgraph import connected_components
+
     keys = [k for k, v in whites.items() if v]
     out: dict[Any, np.ndarray | None] = {k: None for k in whites}
     if not keys:
         return out
     logs = np.log(np.maximum(np.stack([np.median(np.stack(whites[k]), axis=0) for k in keys]), 1.0))
-    group = list(range(len(keys)))  # union-find over shots closer than the tolerance
-
-    def root(i: int) -> int:
-        while group[i] != i:
-            group[i] = group[group[i]]
-            i = group[i]
-        return i
-
     near = np.abs(logs[:, None, :] - logs[None, :, :]).max(axis=2) < _LIGHTING_TOL
-    for i, j in zip(*np.nonzero(np.triu(near, 1)), strict=True):
-        group[root(int(i))] = root(int(j))
-    roots = np.array([root(i) for i in range(len(keys))])
-    for g in np.unique(roots):
-        members = np.nonzero(roots == g)[0]
+    _, groups = connected_components(near, directed=False)  # single linkage: the near graph's parts
+    for g in np.unique(groups):
+        members = np.nonzero(groups == g)[0]
         gain = 255.0 / np.exp(np.median(logs[members], axis=0))
         value = gain.astype(np.float32) if float(gain.max()) >= threshold else None
         for m in members:
